@@ -1,0 +1,142 @@
+"""The `prunekit` command. Each subcommand is a thin shell over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from prunekit.export.files import OutputExistsError
+from prunekit.models.architecture import UnsupportedModelError
+from prunekit.models.loading import DEFAULT_MODEL, DTYPES, ModelLoadError
+from prunekit.plan.plan import PlanError
+
+# Errors that are the user's to fix: printed as one line, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, FileNotFoundError,
+)
+
+
+def _format_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def format_structure(structure, title: str, seq_len: int) -> str:
+    from prunekit.models.structure import LayerShape
+
+    lines = [
+        f"{title}: {structure.model_type}, {structure.num_layers} layers, hidden {structure.hidden_size}, "
+        f"head_dim {structure.head_dim}, vocab {structure.vocab_size}",
+        f"params: total {_format_count(structure.total_params)} ({structure.total_params:,}), non-embedding "
+        f"{_format_count(structure.non_embedding_params)}, embedding {_format_count(structure.embedding_params)}; "
+        f"FLOPs/token {_format_count(structure.flops_per_token(seq_len))} at seq_len {seq_len}",
+        "",
+        f"{'layer':>5}  {'type':<8} {'q heads':>7}  {'GQA groups':<18} {'FFN ch':>6}  "
+        f"{'attn params':>11}  {'mlp params':>10}  {'FLOPs/token':>11}",
+    ]
+    for i, shape in enumerate(structure.layers):
+        costs = structure.layer_costs[i]
+        attention = costs.params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - costs.other
+        mlp = costs.params(LayerShape(0, 0, shape.intermediate_size)) - costs.other
+        groups = (
+            f"{shape.num_key_value_heads} x {shape.heads_per_group} q/group" if shape.num_attention_heads else "attention removed"
+        )
+        layer_type = (structure.layer_types[i] if structure.layer_types else "full_attention").split("_")[0]
+        flops = 2 * structure.layer_params(i) + 4 * shape.num_attention_heads * structure.head_dim * (seq_len + 1) / 2
+        lines.append(
+            f"{i:>5}  {layer_type:<8} {shape.num_attention_heads:>7}  {groups:<18} "
+            f"{shape.intermediate_size if shape.intermediate_size else 'removed':>6}  {_format_count(attention):>11}  "
+            f"{_format_count(mlp):>10}  {_format_count(flops):>11}"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- inspect
+def _add_inspect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="directory, .gguf file, hub id or smollm2-135m")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--seq-len", type=int, default=2048, help="sequence length for attention FLOPs (default 2048)")
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from prunekit.models.loading import load
+    from prunekit.models.structure import model_structure
+
+    model, _ = load(args.model, with_tokenizer=False)
+    structure = model_structure(model)
+    if args.json:
+        print(json.dumps({"model": args.model, **structure.to_dict(args.seq_len)}, indent=1))
+    else:
+        print(format_structure(structure, args.model, args.seq_len))
+    return 0
+
+
+# ----------------------------------------------------------------------------- prune
+def _add_prune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="directory, .gguf file, hub id or smollm2-135m")
+    parser.add_argument("--plan", required=True, help="plan JSON file (format: README, 'Plans')")
+    parser.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and save in")
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    from prunekit.api import prune_to_plan
+
+    saved = prune_to_plan(args.model, args.plan, args.out, force=args.force, dtype=args.dtype)
+    print(f"saved {saved.format} model with {saved.params:,} parameters to {saved.path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--out", default="runs/demo", help="where the pruned model goes (default runs/demo)")
+    parser.add_argument("--ffn-fraction", type=float, default=0.2, help="fraction of FFN channels removed (default 0.2)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from prunekit.demo import run_demo
+
+    run_demo(args.model, Path(args.out), ffn_fraction=args.ffn_fraction)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
+    "prune": ("apply a plan and save the smaller dense model", _add_prune, _run_prune),
+    "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunekit", description="Structured pruning of transformer language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command][2](args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"prunekit {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"prunekit {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

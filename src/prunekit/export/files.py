@@ -1,0 +1,66 @@
+"""Writing outputs so that nothing the user owns is lost: every file and directory is written
+under a temporary name next to its destination and renamed into place when complete."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    """The output path exists and replacing it was not asked for."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that exists (unless `force`) or that overlaps a protected input."""
+    resolved = out.resolve()
+    for path in protected:
+        path = path.resolve()
+        if resolved == path or path in resolved.parents or resolved in path.parents:
+            raise OutputExistsError(
+                f"output {out} overlaps the input model at {path}; choose an output directory outside it"
+            )
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; choose another path or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a directory; remove it or choose another path")
+
+
+@contextmanager
+def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out` in one rename.
+
+    On failure (or Ctrl-C) the temporary directory is removed and `out` is untouched.
+    """
+    check_output_dir(out, force=force, protected=protected)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)

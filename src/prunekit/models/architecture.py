@@ -1,0 +1,83 @@
+"""What prunekit knows about a model family: module names and config keys, as data.
+
+A family is one `Architecture` value in its own file (llama.py, gemma2.py, ...) registered with
+`register`. Everything that prunes, inspects or saves a model reads these tables; nothing else
+in prunekit names a module of a specific family.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family has no architecture table."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module names and quirks of one model family (all names relative to a decoder layer).
+
+    Attention either has separate `q_proj`/`k_proj`/`v_proj` or one fused `qkv_proj` whose
+    output rows are [queries | keys | values]; the MLP either has `gate_proj`/`up_proj` or one
+    fused `gate_up_proj` whose rows are [gate | up].
+    """
+
+    model_type: str                        # config.model_type
+    layers: str = "model.layers"           # the ModuleList of decoder layers, from the CausalLM
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    q_proj: str | None = "q_proj"
+    k_proj: str | None = "k_proj"
+    v_proj: str | None = "v_proj"
+    qkv_proj: str | None = None            # fused q/k/v (Phi-3)
+    o_proj: str = "o_proj"
+    gate_proj: str | None = "gate_proj"
+    up_proj: str | None = "up_proj"
+    gate_up_proj: str | None = None        # fused gate/up (Phi-3)
+    down_proj: str = "down_proj"
+    # Norms that belong to a sublayer: removed (replaced by identity) together with it.
+    attention_norms: tuple[str, ...] = ("input_layernorm",)
+    mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # Attention reads config.num_attention_heads at run time (Phi-3 splits its fused qkv that
+    # way), so a layer whose head count differs from the config's needs a config of its own.
+    attention_reads_config: bool = False
+    # transformers' config class rejects hidden_size % num_attention_heads != 0 even when
+    # head_dim is explicit (Llama, Gemma 2/3 in transformers 5.x).
+    config_requires_heads_divide_hidden: bool = False
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+
+NEW_FAMILY_HINT = (
+    "To add a family, write src/prunekit/models/<family>.py with its Architecture table "
+    "(copy llama.py) and import it in src/prunekit/models/__init__.py."
+)
+
+
+def register(arch: Architecture) -> Architecture:
+    """Add a family's table; checks that it names a complete attention and MLP."""
+    if arch.model_type in ARCHITECTURES:
+        raise ValueError(f"architecture {arch.model_type!r} is registered twice")
+    separate_qkv = arch.q_proj and arch.k_proj and arch.v_proj
+    if bool(separate_qkv) == bool(arch.qkv_proj):
+        raise ValueError(f"{arch.model_type}: name either q_proj/k_proj/v_proj or qkv_proj, not both or neither")
+    if bool(arch.gate_proj and arch.up_proj) == bool(arch.gate_up_proj):
+        raise ValueError(f"{arch.model_type}: name either gate_proj/up_proj or gate_up_proj, not both or neither")
+    ARCHITECTURES[arch.model_type] = arch
+    return arch
+
+
+def architecture_for(model_type: str) -> Architecture:
+    """The table of `model_type`, or an error that lists the supported families."""
+    base = model_type.removeprefix("prunekit_")
+    try:
+        return ARCHITECTURES[base]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedModelError(
+            f"prunekit does not support model type {model_type!r}; supported: {supported}. {NEW_FAMILY_HINT}"
+        ) from None

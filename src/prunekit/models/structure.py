@@ -1,0 +1,202 @@
+"""The prunable structure of a model: per layer, its heads, KV groups and FFN channels, with
+parameters and FLOPs per token. Read from the modules themselves, so it is true for pruned
+models as much as for stock ones."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from prunekit.models.architecture import Architecture, architecture_for
+from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Widths of one decoder layer; 0 heads means no attention sublayer, 0 channels no MLP."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads if self.num_key_value_heads else 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Parameters of one layer, split so that any narrower shape can be costed exactly."""
+
+    attention_fixed: int   # attention params that do not scale with heads: its norms, o_proj bias, q/k norms
+    per_query_head: int    # one query head: its q rows (and bias) plus its o_proj columns
+    per_kv_group: int      # one KV group: its k and v rows (and biases)
+    mlp_fixed: int         # MLP params that do not scale with channels: its norms, down_proj bias
+    per_channel: int       # one FFN channel: its gate and up rows (and biases) plus its down_proj column
+    other: int             # params of the layer outside both sublayers
+
+    def params(self, shape: LayerShape) -> int:
+        attention = (
+            self.attention_fixed + shape.num_attention_heads * self.per_query_head + shape.num_key_value_heads * self.per_kv_group
+            if shape.num_attention_heads else 0
+        )
+        mlp = self.mlp_fixed + shape.intermediate_size * self.per_channel if shape.intermediate_size else 0
+        return attention + mlp + self.other
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    model_type: str                # the family (prunekit_llama counts as llama)
+    hidden_size: int
+    head_dim: int
+    vocab_size: int
+    layers: tuple[LayerShape, ...]
+    layer_costs: tuple[LayerCosts, ...]
+    embedding_params: int          # input embedding, plus the output head when it is not tied
+    other_params: int              # final norm and anything outside the layers
+    layer_types: tuple[str, ...] | None = None
+    sliding_window: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_params(self, index: int) -> int:
+        return self.layer_costs[index].params(self.layers[index])
+
+    @property
+    def non_embedding_params(self) -> int:
+        return sum(self.layer_params(i) for i in range(self.num_layers)) + self.other_params
+
+    @property
+    def total_params(self) -> int:
+        return self.non_embedding_params + self.embedding_params
+
+    def flops_per_token(self, seq_len: int = 2048) -> int:
+        """Forward FLOPs per token, averaged over a causal sequence of `seq_len` tokens.
+
+        2 per weight of every matrix product (layers and output head), plus 4 * heads *
+        head_dim per attended position (scores and weighted values); a causal token attends to
+        (seq_len + 1) / 2 positions on average, at most the sliding window on sliding layers.
+        """
+        total = 2 * self.vocab_size * self.hidden_size
+        for index, shape in enumerate(self.layers):
+            total += 2 * self.layer_params(index)  # norms and biases are a rounding error here
+            attended = (seq_len + 1) / 2
+            if self.sliding_window and self.layer_types and self.layer_types[index] == "sliding_attention":
+                attended = min(attended, self.sliding_window)
+            total += 4 * shape.num_attention_heads * self.head_dim * attended
+        return int(total)
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return sum(2 * s.num_key_value_heads * self.head_dim * bytes_per_value for s in self.layers if s.num_attention_heads)
+
+    def is_uniform(self) -> bool:
+        """Every layer has the same shape and keeps both sublayers."""
+        first = self.layers[0]
+        return all(s == first for s in self.layers) and first.num_attention_heads > 0 and first.intermediate_size > 0
+
+    def to_dict(self, seq_len: int = 2048) -> dict:
+        return {
+            "model_type": self.model_type,
+            "hidden_size": self.hidden_size,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "num_layers": self.num_layers,
+            "params": {"total": self.total_params, "non_embedding": self.non_embedding_params,
+                       "embedding": self.embedding_params},
+            "flops_per_token": self.flops_per_token(seq_len),
+            "flops_seq_len": seq_len,
+            "kv_cache_bytes_per_token_bf16": self.kv_cache_bytes_per_token(2),
+            "layers": [
+                {
+                    "index": i,
+                    **shape.to_dict(),
+                    "heads_per_group": shape.heads_per_group,
+                    "layer_type": self.layer_types[i] if self.layer_types else None,
+                    "params": self.layer_params(i),
+                    "attention_params": self.layer_costs[i].params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - self.layer_costs[i].other,
+                    "mlp_params": self.layer_costs[i].params(LayerShape(0, 0, shape.intermediate_size)) - self.layer_costs[i].other,
+                }
+                for i, shape in enumerate(self.layers)
+            ],
+        }
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _bias_size(linear: nn.Linear) -> int:
+    return 1 if linear.bias is not None else 0
+
+
+def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, head_dim: int) -> tuple[LayerShape, LayerCosts]:
+    attention = getattr(layer, arch.attention)
+    mlp = getattr(layer, arch.mlp)
+    attention_total = _params(attention) + sum(_params(getattr(layer, n)) for n in arch.attention_norms)
+    mlp_total = _params(mlp) + sum(_params(getattr(layer, n)) for n in arch.mlp_norms)
+    other = _params(layer) - attention_total - mlp_total
+
+    heads = kv_heads = 0
+    per_query_head = per_kv_group = 0
+    if not isinstance(attention, RemovedAttention):
+        o_proj = getattr(attention, arch.o_proj)
+        heads = o_proj.in_features // head_dim
+        if arch.qkv_proj:
+            qkv = getattr(attention, arch.qkv_proj)
+            kv_heads = (qkv.out_features // head_dim - heads) // 2
+            q_bias = kv_bias = _bias_size(qkv)
+        else:
+            kv_heads = getattr(attention, arch.k_proj).out_features // head_dim
+            q_bias = _bias_size(getattr(attention, arch.q_proj))
+            kv_bias = _bias_size(getattr(attention, arch.k_proj))
+        per_query_head = head_dim * (hidden + q_bias) + head_dim * hidden
+        per_kv_group = 2 * head_dim * (hidden + kv_bias)
+    ffn = per_channel = 0
+    if not isinstance(mlp, RemovedMLP):
+        down = getattr(mlp, arch.down_proj)
+        ffn = down.in_features
+        up = getattr(mlp, arch.gate_up_proj or arch.up_proj)
+        per_channel = 2 * (hidden + _bias_size(up)) + hidden
+    shape = LayerShape(heads, kv_heads, ffn)
+    costs = LayerCosts(
+        attention_fixed=attention_total - heads * per_query_head - kv_heads * per_kv_group if heads else attention_total,
+        per_query_head=per_query_head,
+        per_kv_group=per_kv_group,
+        mlp_fixed=mlp_total - ffn * per_channel if ffn else mlp_total,
+        per_channel=per_channel,
+        other=other,
+    )
+    return shape, costs
+
+
+def model_structure(model: nn.Module) -> ModelStructure:
+    """Read the per-layer structure of a causal LM of a supported family."""
+    config = model.config
+    arch = architecture_for(config.model_type)
+    hidden, head_dim = config.hidden_size, head_dim_of(config)
+    layers = decoder_layers(model, arch.to_dict())
+    shapes, costs = zip(*(_layer_shape_and_costs(layer, arch, hidden, head_dim) for layer in layers))
+    input_embeddings = model.get_input_embeddings()
+    output_embeddings = model.get_output_embeddings()
+    embedding_params = _params(input_embeddings)
+    if output_embeddings is not None and output_embeddings.weight is not input_embeddings.weight:
+        embedding_params += _params(output_embeddings)
+    total = sum(p.numel() for p in model.parameters())  # parameters() counts a tied matrix once
+    layer_types = getattr(config, "layer_types", None)
+    return ModelStructure(
+        model_type=arch.model_type,
+        hidden_size=hidden,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        layers=tuple(shapes),
+        layer_costs=tuple(costs),
+        embedding_params=embedding_params,
+        other_params=total - embedding_params - sum(_params(layer) for layer in layers),
+        layer_types=tuple(layer_types) if layer_types else None,
+        sliding_window=getattr(config, "sliding_window", None),
+    )

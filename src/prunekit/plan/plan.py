@@ -1,0 +1,279 @@
+"""A plan: what to keep of a model, as plain JSON. Deciding (criteria, planners) ends here;
+surgery executes a plan and never sees a score.
+
+    {
+      "format": "prunekit.plan/1",
+      "model": {...},                  # optional: the structure the plan was made for
+      "drop_layers": [12, 13],         # whole decoder layers, by index in the source model
+      "layers": {                      # per source layer; a layer not listed is kept whole
+        "3": {"keep_kv_groups": [0, 2]},              # whole GQA groups, with their query heads
+        "4": {"keep_query_heads": [0, 1, 3, 4, 6, 7]}, # the same number from every group
+        "5": {"keep_channels": [0, 5, 9, ...]},        # FFN channels (rows of gate/up)
+        "6": {"drop_attention": true},
+        "7": {"drop_mlp": true}
+      },
+      "meta": {...}                    # free-form: who made it, criterion, target
+    }
+
+Query head h belongs to KV group h // (heads per group). Given only `keep_kv_groups`, every
+query head of the kept groups stays; given only `keep_query_heads`, the groups that still have
+a head stay. Every kept group must keep the same number of query heads (that is what GQA
+attention computes with), and emptying a sublayer must be said with `drop_attention` /
+`drop_mlp`, so that a typo cannot silently remove a whole sublayer.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from prunekit.models.structure import LayerShape, ModelStructure
+
+PLAN_FORMAT = "prunekit.plan/1"
+_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "drop_attention", "drop_mlp")
+_PLAN_KEYS = ("format", "model", "drop_layers", "layers", "meta")
+
+
+class PlanError(ValueError):
+    """The plan cannot be applied to this model; raised before any weight is touched."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    keep_query_heads: tuple[int, ...] | None = None
+    keep_kv_groups: tuple[int, ...] | None = None
+    keep_channels: tuple[int, ...] | None = None
+    drop_attention: bool = False
+    drop_mlp: bool = False
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        for key in ("keep_query_heads", "keep_kv_groups", "keep_channels"):
+            if getattr(self, key) is not None:
+                out[key] = list(getattr(self, key))
+        for key in ("drop_attention", "drop_mlp"):
+            if getattr(self, key):
+                out[key] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: dict[int, LayerPlan] = field(default_factory=dict)
+    drop_layers: tuple[int, ...] = ()
+    model: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not self.drop_layers and not any(lp.to_dict() for lp in self.layers.values())
+
+    def to_dict(self) -> dict:
+        out: dict = {"format": PLAN_FORMAT}
+        if self.model is not None:
+            out["model"] = self.model
+        out["drop_layers"] = sorted(self.drop_layers)
+        out["layers"] = {str(i): lp.to_dict() for i, lp in sorted(self.layers.items()) if lp.to_dict()}
+        if self.meta:
+            out["meta"] = self.meta
+        return out
+
+    def save(self, path: str | Path) -> None:
+        from prunekit.export.files import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan is a JSON object, got {type(data).__name__}")
+        unknown = set(data) - set(_PLAN_KEYS)
+        if unknown:
+            raise PlanError(f"unknown plan keys {sorted(unknown)}; a plan has {list(_PLAN_KEYS)}")
+        if data.get("format", PLAN_FORMAT) != PLAN_FORMAT:
+            raise PlanError(f"plan format {data['format']!r} is not {PLAN_FORMAT!r}; this prunekit cannot read it")
+        layers = {}
+        for key, entry in (data.get("layers") or {}).items():
+            index = _int(key, "a layer key")
+            if not isinstance(entry, dict):
+                raise PlanError(f"layer {key}: expected an object with keys {list(_LAYER_KEYS)}, got {entry!r}")
+            unknown = set(entry) - set(_LAYER_KEYS)
+            if unknown:
+                raise PlanError(f"layer {key}: unknown keys {sorted(unknown)}; a layer entry has {list(_LAYER_KEYS)}")
+            layers[index] = LayerPlan(
+                **{k: _int_list(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[:3] if entry.get(k) is not None},
+                **{k: _bool(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[3:] if k in entry},
+            )
+        return cls(
+            layers=layers,
+            drop_layers=_int_list(data.get("drop_layers") or [], "drop_layers"),
+            model=data.get("model"),
+            meta=data.get("meta") or {},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist; write one (see the README's plan format) or make one with `prunekit plan`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PlanError(f"plan file {path} is not valid JSON ({error}); fix or regenerate it") from None
+        return cls.from_dict(data)
+
+
+def _int(value, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"{what} must be an integer, got {value!r}") from None
+
+
+def _int_list(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)):
+        raise PlanError(f"{what} must be a list of integers, got {values!r}")
+    return tuple(_int(v, what) for v in values)
+
+
+def _bool(value, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise PlanError(f"{what} must be true or false, got {value!r}")
+    return value
+
+
+def structure_signature(structure: ModelStructure) -> dict:
+    """What a plan records about the model it was made for."""
+    return {
+        "model_type": structure.model_type,
+        "hidden_size": structure.hidden_size,
+        "head_dim": structure.head_dim,
+        "vocab_size": structure.vocab_size,
+        "layers": [[s.num_attention_heads, s.num_key_value_heads, s.intermediate_size] for s in structure.layers],
+    }
+
+
+@dataclass(frozen=True)
+class KeptLayer:
+    """What survives of one source layer: sorted indices; empty lists mean the sublayer is gone."""
+
+    source_index: int
+    query_heads: tuple[int, ...]
+    kv_groups: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(len(self.query_heads), len(self.kv_groups), len(self.channels))
+
+
+def _check_indices(indices: tuple[int, ...], size: int, what: str) -> tuple[int, ...]:
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise PlanError(f"{what} {bad} out of range: this model has {size} (indices 0..{size - 1})")
+    if len(set(indices)) != len(indices):
+        raise PlanError(f"{what} lists an index twice: {sorted(indices)}")
+    return tuple(sorted(indices))
+
+
+def _kept_attention(index: int, shape: LayerShape, lp: LayerPlan) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if lp.drop_attention or shape.num_attention_heads == 0:
+        if shape.num_attention_heads == 0 and (lp.keep_query_heads or lp.keep_kv_groups):
+            raise PlanError(f"layer {index} has no attention left, yet the plan keeps heads of it")
+        return (), ()
+    per_group = shape.heads_per_group
+    heads = _check_indices(lp.keep_query_heads, shape.num_attention_heads, f"layer {index} keep_query_heads") \
+        if lp.keep_query_heads is not None else None
+    groups = _check_indices(lp.keep_kv_groups, shape.num_key_value_heads, f"layer {index} keep_kv_groups") \
+        if lp.keep_kv_groups is not None else None
+    if heads is None and groups is None:
+        return tuple(range(shape.num_attention_heads)), tuple(range(shape.num_key_value_heads))
+    if heads is None:
+        heads = tuple(h for g in groups for h in range(g * per_group, (g + 1) * per_group))
+    if groups is None:
+        groups = tuple(sorted({h // per_group for h in heads}))
+    if not heads or not groups:
+        raise PlanError(
+            f"layer {index}: the plan keeps no query heads, which removes the whole attention; "
+            f"say so with \"drop_attention\": true"
+        )
+    orphans = [h for h in heads if h // per_group not in groups]
+    if orphans:
+        raise PlanError(f"layer {index}: query heads {orphans} belong to KV groups the plan removes; keep their group or drop them")
+    counts = {g: sum(1 for h in heads if h // per_group == g) for g in groups}
+    if len(set(counts.values())) != 1:
+        raise PlanError(
+            f"layer {index}: kept query heads per KV group are {counts}; GQA needs the same number in every "
+            f"kept group (and none kept in a group means removing the group)"
+        )
+    return heads, groups
+
+
+def resolve_plan(plan: Plan, structure: ModelStructure) -> list[KeptLayer]:
+    """Check `plan` against the model and spell out what every surviving layer keeps."""
+    if plan.model is not None:
+        _check_made_for(plan.model, structure)
+    n = structure.num_layers
+    dropped = set(_check_indices(plan.drop_layers, n, "drop_layers"))
+    for index in plan.layers:
+        if not 0 <= index < n:
+            raise PlanError(f"the plan has an entry for layer {index}, but this model has {n} layers (0..{n - 1})")
+        if index in dropped:
+            raise PlanError(f"layer {index} is in drop_layers and also has a layer entry; remove one of the two")
+    if len(dropped) == n:
+        raise PlanError("the plan drops every layer; keep at least one")
+    kept = []
+    for index, shape in enumerate(structure.layers):
+        if index in dropped:
+            continue
+        lp = plan.layers.get(index, LayerPlan())
+        heads, groups = _kept_attention(index, shape, lp)
+        if lp.drop_mlp or shape.intermediate_size == 0:
+            if shape.intermediate_size == 0 and lp.keep_channels:
+                raise PlanError(f"layer {index} has no MLP left, yet the plan keeps channels of it")
+            channels: tuple[int, ...] = ()
+        elif lp.keep_channels is None:
+            channels = tuple(range(shape.intermediate_size))
+        else:
+            channels = _check_indices(lp.keep_channels, shape.intermediate_size, f"layer {index} keep_channels")
+            if not channels:
+                raise PlanError(
+                    f"layer {index}: the plan keeps no FFN channels, which removes the whole MLP; "
+                    f"say so with \"drop_mlp\": true"
+                )
+        kept.append(KeptLayer(index, heads, groups, channels))
+    return kept
+
+
+def _check_made_for(expected: dict, structure: ModelStructure) -> None:
+    actual = structure_signature(structure)
+    differences = [
+        f"{key} {expected.get(key)!r} vs {actual[key]!r}"
+        for key in ("model_type", "hidden_size", "head_dim", "vocab_size")
+        if key in expected and expected[key] != actual[key]
+    ]
+    if "layers" in expected and expected["layers"] != actual["layers"]:
+        exp, act = expected["layers"], actual["layers"]
+        if len(exp) != len(act):
+            differences.append(f"{len(exp)} layers vs {len(act)}")
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(exp, act)) if a != b)
+            differences.append(f"layer {first} [heads, kv heads, ffn] {exp[first]} vs {act[first]}")
+    if differences:
+        raise PlanError(
+            "this plan was made for another model (plan vs model: " + "; ".join(differences) +
+            "); make a new plan for this model"
+        )
+
+
+def predicted_structure(plan: Plan, structure: ModelStructure) -> ModelStructure:
+    """The structure the model will have after `plan`: parameter counts known before surgery."""
+    kept = resolve_plan(plan, structure)
+    layer_types = tuple(structure.layer_types[k.source_index] for k in kept) if structure.layer_types else None
+    return replace(
+        structure,
+        layers=tuple(k.shape for k in kept),
+        layer_costs=tuple(structure.layer_costs[k.source_index] for k in kept),
+        layer_types=layer_types,
+    )

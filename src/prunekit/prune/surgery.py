@@ -1,0 +1,152 @@
+"""Surgery: execute a plan on a model, in place. Weight matrices are rebuilt smaller, layers
+renumbered, the config updated; nothing is masked. Surgery never sees a score."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.models.architecture import Architecture, architecture_for
+from prunekit.models.modeling_prunekit import (
+    decoder_layers,
+    pruned_classes,
+    set_attention_width,
+    set_mlp_width,
+)
+from prunekit.models.structure import ModelStructure, model_structure
+from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
+
+
+def _rows(units: tuple[int, ...], unit_size: int, offset: int = 0) -> torch.Tensor:
+    """Row indices of whole units (heads of head_dim rows, or single channels)."""
+    return torch.tensor([offset + u * unit_size + r for u in units for r in range(unit_size)], dtype=torch.long)
+
+
+def _copy_rows(new: nn.Linear, old: nn.Linear, rows: torch.Tensor) -> None:
+    new.weight.copy_(old.weight.index_select(0, rows.to(old.weight.device)))
+    if old.bias is not None:
+        new.bias.copy_(old.bias.index_select(0, rows.to(old.bias.device)))
+
+
+def _copy_columns(new: nn.Linear, old: nn.Linear, columns: torch.Tensor) -> None:
+    new.weight.copy_(old.weight.index_select(1, columns.to(old.weight.device)))
+    if old.bias is not None:
+        new.bias.copy_(old.bias)
+
+
+def _prune_attention(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config, head_dim: int) -> None:
+    if kept.shape.num_attention_heads == before.num_attention_heads and kept.shape.num_key_value_heads == before.num_key_value_heads:
+        return
+    attention = getattr(layer, arch.attention)
+    old = {name: getattr(attention, name) for name in (arch.q_proj, arch.k_proj, arch.v_proj, arch.qkv_proj, arch.o_proj) if name}
+    set_attention_width(layer, arch.to_dict(), len(kept.query_heads), len(kept.kv_groups), config)
+    if not kept.query_heads:
+        return
+    q_rows = _rows(kept.query_heads, head_dim)
+    kv_rows = _rows(kept.kv_groups, head_dim)
+    if arch.qkv_proj:
+        k_offset = before.num_attention_heads * head_dim
+        v_offset = k_offset + before.num_key_value_heads * head_dim
+        fused_rows = torch.cat([q_rows, kv_rows + k_offset, kv_rows + v_offset])
+        _copy_rows(getattr(attention, arch.qkv_proj), old[arch.qkv_proj], fused_rows)
+    else:
+        _copy_rows(getattr(attention, arch.q_proj), old[arch.q_proj], q_rows)
+        _copy_rows(getattr(attention, arch.k_proj), old[arch.k_proj], kv_rows)
+        _copy_rows(getattr(attention, arch.v_proj), old[arch.v_proj], kv_rows)
+    _copy_columns(getattr(attention, arch.o_proj), old[arch.o_proj], q_rows)
+
+
+def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
+    if len(kept.channels) == before.intermediate_size:
+        return
+    mlp = getattr(layer, arch.mlp)
+    old = {name: getattr(mlp, name) for name in (arch.gate_proj, arch.up_proj, arch.gate_up_proj, arch.down_proj) if name}
+    set_mlp_width(layer, arch.to_dict(), len(kept.channels), config)
+    if not kept.channels:
+        return
+    rows = torch.tensor(kept.channels, dtype=torch.long)
+    if arch.gate_up_proj:
+        fused_rows = torch.cat([rows, rows + before.intermediate_size])
+        _copy_rows(getattr(mlp, arch.gate_up_proj), old[arch.gate_up_proj], fused_rows)
+    else:
+        _copy_rows(getattr(mlp, arch.gate_proj), old[arch.gate_proj], rows)
+        _copy_rows(getattr(mlp, arch.up_proj), old[arch.up_proj], rows)
+    _copy_columns(getattr(mlp, arch.down_proj), old[arch.down_proj], rows)
+
+
+def _renumber_layers(model: nn.Module, arch: Architecture, kept: list[KeptLayer]) -> None:
+    """Keep only the surviving decoder layers and give them (and their caches) new indices."""
+    layers = decoder_layers(model, arch.to_dict())
+    survivors = [layers[k.source_index] for k in kept]
+    parent_name, _, list_name = arch.layers.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, list_name, nn.ModuleList(survivors))
+    for new_index, layer in enumerate(survivors):
+        for module in (layer, getattr(layer, arch.attention)):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_index
+    config = model.config
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        config.layer_types = [layer_types[k.source_index] for k in kept]
+    config.num_hidden_layers = len(survivors)
+
+
+def _set_model_format(model: nn.Module, arch: Architecture, structure: ModelStructure) -> None:
+    """Describe the new shapes in the config: the stock fields when every layer has the same
+    shape and the stock config accepts it, else prunekit's per-layer `layer_shapes`."""
+    config = model.config
+    shape = structure.layers[0]
+    stock_ok = structure.is_uniform() and not (
+        arch.config_requires_heads_divide_hidden and config.hidden_size % shape.num_attention_heads
+    )
+    config_class, model_class = pruned_classes(arch.model_type, arch.to_dict())
+    if stock_ok:
+        if isinstance(config, config_class):  # a pruned model that became uniform again
+            model.__class__ = model_class.__mro__[1]
+            config.__class__ = config_class.__mro__[1]
+            config.model_type = config.__class__.model_type  # loaded configs carry it per instance
+            del config.layer_shapes
+        config.num_attention_heads = shape.num_attention_heads
+        config.num_key_value_heads = shape.num_key_value_heads
+        config.intermediate_size = shape.intermediate_size
+    else:
+        # The stock fields keep the source's values (its config class validates them);
+        # from_pretrained builds that model, then reshapes each layer to layer_shapes.
+        if not isinstance(config, config_class):
+            model.__class__ = model_class
+            config.__class__ = config_class
+            config.model_type = config_class.model_type
+        config.layer_shapes = [s.to_dict() for s in structure.layers]
+    if arch.attention_reads_config:
+        # Layers whose head counts now match the model config share it again.
+        for layer in decoder_layers(model, arch.to_dict()):
+            attention = getattr(layer, arch.attention)
+            own = getattr(attention, "config", None)
+            if own is not None and own is not config and (own.num_attention_heads, own.num_key_value_heads) == (
+                config.num_attention_heads, config.num_key_value_heads
+            ):
+                attention.config = config
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: Plan) -> ModelStructure:
+    """Prune `model` in place to `plan`; returns the new structure.
+
+    Every check runs before the first weight changes: a bad plan leaves the model untouched.
+    """
+    arch = architecture_for(model.config.model_type)
+    before = model_structure(model)
+    kept = resolve_plan(plan, before)
+    if plan.is_empty():
+        return before
+    config = model.config
+    config.head_dim = before.head_dim  # explicit from now on: heads no longer divide hidden_size
+    layers = decoder_layers(model, arch.to_dict())
+    for k in kept:
+        layer = layers[k.source_index]
+        _prune_attention(layer, arch, k, before.layers[k.source_index], config, before.head_dim)
+        _prune_mlp(layer, arch, k, before.layers[k.source_index], config)
+    _renumber_layers(model, arch, kept)
+    after = model_structure(model)
+    _set_model_format(model, arch, after)
+    return after

@@ -1,0 +1,94 @@
+"""Tiny random models of every supported family, and a byte-level tokenizer, built in-process.
+
+No test may need the Hugging Face Hub, so everything a test loads is made here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+VOCAB = 300  # 256 byte tokens plus a few specials, rounded up
+
+# One tiny config per family, exercising its quirks: GQA (8 query / 2 KV heads), an explicit
+# head_dim that differs from hidden/heads, sliding-window layer types, q/k norms, soft-capping,
+# fused projections.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(attention_bias=False, tie_word_embeddings=False),
+    "mistral": dict(sliding_window=None),
+    "qwen2": dict(),
+    "qwen3": dict(),
+    "gemma2": dict(sliding_window=6, query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0),
+    "gemma3_text": dict(sliding_window=6, query_pre_attn_scalar=16,
+                        layer_types=["sliding_attention", "full_attention"] * 2),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_config(family: str, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+    )
+    kwargs.update(TINY_CONFIGS[family])
+    kwargs.update(overrides)
+    if family not in ("phi3",):
+        kwargs.setdefault("pad_token_id", 0)
+        kwargs.setdefault("bos_token_id", 1)
+        kwargs.setdefault("eos_token_id", 2)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised causal LM of `family`, fp32, eval mode, eager attention."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    # Random init leaves norms at 1 and biases at 0; perturb every parameter so that no
+    # index mix-up can hide behind identical values.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: one token per UTF-8 byte, ids 3..258."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_vocab = {ch: i + 3 for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **byte_vocab}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path | None:
+    """The shared data sets, when they lie beside the checkout (as in CI) or PRUNEKIT_DATA_DIR names them."""
+    env = os.environ.get("PRUNEKIT_DATA_DIR")
+    for candidate in (env, Path(__file__).resolve().parents[1].parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "README.md").exists():
+            return Path(candidate)
+    return None
