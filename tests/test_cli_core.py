@@ -94,9 +94,10 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path, capsys):
     assert "src/prunekit/models/<family>.py" in err
 
 
-def test_corrupt_weights_are_reported(model_dir, capsys):
+def test_corrupt_weights_are_reported(model_dir, tmp_path, capsys):
     (model_dir / "model.safetensors").write_bytes(b"\x00garbage")
-    assert main(["inspect", str(model_dir)]) == 2
+    Plan(drop_layers=(1,)).save(tmp_path / "plan.json")
+    assert main(["prune", str(model_dir), "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "out")]) == 2
     assert "cannot load the weights" in capsys.readouterr().err
 
 

@@ -64,11 +64,11 @@ def _add_inspect(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from prunekit.models.loading import load
+    from prunekit.models.loading import load_skeleton, resolve_model_source
     from prunekit.models.structure import model_structure
 
-    model, _ = load(args.model, with_tokenizer=False)
-    structure = model_structure(model)
+    # Shapes only: the model is built on the meta device, no weight is read.
+    structure = model_structure(load_skeleton(resolve_model_source(args.model)))
     if args.json:
         print(json.dumps({"model": args.model, **structure.to_dict(args.seq_len)}, indent=1))
     else:

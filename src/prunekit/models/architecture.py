@@ -38,6 +38,11 @@ class Architecture:
     # Norms that belong to a sublayer: removed (replaced by identity) together with it.
     attention_norms: tuple[str, ...] = ("input_layernorm",)
     mlp_norms: tuple[str, ...] = ("post_attention_layernorm",)
+    # A norm applied to a sublayer's output before the residual add (Gemma's sandwich norms):
+    # what the sublayer adds to the residual stream is that norm's output.
+    attention_output_norm: str | None = None
+    mlp_output_norm: str | None = None
+    final_norm: str = "model.norm"         # applied after the last layer, before the output head
     # Attention reads config.num_attention_heads at run time (Phi-3 splits its fused qkv that
     # way), so a layer whose head count differs from the config's needs a config of its own.
     attention_reads_config: bool = False

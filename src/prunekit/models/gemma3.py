@@ -7,4 +7,6 @@ GEMMA3_TEXT = register(Architecture(
     attention_norms=("input_layernorm", "post_attention_layernorm"),
     mlp_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
     config_requires_heads_divide_hidden=True,
+    attention_output_norm="post_attention_layernorm",
+    mlp_output_norm="post_feedforward_layernorm",
 ))

@@ -1,0 +1,478 @@
+"""Inference speed of a causal LM, alone or side by side with a baseline.
+
+Measures prefill throughput, KV-cache decode throughput at a few batch sizes, time to first token
+and peak memory, each over several repeats after a warm-up. With a baseline, the two models run
+interleaved (A, B, A, B, ...) in one process, so drifting clocks and a busy machine hit both alike,
+and the speedup of every repeat is the ratio of a pair measured moments apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.evaluate.tasks import EvalError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+DEVICES = ("cpu", "cuda")
+MEMORY_METHODS: dict[str, str] = {
+    "cuda": "weights + torch.cuda.max_memory_allocated above the allocation before each call",
+    "cpu": "weights + peak RSS above the RSS before each call (VmHWM, reset through /proc/self/clear_refs)",
+}
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+Measured = dict[str, float]  # metric name -> its value in one timed call
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one metric over the repeats."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    device: str
+    dtype: str
+    prefill_batch: int
+    prefill_len: int
+    decode_batches: tuple[int, ...]
+    decode_context: int
+    decode_tokens: int
+    warmup: int
+    repeats: int
+    use_compile: bool
+    seed: int
+    memory_method: str
+
+
+@dataclass(frozen=True)
+class ModelSpeed:
+    """One model's measurements; `timings` maps each metric of `metric_names(settings)` to its spread."""
+
+    timings: dict[str, Spread]
+    peak_memory_mib: float | None
+    parameters: int
+    flops_per_token: float | None = None
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    settings: SpeedSettings
+    model: ModelSpeed
+    baseline: ModelSpeed | None = None
+    # Per metric, the spread of model-over-baseline ratios of paired repeats, oriented so that
+    # > 1 means the model is faster (for times, baseline / model).
+    speedup: dict[str, Spread] | None = None
+    ideal_speedup: float | None = None
+    ideal_basis: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(model: nn.Module, context: float) -> float:
+    """Forward FLOPs for one token that attends to `context` tokens.
+
+    2 per weight of every nn.Linear in the decoder layers and of the LM head, plus, per layer,
+    4 x heads x head_dim x context for the attention scores and the weighted sum of values. Head
+    counts come from module shapes, not the config, so pruned heads and widths are counted as they are.
+    """
+    try:
+        layers = model.get_decoder().layers
+        attention_widths = [layer.self_attn.o_proj.in_features for layer in layers]
+    except AttributeError as error:
+        raise EvalError(
+            f"cannot count FLOPs of {type(model).__name__}: expected decoder layers with "
+            "self_attn.o_proj; pass ideal_speedup instead."
+        ) from error
+    linear_weights = sum(
+        module.weight.numel() for layer in layers for module in layer.modules() if isinstance(module, nn.Linear)
+    )
+    linear_weights += model.get_output_embeddings().weight.numel()
+    attention = 0.0
+    for layer, width in zip(layers, attention_widths):
+        # Sliding-window layers (Gemma, Qwen2) attend to at most `window` tokens.
+        window = getattr(layer.self_attn, "sliding_window", None)
+        attention += 4 * width * (min(context, window) if window else context)
+    return 2.0 * linear_weights + attention
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def metric_names(settings: SpeedSettings) -> list[str]:
+    names = ["prefill_tokens_per_s"]
+    for batch in settings.decode_batches:
+        names += [f"decode_tokens_per_s_batch{batch}", f"time_to_first_token_ms_batch{batch}"]
+    return names
+
+
+def _is_time(metric: str) -> bool:
+    return metric.startswith("time_")
+
+
+def metric_label(metric: str, settings: SpeedSettings) -> str:
+    if metric == "prefill_tokens_per_s":
+        return f"prefill tokens/s ({settings.prefill_batch} x {settings.prefill_len})"
+    kind, batch = re.fullmatch(r"(\w+)_batch(\d+)", metric).groups()
+    if kind == "decode_tokens_per_s":
+        return f"decode tokens/s (batch {batch})"
+    return f"first token ms (batch {batch}, {settings.decode_context}-token prompt)"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def random_token_ids(batch: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """Token ids drawn uniformly; speed does not depend on their values, only their number."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, length), generator=generator)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", _PROC_STATUS.read_text())[1])
+
+
+def _cpu_peak_tracking_works() -> bool:
+    """Whether this process can reset its RSS high-water mark (Linux >= 4.0; not macOS, not some sandboxes)."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+        return "VmHWM:" in _PROC_STATUS.read_text()
+    except OSError:
+        return False
+
+
+def _call_with_peak_memory(call: Callable[[], Measured], device: torch.device) -> tuple[Measured, float]:
+    """`call`'s result and the peak bytes it allocated above the level before it."""
+    if device.type == "cuda":
+        _synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        measured = call()
+        _synchronize(device)
+        return measured, torch.cuda.max_memory_allocated(device) - start
+    # Writing 5 to clear_refs resets the RSS high-water mark (Linux >= 4.0).
+    _PROC_CLEAR_REFS.write_text("5")
+    start = _rss_kib("VmRSS")
+    measured = call()
+    return measured, (_rss_kib("VmHWM") - start) * 1024.0
+
+
+def _time_prefill(forward: Callable[..., Any], input_ids: torch.Tensor) -> Measured:
+    device = input_ids.device
+    _synchronize(device)
+    start = time.perf_counter()
+    # Full logits for every position: the workload of scoring (perplexity, lm-eval), and the one
+    # the FLOPs count, which includes the LM head for every token, describes.
+    forward(input_ids=input_ids, use_cache=False)
+    _synchronize(device)
+    return {"prefill_tokens_per_s": input_ids.numel() / (time.perf_counter() - start)}
+
+
+class _StepClock:
+    """A logits processor that notes when each new token's logits are ready."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _time_decode(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, use_compile: bool) -> Measured:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    batch = prompt_ids.shape[0]
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    pad = eos[0] if isinstance(eos, list) else eos
+    config = GenerationConfig(
+        # min_new_tokens masks end-of-sequence, so every repeat decodes exactly `new_tokens` tokens.
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        eos_token_id=eos, pad_token_id=pad if pad is not None else 0,
+    )
+    if use_compile and prompt_ids.device.type == "cuda":
+        # transformers compiles the decode step itself when the KV cache is static.
+        config.cache_implementation = "static"
+    clock = _StepClock(prompt_ids.device)
+    _synchronize(prompt_ids.device)
+    start = time.perf_counter()
+    model.generate(
+        input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config,
+        logits_processor=LogitsProcessorList([clock]),
+    )
+    first_token, last_token = clock.times[0], clock.times[-1]
+    return {
+        f"decode_tokens_per_s_batch{batch}": batch * (new_tokens - 1) / (last_token - first_token),
+        f"time_to_first_token_ms_batch{batch}": (first_token - start) * 1000.0,
+    }
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EvalError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, model: nn.Module) -> torch.dtype:
+    if dtype is None:
+        return next(model.parameters()).dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise EvalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise EvalError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("device 'cuda' was asked for, but torch finds no CUDA GPU here; use --device cpu.")
+    return torch.device(device)
+
+
+def _check_fits(name: str, model: nn.Module, tokens: int, what: str) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and tokens > limit:
+        raise EvalError(f"{what} needs {tokens} positions but the {name} has {limit}; shorten it.")
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def benchmark_speed(
+    model: nn.Module,
+    *,
+    baseline: nn.Module | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    prefill_batch: int = 8,
+    prefill_len: int = 512,
+    decode_batches: tuple[int, ...] = (1, 16),
+    decode_context: int = 128,
+    decode_tokens: int = 64,
+    warmup: int = 1,
+    repeats: int = 5,
+    use_compile: bool = False,
+    ideal_speedup: float | None = None,
+    seed: int = 0,
+) -> SpeedResult:
+    """Measure `model`, and `baseline` interleaved with it when given.
+
+    Prefill runs a full forward on `prefill_batch` x `prefill_len` random tokens. Decode generates
+    `decode_tokens` greedy tokens after a `decode_context`-token prompt at each of `decode_batches`;
+    its throughput counts the tokens after the first, and the time to the first is reported apart.
+    With `use_compile`, prefill runs through torch.compile, and on CUDA decode uses a static KV
+    cache that transformers compiles; CPU decode stays eager.
+
+    The ideal speedup is `ideal_speedup` when given, else the ratio of `flops_per_token` of the two
+    models at the mean context of a causal prefill, (prefill_len + 1) / 2.
+
+    The models are moved to `device` and cast to `dtype` (default: the model's dtype, which the
+    baseline is cast to as well) in place, as `Module.to` does; pass copies to keep the originals.
+    """
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, model)
+    for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
+                                 ("decode_context", decode_context, 1), ("warmup", warmup, 0),
+                                 ("repeats", repeats, 1), ("seed", seed, 0),
+                                 # Decode throughput is timed between the first and last token.
+                                 ("decode_tokens", decode_tokens, 2)]:
+        _check_int(name, value, minimum)
+    decode_batches = tuple(decode_batches)
+    if not decode_batches or len(set(decode_batches)) != len(decode_batches):
+        raise EvalError(f"decode_batches must list distinct batch sizes, got {decode_batches!r}; e.g. (1, 16).")
+    for batch in decode_batches:
+        _check_int("each decode batch", batch, 1)
+    if use_compile and warmup < 2:
+        # torch.compile compiles in the first call and still runs slow in the second.
+        raise EvalError("use_compile needs two untimed calls to compile and settle; set warmup >= 2.")
+    if ideal_speedup is not None and (baseline is None or not ideal_speedup > 0):
+        raise EvalError("ideal_speedup needs a baseline and a value > 0; pass baseline= or drop ideal_speedup.")
+    track_memory = torch_device.type == "cuda" or _cpu_peak_tracking_works()
+    memory_method = MEMORY_METHODS[torch_device.type] if track_memory else "not measured (no /proc/self/clear_refs)"
+
+    models = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
+    for name, candidate in models.items():
+        _check_fits(name, candidate, prefill_len, "prefill_len")
+        _check_fits(name, candidate, decode_context + decode_tokens, "decode_context + decode_tokens")
+    if baseline is not None and ideal_speedup is None:
+        context = (prefill_len + 1) / 2
+        flops = {name: flops_per_token(candidate, context) for name, candidate in models.items()}
+        ideal_speedup = flops["baseline"] / flops["model"]
+        ideal_basis = f"FLOPs per token at context {context:g} (mean of a {prefill_len}-token causal prefill)"
+    else:
+        flops = {}
+        ideal_basis = None if baseline is None else "given"
+
+    settings = SpeedSettings(
+        device=device, dtype=str(torch_dtype).removeprefix("torch."), prefill_batch=prefill_batch,
+        prefill_len=prefill_len, decode_batches=decode_batches, decode_context=decode_context,
+        decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile, seed=seed,
+        memory_method=memory_method,
+    )
+    for candidate in models.values():
+        candidate.to(device=torch_device, dtype=torch_dtype).eval()
+
+    # Both models see the same tokens, so ids must be valid for the smaller vocabulary.
+    vocab_size = min(candidate.config.vocab_size for candidate in models.values())
+    prefill_ids = random_token_ids(prefill_batch, prefill_len, vocab_size, seed).to(torch_device)
+    prompts = {
+        batch: random_token_ids(batch, decode_context, vocab_size, seed + batch).to(torch_device)
+        for batch in decode_batches
+    }
+    forwards = {name: torch.compile(candidate) if use_compile else candidate for name, candidate in models.items()}
+    phases: list[Callable[[str], Measured]] = [lambda name: _time_prefill(forwards[name], prefill_ids)]
+    phases += [
+        lambda name, prompt=prompt: _time_decode(models[name], prompt, decode_tokens, use_compile)
+        for prompt in prompts.values()
+    ]
+
+    samples, peak_bytes = _measure_interleaved(phases, list(models), warmup, repeats,
+                                               torch_device if track_memory else None)
+
+    speeds = {
+        name: ModelSpeed(
+            timings={metric: Spread.of(values) for metric, values in samples[name].items()},
+            peak_memory_mib=(_weight_bytes(candidate) + peak_bytes[name]) / 2**20 if track_memory else None,
+            parameters=sum(p.numel() for p in candidate.parameters()),
+            flops_per_token=flops.get(name),
+        )
+        for name, candidate in models.items()
+    }
+    speedup = None
+    if baseline is not None:
+        speedup = {}
+        for metric, values in samples["model"].items():
+            pairs = zip(values, samples["baseline"][metric])
+            speedup[metric] = Spread.of([b / m if _is_time(metric) else m / b for m, b in pairs])
+    return SpeedResult(
+        settings=settings, model=speeds["model"], baseline=speeds.get("baseline"), speedup=speedup,
+        ideal_speedup=ideal_speedup, ideal_basis=ideal_basis,
+    )
+
+
+def _measure_interleaved(
+    phases: list[Callable[[str], Measured]], names: list[str], warmup: int, repeats: int,
+    memory_device: torch.device | None,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, float]]:
+    """Per model name, each metric's values over the repeats and the peak bytes above start.
+
+    Each phase runs for every model in turn before the next phase starts, repeat after repeat.
+    """
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in names}
+    peak_bytes = {name: 0.0 for name in names}
+    with torch.inference_mode(), tqdm(total=(warmup + repeats) * len(phases) * len(names), desc="speed") as bar:
+        for repeat in range(warmup + repeats):
+            for phase in phases:
+                for name in names:
+                    call = functools.partial(phase, name)
+                    measured, peak = _call_with_peak_memory(call, memory_device) if memory_device else (call(), 0.0)
+                    if repeat >= warmup:
+                        for metric, value in measured.items():
+                            samples[name].setdefault(metric, []).append(value)
+                        peak_bytes[name] = max(peak_bytes[name], peak)
+                    bar.update()
+    return samples, peak_bytes
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def _spread(spread: Spread) -> str:
+    return f"{_number(spread.median)} ({_number(spread.low)}-{_number(spread.high)})"
+
+
+def _ratio(spread: Spread) -> str:
+    return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})"
+
+
+def format_speed_table(result: SpeedResult) -> str:
+    """A plain-text table: metric, model, and with a baseline: baseline, speedup, ideal.
+
+    Cells read "median (min-max)" over the repeats; speedups > 1 mean the model is faster, or, for
+    memory and parameters, smaller.
+    """
+    settings = result.settings
+    compared = result.baseline is not None
+    header = ["metric", "model"] + (["baseline", "speedup", "ideal"] if compared else [])
+    ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup is not None else "-"
+    rows = []
+    for metric in metric_names(settings):
+        row = [metric_label(metric, settings), _spread(result.model.timings[metric])]
+        if compared:
+            row += [_spread(result.baseline.timings[metric]), _ratio(result.speedup[metric]), ideal]
+        rows.append(row)
+
+    def size_row(label: str, model_value: float | None, baseline_value: float | None) -> list[str]:
+        row = [label, "n/a" if model_value is None else _number(model_value)]
+        if compared:
+            both = model_value is not None and baseline_value is not None
+            row += ["n/a" if baseline_value is None else _number(baseline_value),
+                    f"{baseline_value / model_value:.2f}x" if both else "-", "-"]
+        return row
+
+    baseline = result.baseline
+    rows.append(size_row("peak memory MiB", result.model.peak_memory_mib,
+                         None if baseline is None else baseline.peak_memory_mib))
+    rows.append(size_row("parameters (M)", result.model.parameters / 1e6,
+                         None if baseline is None else baseline.parameters / 1e6))
+
+    widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    notes = [f"{settings.device}, {settings.dtype}, {settings.repeats} repeats after {settings.warmup} warm-up"
+             + (", compiled" if settings.use_compile else "") + f"; memory: {settings.memory_method}"]
+    if compared:
+        notes.append(f"ideal: {result.ideal_basis}")
+    return "\n".join(lines + notes)

@@ -1,0 +1,149 @@
+"""Speed benchmark: fields, interleaving, FLOPs count, table and errors, on tiny models."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from prunekit.evaluate.speed import (
+    EvalError,
+    SpeedResult,
+    benchmark_speed,
+    flops_per_token,
+    format_speed_table,
+    metric_label,
+    metric_names,
+    random_token_ids,
+)
+
+QUICK = dict(prefill_batch=2, prefill_len=32, decode_batches=(1, 3), decode_context=16, decode_tokens=6,
+             warmup=1, repeats=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are all overhead: on a shared 2-core machine, two spinning threads can slow them 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A small model and a wider baseline of the same family, as after pruning FFN and heads."""
+    small = tiny_model("llama")
+    wide = tiny_model("llama", seed=1, hidden_size=96, intermediate_size=256)
+    return small, wide
+
+
+@pytest.fixture(scope="module")
+def comparison(models) -> SpeedResult:
+    small, wide = models
+    return benchmark_speed(small, baseline=wide, **QUICK)
+
+
+def test_comparison_returns_every_metric_for_both_models(comparison: SpeedResult) -> None:
+    names = metric_names(comparison.settings)
+    assert len(names) == 1 + 2 * len(QUICK["decode_batches"])
+    for speed in (comparison.model, comparison.baseline):
+        assert set(speed.timings) == set(names)
+        for spread in speed.timings.values():
+            assert 0 < spread.low <= spread.median <= spread.high
+        assert speed.peak_memory_mib is None or speed.peak_memory_mib > 0
+        assert speed.flops_per_token > 0
+    assert comparison.model.parameters < comparison.baseline.parameters
+    assert set(comparison.speedup) == set(names)
+    assert all(ratio.median > 0 for ratio in comparison.speedup.values())
+    assert comparison.ideal_speedup == pytest.approx(
+        comparison.baseline.flops_per_token / comparison.model.flops_per_token)
+    assert comparison.ideal_speedup > 1
+    json.dumps(comparison.to_dict())
+
+
+def test_models_are_measured_interleaved(models) -> None:
+    small, wide = models
+    calls: list[str] = []
+    hooks = [model.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+             for name, model in (("model", small), ("baseline", wide))]
+    try:
+        benchmark_speed(small, baseline=wide, **(QUICK | dict(repeats=2, warmup=0)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # Prefill is one forward and decode one per token; collapse each run of calls into one.
+    turns = [name for name, _ in itertools.groupby(calls)]
+    phases_per_repeat = 1 + len(QUICK["decode_batches"])
+    assert turns == ["model", "baseline"] * (2 * phases_per_repeat)
+
+
+def test_table_shows_models_side_by_side(comparison: SpeedResult) -> None:
+    table = format_speed_table(comparison)
+    header = table.splitlines()[0].split()
+    assert header == ["metric", "model", "baseline", "speedup", "ideal"]
+    for metric in metric_names(comparison.settings):
+        assert metric_label(metric, comparison.settings) in table
+    assert f"{comparison.ideal_speedup:.2f}x" in table
+    assert "peak memory MiB" in table and "ideal: FLOPs per token" in table
+
+
+def test_single_model_has_no_comparison(models) -> None:
+    result = benchmark_speed(models[0], **(QUICK | dict(decode_batches=(1,), repeats=1)))
+    assert result.baseline is None and result.speedup is None and result.ideal_speedup is None
+    assert format_speed_table(result).splitlines()[0].split() == ["metric", "model"]
+
+
+def test_given_ideal_speedup_wins_over_flops(models) -> None:
+    small, wide = models
+    result = benchmark_speed(small, baseline=wide, ideal_speedup=1.5, **(QUICK | dict(decode_batches=(1,), repeats=1)))
+    assert result.ideal_speedup == 1.5 and result.ideal_basis == "given"
+
+
+def test_flops_per_token_counts_linear_weights_and_attention() -> None:
+    model = tiny_model("llama")
+    config = model.config
+    hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * ffn
+    lm_head = config.vocab_size * hidden
+    context = 20
+    expected = 2 * (layers * per_layer + lm_head) + layers * 4 * q_width * context
+    assert flops_per_token(model, context) == expected
+
+
+def test_flops_per_token_caps_sliding_window_layers() -> None:
+    model = tiny_model("gemma2")  # layers alternate a 6-token window and full attention
+    q_width = model.config.num_attention_heads * model.config.head_dim
+    full_layers = model.config.num_hidden_layers // 2
+    # Beyond the window only the full-attention layers grow with context.
+    assert flops_per_token(model, 101) - flops_per_token(model, 100) == 4 * q_width * full_layers
+
+
+def test_random_inputs_are_deterministic_for_a_seed() -> None:
+    assert torch.equal(random_token_ids(2, 8, 300, seed=3), random_token_ids(2, 8, 300, seed=3))
+    assert not torch.equal(random_token_ids(2, 8, 300, seed=3), random_token_ids(2, 8, 300, seed=4))
+
+
+def test_cuda_without_gpu_is_a_clear_error(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EvalError, match="no CUDA GPU.*--device cpu"):
+        benchmark_speed(models[0], device="cuda", **QUICK)
+
+
+@pytest.mark.parametrize("setting, problem", [
+    (dict(device="tpu"), "unknown device 'tpu'; choose one of cpu, cuda"),
+    (dict(dtype="float8"), "unknown dtype 'float8'"),
+    (dict(decode_tokens=1), "decode_tokens must be an integer >= 2"),
+    (dict(repeats=0), "repeats must be"),
+    (dict(decode_batches=(1, 1)), "distinct batch sizes"),
+    (dict(ideal_speedup=2.0), "ideal_speedup needs a baseline"),
+    (dict(use_compile=True, warmup=1), "warmup >= 2"),
+    (dict(prefill_len=4096), "prefill_len needs 4096 positions but the model has 128"),
+])
+def test_bad_settings_are_rejected_before_measuring(models, setting: dict, problem: str) -> None:
+    with pytest.raises(EvalError, match=problem):
+        benchmark_speed(models[0], **(QUICK | setting))
