@@ -8,14 +8,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from prunekit.data.sources import DataError
 from prunekit.export.files import OutputExistsError
 from prunekit.models.architecture import UnsupportedModelError
 from prunekit.models.loading import DEFAULT_MODEL, DTYPES, ModelLoadError
 from prunekit.plan.plan import PlanError
+from prunekit.score import CriterionError
 
 # Errors that are the user's to fix: printed as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, FileNotFoundError,
+    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, FileNotFoundError, DataError, CriterionError,
+    argparse.ArgumentTypeError,
 )
 
 
@@ -77,19 +80,134 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- prune
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _key_values(pairs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"{what} takes KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration data")
+    group.add_argument("--calib", default="c4", help="named set (c4, wikitext2, ptb, alpaca), a .txt or .jsonl[:field] "
+                       "file, or 'self' (text sampled from the model; no data set needed). Default c4")
+    group.add_argument("--calib-samples", type=int, default=128, help="number of sequences (default 128)")
+    group.add_argument("--calib-seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    group.add_argument("--calib-task", default=None,
+                       help="prompt/response pairs (alpaca or a .jsonl with prompt/response): measure the loss on the "
+                       "responses only, to keep what your task needs")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--data-dir", default=None, help="local data sets (default: $PRUNEKIT_DATA_DIR)")
+    group.add_argument("--batch-size", type=int, default=8)
+
+
+def _calibration_settings(args: argparse.Namespace):
+    from prunekit.pipeline import CalibrationSettings
+
+    return CalibrationSettings(source=args.calib, n_samples=args.calib_samples, seq_len=args.calib_seq_len,
+                               seed=args.seed, task=args.calib_task, data_dir=args.data_dir)
+
+
 def _add_prune(parser: argparse.ArgumentParser) -> None:
+    from prunekit.pipeline import PruneSettings
+    from prunekit.plan.planner import ALLOCATIONS, BASES, MOVE_KINDS
+    from prunekit.score import CRITERIA
+
+    defaults = PruneSettings()
     parser.add_argument("model", help="directory, .gguf file, hub id or smollm2-135m")
-    parser.add_argument("--plan", required=True, help="plan JSON file (format: README, 'Plans')")
     parser.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    how = parser.add_mutually_exclusive_group(required=True)
+    how.add_argument("--plan", help="apply this plan JSON file (format: README, 'Plans')")
+    how.add_argument("--target", type=float, help="fraction of --basis to remove, e.g. 0.3")
+    parser.add_argument("--basis", default=defaults.basis, choices=BASES,
+                        help=f"what --target counts (default {defaults.basis} parameters)")
+    parser.add_argument("--criterion", default=defaults.criterion, choices=sorted(CRITERIA),
+                        help=f"importance criterion (default {defaults.criterion})")
+    parser.add_argument("--criterion-option", action="append", metavar="KEY=VALUE",
+                        help="criterion option, e.g. variant=vector (taylor), angular=true (block_influence), "
+                        "kinds=layer,head (sensitivity)")
+    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS,
+                        help=f"how the removal is spread over layers (default {defaults.allocation})")
+    parser.add_argument("--prune-structures", default=",".join(defaults.prune),
+                        help=f"what may be removed, from {','.join(MOVE_KINDS)} (default {','.join(defaults.prune)})")
+    parser.add_argument("--limit", action="append", metavar="KIND=FRACTION",
+                        help="at most this fraction of a kind removed, e.g. head=0.3")
+    parser.add_argument("--ffn-multiple", type=int, default=defaults.ffn_multiple,
+                        help=f"FFN widths are kept at multiples of this (default {defaults.ffn_multiple})")
+    parser.add_argument("--protect-layers", default="", help="layers never pruned, e.g. 0,1")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="reach the target in this many steps, scoring "
+                        "again between them (default 1)")
+    parser.add_argument("--no-compensate", action="store_true", help="skip the least-squares refit of o_proj/down_proj")
+    parser.add_argument("--bias-compensation", action="store_true", help="also add FLAP-style bias compensation (Llama)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and save in")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load, prune and save in")
+    _add_calibration_arguments(parser)
+
+
+def _prune_settings(args: argparse.Namespace):
+    from prunekit.pipeline import PruneSettings
+
+    limits = {}
+    for kind, value in _key_values(args.limit, "--limit").items():
+        try:
+            limits[kind] = float(value)
+        except ValueError:
+            raise PlanError(f"--limit {kind}={value}: the limit must be a fraction such as 0.3") from None
+    try:
+        protect = tuple(int(i) for i in _csv(args.protect_layers))
+    except ValueError:
+        raise PlanError(f"--protect-layers takes layer indices such as 0,1, got {args.protect_layers!r}") from None
+    return PruneSettings(
+        target=args.target, basis=args.basis, criterion=args.criterion,
+        criterion_options=_key_values(args.criterion_option, "--criterion-option"), allocation=args.allocation,
+        prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple, protect_layers=protect,
+        compensate=not args.no_compensate, bias_compensation=args.bias_compensation, steps=args.steps,
+        batch_size=args.batch_size, calibration=_calibration_settings(args),
+    )
 
 
 def _run_prune(args: argparse.Namespace) -> int:
-    from prunekit.api import prune_to_plan
+    if args.plan:
+        from prunekit.api import prune_to_plan
 
-    saved = prune_to_plan(args.model, args.plan, args.out, force=args.force, dtype=args.dtype)
+        saved = prune_to_plan(args.model, args.plan, args.out, force=args.force, dtype=args.dtype)
+    else:
+        from prunekit.pipeline import prune_to_target
+
+        saved = prune_to_target(args.model, args.out, _prune_settings(args), force=args.force, dtype=args.dtype)
     print(f"saved {saved.format} model with {saved.params:,} parameters to {saved.path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- analyze
+def _add_analyze(parser: argparse.ArgumentParser) -> None:
+    from prunekit.score import CRITERIA
+
+    parser.add_argument("model", help="directory, .gguf file, hub id or smollm2-135m")
+    parser.add_argument("--out", required=True, help="directory for scores.json, analysis.md and plots")
+    parser.add_argument("--criterion", default="sensitivity", choices=sorted(CRITERIA), help="default sensitivity")
+    parser.add_argument("--criterion-option", action="append", metavar="KEY=VALUE",
+                        help="e.g. kinds=layer,attention,mlp,kv_group,head,channel channel_group_size=64")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_calibration_arguments(parser)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from prunekit.pipeline import analyze
+
+    report = analyze(args.model, args.out, criterion=args.criterion,
+                     criterion_options=_key_values(args.criterion_option, "--criterion-option"),
+                     calibration=_calibration_settings(args), batch_size=args.batch_size, dtype=args.dtype,
+                     force=args.force)
+    print(f"wrote {report} (scores.json and plots beside it)")
     return 0
 
 
@@ -109,7 +227,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
-    "prune": ("apply a plan and save the smaller dense model", _add_prune, _run_prune),
+    "analyze": ("score every component (sensitivity by default) and write a report with plots", _add_analyze, _run_analyze),
+    "prune": ("prune to a plan or a target and save the smaller dense model", _add_prune, _run_prune),
     "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
 }
 

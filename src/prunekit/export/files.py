@@ -14,6 +14,13 @@ class OutputExistsError(FileExistsError):
     """The output path exists and replacing it was not asked for."""
 
 
+def _default_mode(directory: bool) -> int:
+    """Permissions an ordinary open()/mkdir() would give (mkstemp/mkdtemp make private ones)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -22,6 +29,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -52,6 +60,7 @@ def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()
     check_output_dir(out, force=force, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
     except BaseException:

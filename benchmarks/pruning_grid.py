@@ -1,0 +1,151 @@
+"""Issue-3 benchmark: prune SmolLM2-135M to several ratios with every criterion and allocation,
+with and without compensation, and measure WikiText-2 perplexity.
+
+Protocol (the peers were run on exactly this): calibrate on C4 (128 x 512 tokens, seed 0);
+evaluate on `wiki.test.raw` read as it is, tokenized once without special tokens,
+non-overlapping 512-token windows, remainder dropped, fp32; the grid on every 16th window
+(37 windows; the dense model scores 29.45), the best setting per ratio also on every window.
+Scores are computed once per criterion on the dense model and reused across ratios.
+
+    python benchmarks/pruning_grid.py --out results/grid.json              # whole grid
+    python benchmarks/pruning_grid.py --criteria taylor --ratios 0.2 ...   # a slice
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.compensate import compensate
+from prunekit.data import calibration_tokens
+from prunekit.evaluate.perplexity import perplexity
+from prunekit.export.huggingface import versions
+from prunekit.plan.planner import PlannerSettings, make_plan, removed_fraction
+from prunekit.score import CRITERIA, collect_layer_stats, score_model
+
+# What each criterion may remove: block influence scores layers and sublayers only (ShortGPT).
+STRUCTURES = {name: ("channel", "head", "kv_group") for name in CRITERIA}
+STRUCTURES["block_influence"] = ("layer",)
+CRITERION_OPTIONS = {"sensitivity": {"kinds": ("layer", "attention", "mlp", "kv_group", "head", "channel"),
+                                     "channel_group_size": 64, "removals_per_pass": 8}}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--ratios", default="0.2,0.35,0.5")
+    parser.add_argument("--criteria", default=",".join(sorted(CRITERIA)))
+    parser.add_argument("--allocations", default="uniform,global,adaptive")
+    parser.add_argument("--compensation", default="both", choices=("on", "off", "both"))
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--eval-every", type=int, default=16)
+    parser.add_argument("--full-eval-best", action="store_true", help="evaluate the best run of each ratio on every window")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/pruning_grid.json")
+    parser.add_argument("--tf32-scoring", action="store_true",
+                        help="allow TF32 matmuls while scoring on CUDA (evaluation always runs in full fp32)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    dense, tokenizer = prunekit.load(args.model, dtype="float32")
+    dense.to(device)
+    ids = calibration_tokens("c4", tokenizer, n_samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0,
+                             data_dir=args.data_dir)
+
+    def evaluate(model, every: int) -> dict:
+        result = perplexity(model, tokenizer, dataset="wikitext2", split="test", seq_len=512, window_every=every,
+                            protocol="raw", batch_size=args.batch_size, data_dir=args.data_dir, progress=False)
+        return {"perplexity": round(result.perplexity, 3), "windows": result.n_windows}
+
+    dense_structure = prunekit.model_structure(dense)
+    record = {
+        "command": " ".join(sys.argv), "date": datetime.date.today().isoformat(), "machine": platform.processor() or
+        platform.machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "versions": versions(), "protocol": {"calibration": f"c4 {args.calib_samples}x{args.calib_seq_len} seed 0",
+                                             "eval": f"wikitext2 raw test, 512-token windows, every {args.eval_every}th, fp32"},
+        "dense": evaluate(dense, args.eval_every), "runs": [],
+    }
+    print(f"dense: {record['dense']}", flush=True)
+    t0 = time.perf_counter()
+    stats = collect_layer_stats(dense, ids, batch_size=args.batch_size, with_gram=True, progress=False)
+    stats_seconds = time.perf_counter() - t0
+
+    ratios = [float(r) for r in args.ratios.split(",")]
+    compensations = {"on": [True], "off": [False], "both": [False, True]}[args.compensation]
+    for criterion in args.criteria.split(","):
+        spec = CRITERIA[criterion]
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32_scoring
+        scores = score_model(dense, criterion, ids, stats=stats, batch_size=args.batch_size, progress=False,
+                             **CRITERION_OPTIONS.get(criterion, {}))
+        torch.backends.cuda.matmul.allow_tf32 = False
+        score_seconds = time.perf_counter() - t0 + (stats_seconds if spec.needs_stats else 0)
+        score_memory = peak_memory_mib(device)
+        allocations = ["global"] if criterion == "block_influence" else args.allocations.split(",")
+        for allocation in allocations:
+            for ratio in ratios:
+                settings = PlannerSettings(target=ratio, allocation=allocation, prune=STRUCTURES[criterion])
+                plan = make_plan(dense_structure, scores, settings, comparable=spec.comparable)
+                for compensated in compensations:
+                    t0 = time.perf_counter()
+                    model = copy.deepcopy(dense)
+                    if compensated:
+                        compensate(model, plan, stats)
+                    after = prunekit.apply_plan(model, plan)
+                    prune_seconds = time.perf_counter() - t0
+                    result = evaluate(model, args.eval_every)
+                    run = {
+                        "criterion": criterion, "allocation": allocation, "compensation": compensated, "target": ratio,
+                        "removed_non_embedding": round(removed_fraction(dense_structure, after, "non-embedding"), 4),
+                        **result, "score_seconds": round(score_seconds, 1), "prune_seconds": round(prune_seconds, 1),
+                        "peak_memory_mib": round(max(score_memory, peak_memory_mib(device)), 0),
+                        "layers": after.num_layers, "plan": plan.to_dict(),
+                    }
+                    record["runs"].append(run)
+                    print(f"{criterion:16s} {allocation:9s} comp={compensated!s:5s} r={ratio:.2f} "
+                          f"removed={run['removed_non_embedding']:.3f} ppl={run['perplexity']:.2f}", flush=True)
+                    out.write_text(json.dumps(record, indent=1) + "\n")  # partial results survive a timeout
+                    del model
+
+    if args.full_eval_best:
+        for ratio in ratios:
+            best = min((r for r in record["runs"] if r["target"] == ratio), key=lambda r: r["perplexity"])
+            model = copy.deepcopy(dense)
+            if best["compensation"]:
+                compensate(model, prunekit.Plan.from_dict(best["plan"]), stats)
+            prunekit.apply_plan(model, prunekit.Plan.from_dict(best["plan"]))
+            best["full_eval"] = evaluate(model, 1)
+            print(f"best at {ratio}: {best['criterion']} {best['allocation']} comp={best['compensation']} "
+                  f"every window: {best['full_eval']}", flush=True)
+        record["dense_full_eval"] = evaluate(dense, 1)
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

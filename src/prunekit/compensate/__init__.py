@@ -1,0 +1,20 @@
+"""Training-free compensation: refit what a pruned sublayer keeps so that it reproduces the
+original sublayer's output on calibration data. Runs on the unpruned model, before surgery:
+
+    stats = collect_layer_stats(model, ids, with_gram=True)
+    report = compensate(model, plan, stats)       # refits o_proj / down_proj columns in place
+    apply_plan(model, plan)                        # then cuts the removed columns
+"""
+from prunekit.compensate.bias import BIAS_FLAGS, CompensationError, mean_replacement_bias
+from prunekit.compensate.least_squares import (
+    DEFAULT_RIDGE,
+    CompensationReport,
+    ProjectionFit,
+    augment_gram,
+    compensate,
+    reconstruction_error,
+    refit_kept_columns,
+)
+
+__all__ = ["BIAS_FLAGS", "DEFAULT_RIDGE", "CompensationError", "CompensationReport", "ProjectionFit", "augment_gram",
+           "compensate", "mean_replacement_bias", "reconstruction_error", "refit_kept_columns"]

@@ -1,0 +1,215 @@
+"""The pruning pipeline as plain functions: calibrate -> score -> plan -> compensate -> cut.
+
+`prune_to_target` is what `prunekit prune --target` runs; `analyze` is `prunekit analyze`.
+Every setting is validated before a model is loaded.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
+from prunekit.export.files import check_output_dir
+from prunekit.export.huggingface import SavedModel, save_model
+from prunekit.models.loading import load, load_skeleton, resolve_model_source
+from prunekit.models.structure import ModelStructure, model_structure
+from prunekit.plan.plan import Plan, PlanError
+from prunekit.plan.planner import PlannerSettings, make_plan, max_removable_fraction, removed_fraction
+from prunekit.prune.surgery import apply_plan
+from prunekit.score import Scores, collect_layer_stats, get_criterion, score_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    source: str = "c4"            # named set, .txt / .jsonl[:field] path, or "self" (text sampled from the model)
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    task: str | None = None       # prompt/response pairs (alpaca or .jsonl): the loss is on the responses only
+    data_dir: str | None = None
+
+    def validate(self) -> None:
+        for name in ("n_samples", "seq_len"):
+            if getattr(self, name) < 1:
+                raise DataError(f"calibration {name} must be at least 1, got {getattr(self, name)}")
+        for spec in filter(None, (self.source, self.task)):
+            path = Path(spec.split(":")[0]) if spec.endswith((".txt", ".jsonl")) or ".jsonl:" in spec else None
+            if path is not None:
+                if not path.is_file():
+                    raise DataError(f"calibration file {path} does not exist; pass an existing .txt or .jsonl file")
+            elif spec not in NAMED_SOURCES and spec != SELF_SOURCE:
+                raise DataError(f"unknown calibration source {spec!r}; use one of {sorted(NAMED_SOURCES) + [SELF_SOURCE]} "
+                                f"or a .txt / .jsonl[:field] file")
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    target: float = 0.3
+    basis: str = "non-embedding"
+    criterion: str = "taylor"
+    criterion_options: dict = field(default_factory=dict)
+    allocation: str = "adaptive"
+    prune: tuple[str, ...] = ("channel", "head", "kv_group")
+    limits: dict[str, float] = field(default_factory=dict)
+    ffn_multiple: int = 64
+    protect_layers: tuple[int, ...] = ()
+    compensate: bool = True
+    bias_compensation: bool = False
+    ridge: float = 1e-3
+    steps: int = 1                # iterative pruning: reach the target in this many steps, scoring again in between
+    batch_size: int = 8
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    def planner_settings(self, target: float | None = None) -> PlannerSettings:
+        return PlannerSettings(
+            target=self.target if target is None else target, basis=self.basis, allocation=self.allocation,
+            prune=tuple(self.prune), limits=dict(self.limits), ffn_multiple=self.ffn_multiple,
+            protect_layers=tuple(self.protect_layers),
+        )
+
+    def validate(self) -> None:
+        """Everything that can be checked without a model."""
+        self.planner_settings().validate()
+        criterion = get_criterion(self.criterion)
+        criterion.check_options(self.criterion_options)
+        missing = set(self.prune) - set(criterion.kinds)
+        if self.criterion == "sensitivity":
+            measured = criterion.check_options(self.criterion_options)["kinds"]
+            missing = set(self.prune) - set(measured)
+        if missing:
+            raise PlanError(f"criterion {self.criterion!r} does not score {sorted(missing)}; choose structures it scores "
+                            f"({sorted(criterion.kinds)}) or another criterion")
+        if self.steps < 1:
+            raise PlanError(f"steps must be at least 1, got {self.steps}")
+        if criterion.needs_data or self.compensate:
+            self.calibration.validate()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibration_batch(model: nn.Module, tokenizer, calibration: CalibrationSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration token ids [n, seq_len], and labels when the loss is restricted to task responses."""
+    if tokenizer is None:
+        raise DataError("this model has no tokenizer, so calibration text cannot be tokenized; save one with the model")
+    if calibration.task:
+        pairs = load_pairs(calibration.task, data_dir=calibration.data_dir)[: calibration.n_samples]
+        return task_tokens(pairs, tokenizer, seq_len=calibration.seq_len)
+    ids = calibration_tokens(calibration.source, tokenizer, n_samples=calibration.n_samples, seq_len=calibration.seq_len,
+                             seed=calibration.seed, data_dir=calibration.data_dir, model=model)
+    return ids, None
+
+
+def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple[Scores, list | None]:
+    criterion = get_criterion(settings.criterion)
+    stats = None
+    if criterion.needs_stats or settings.compensate:
+        stats = collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=settings.compensate, progress=progress)
+    scores = score_model(model, settings.criterion, ids, labels, stats=stats, batch_size=settings.batch_size,
+                         progress=progress, **settings.criterion_options)
+    return scores, stats
+
+
+def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
+                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict:
+    """Score, plan, compensate and cut `model` in place; returns a record of what was done."""
+    settings.validate()
+    original = model_structure(model)
+    ids, labels = calibration if calibration is not None else (None, None)
+    if ids is None and (get_criterion(settings.criterion).needs_data or settings.compensate):
+        ids, labels = calibration_batch(model, tokenizer, settings.calibration)
+    base = _basis_value(original, settings.basis)
+    record = {"settings": settings.to_dict(), "steps": [], "scores": None}
+    for step in range(1, settings.steps + 1):
+        started = time.perf_counter()
+        current = model_structure(model)
+        # Each step removes its share of the ORIGINAL basis: step s ends at s/steps of the target.
+        goal_left = base * (1 - settings.target * step / settings.steps)
+        step_target = 1 - goal_left / _basis_value(current, settings.basis)
+        if step_target <= 0:
+            continue
+        scores, stats = _score(model, ids, labels, settings, progress)
+        plan = make_plan(current, scores, settings.planner_settings(step_target),
+                         comparable=get_criterion(settings.criterion).comparable)
+        compensation = None
+        if settings.compensate:
+            from prunekit.compensate import compensate
+
+            compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
+        after = apply_plan(model, plan)
+        record["steps"].append({
+            "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
+            "removed": removed_fraction(original, after, settings.basis),
+            "compensation": compensation.to_dict() if hasattr(compensation, "to_dict") else compensation,
+        })
+        record["scores"] = scores
+    final = model_structure(model)
+    record["removed"] = {b: round(removed_fraction(original, final, b), 6) for b in ("non-embedding", "total", "flops", "kv-cache")}
+    record["params"] = {"before": original.total_params, "after": final.total_params,
+                        "non_embedding_before": original.non_embedding_params, "non_embedding_after": final.non_embedding_params}
+    return record
+
+
+def _basis_value(structure: ModelStructure, basis: str) -> float:
+    return {"non-embedding": structure.non_embedding_params, "total": structure.total_params,
+            "flops": structure.flops_per_token(), "kv-cache": structure.kv_cache_bytes_per_token()}[basis]
+
+
+def check_reachable(structure: ModelStructure, settings: PruneSettings) -> None:
+    reachable = max_removable_fraction(structure, settings.planner_settings())
+    if settings.target > reachable + 1e-9:
+        raise PlanError(f"target {settings.target} of {settings.basis} is out of reach for {list(settings.prune)} under the "
+                        f"limits {settings.limits or 'none'}: at most {reachable:.3f} can be removed; lower the target or "
+                        f"allow more structures")
+
+
+def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings, *, force: bool = False,
+                    dtype: str = "float32", progress: bool = True) -> SavedModel:
+    """Load, score, plan, compensate, cut and save. Settings, output path and the reachability of
+    the target are checked before the weights are loaded."""
+    settings.validate()
+    source = resolve_model_source(model)
+    check_output_dir(Path(out), force=force, protected=source.local_paths)
+    check_reachable(model_structure(load_skeleton(source)), settings)
+    loaded, tokenizer = load(model, dtype=dtype)
+    record = prune_loaded(loaded, tokenizer, settings, progress=progress)
+    plans = [s["plan"] for s in record["steps"]]
+    return save_model(
+        loaded, tokenizer, out, plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None, source=str(model),
+        protected=source.local_paths, force=force,
+        extra_provenance={"pruning": {k: v for k, v in record.items() if k != "scores"}},
+    )
+
+
+def analyze(model: str | Path, out_dir: str | Path, *, criterion: str = "sensitivity", criterion_options: dict | None = None,
+            calibration: CalibrationSettings = CalibrationSettings(), batch_size: int = 8, dtype: str = "float32",
+            force: bool = False, progress: bool = True) -> Path:
+    """Score every component and write scores.json, plots and analysis.md into `out_dir`."""
+    settings = PruneSettings(criterion=criterion, criterion_options=criterion_options or {}, calibration=calibration,
+                             compensate=False, batch_size=batch_size)
+    get_criterion(criterion).check_options(settings.criterion_options)
+    if get_criterion(criterion).needs_data:
+        calibration.validate()
+    source = resolve_model_source(model)
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, force=force, protected=source.local_paths)
+    loaded, tokenizer = load(model, dtype=dtype)
+    ids, labels = calibration_batch(loaded, tokenizer, calibration) if get_criterion(criterion).needs_data else (None, None)
+    started = time.perf_counter()
+    scores, _ = _score(loaded, ids, labels, settings, progress)
+    scores.meta.setdefault("cost", {})["seconds_total"] = round(time.perf_counter() - started, 1)
+    from prunekit.export.files import atomic_directory
+    from prunekit.report.analysis import write_analysis_report
+
+    with atomic_directory(out_dir, force=force, protected=source.local_paths) as tmp:
+        scores.save(tmp / "scores.json")
+        write_analysis_report(scores, model_structure(loaded), tmp, title=f"{criterion} analysis of {model}",
+                              calibration={**asdict(calibration), "tokens": int(ids.numel()) if ids is not None else 0})
+    return out_dir / "analysis.md"

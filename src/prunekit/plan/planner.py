@@ -1,0 +1,417 @@
+"""From scores to a plan: remove the least important structures until a target is met.
+
+Moves, each removing one unit of structure from a layer (or from every layer, for `uniform`):
+    channel   - the `ffn_multiple` lowest-scored FFN channels (widths stay multiples of it)
+    head      - the lowest-scored query head of every kept KV group (GQA stays balanced)
+    kv_group  - the lowest-scored KV group with its query heads
+    attention / mlp - the whole sublayer;  layer - the whole decoder layer
+A move costs the damage its scores predict and buys a reduction of the target basis (params,
+FLOPs or KV cache). The greedy loop takes the move with the least damage per unit bought.
+Allocation decides the scope of a move: `global` ranks moves across all layers, `uniform`
+applies each width move to every layer at once (the result exports as a stock model),
+`adaptive` first gives each layer a budget from its importance (less important layers lose
+more, in the spirit of OWL / Adapt-Pruner), then fills each budget with the layer's best moves.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from prunekit.models.structure import LayerShape, ModelStructure
+from prunekit.plan.plan import LayerPlan, Plan, PlanError, structure_signature
+from prunekit.score.scores import Scores
+
+BASES = ("non-embedding", "total", "flops", "kv-cache")
+ALLOCATIONS = ("uniform", "global", "adaptive")
+MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer")
+WIDTH_KINDS = ("channel", "head", "kv_group")
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    target: float                          # fraction of the basis to remove, in (0, 1)
+    basis: str = "non-embedding"
+    allocation: str = "global"
+    prune: tuple[str, ...] = ("channel", "head", "kv_group")
+    limits: dict[str, float] = field(default_factory=dict)   # kind -> max fraction of its units removed
+    ffn_multiple: int = 64
+    protect_layers: tuple[int, ...] = ()
+    adaptive_strength: float = 0.5         # how far layer budgets spread around the target (0 = uniform)
+    flops_seq_len: int = 2048
+
+    def validate(self) -> None:
+        if not 0 < self.target < 1:
+            raise PlanError(f"target {self.target} must be a fraction in (0, 1), e.g. 0.3 for 30% removed")
+        if self.basis not in BASES:
+            raise PlanError(f"unknown basis {self.basis!r}; choose one of {list(BASES)}")
+        if self.allocation not in ALLOCATIONS:
+            raise PlanError(f"unknown allocation {self.allocation!r}; choose one of {list(ALLOCATIONS)}")
+        unknown = set(self.prune) - set(MOVE_KINDS)
+        if unknown or not self.prune:
+            raise PlanError(f"unknown structures to prune {sorted(unknown)}; choose from {list(MOVE_KINDS)}")
+        bad_limits = set(self.limits) - set(MOVE_KINDS)
+        if bad_limits:
+            raise PlanError(f"limits name unknown structures {sorted(bad_limits)}; choose from {list(MOVE_KINDS)}")
+        for kind, limit in self.limits.items():
+            if not 0 <= limit <= 1:
+                raise PlanError(f"limit for {kind} is {limit}; a limit is a fraction in [0, 1]")
+        if self.ffn_multiple < 1:
+            raise PlanError(f"ffn_multiple must be at least 1, got {self.ffn_multiple}")
+        if self.allocation == "uniform" and {"attention", "mlp"} & set(self.prune):
+            raise PlanError("uniform allocation keeps every layer alike, so it cannot remove single sublayers; "
+                            "use global or adaptive allocation, or prune layers instead")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- state
+@dataclass
+class _LayerState:
+    index: int
+    groups: list[int]                 # kept KV groups, least important first
+    heads_by_group: dict[int, list[int]]   # kept query heads of each group, least important first
+    channels: list[int]               # kept channels, least important first
+    attention: bool
+    mlp: bool
+    dropped: bool = False
+    damage: dict[str, float] = field(default_factory=lambda: {"attention": 0.0, "mlp": 0.0})
+
+    def shape(self) -> LayerShape:
+        if self.dropped:
+            return LayerShape(0, 0, 0)
+        heads = sum(len(self.heads_by_group[g]) for g in self.groups) if self.attention else 0
+        return LayerShape(heads, len(self.groups) if self.attention else 0, len(self.channels) if self.mlp else 0)
+
+
+def _order(values: torch.Tensor, units: range | list[int]) -> list[int]:
+    """Units sorted from least to most important (ties broken by index, so plans are deterministic)."""
+    return sorted(units, key=lambda u: (float(values[u]), u))
+
+
+class _Planner:
+    def __init__(self, structure: ModelStructure, scores: Scores, settings: PlannerSettings, comparable: bool):
+        self.structure, self.scores, self.settings = structure, scores, settings
+        self.layers: list[_LayerState] = []
+        for i, shape in enumerate(structure.layers):
+            per_group = shape.heads_per_group
+            head_scores = self._unit_scores("head", i, shape.num_attention_heads)
+            group_scores = self._unit_scores("kv_group", i, shape.num_key_value_heads)
+            self.layers.append(_LayerState(
+                index=i,
+                groups=_order(group_scores, range(shape.num_key_value_heads)),
+                heads_by_group={g: _order(head_scores, range(g * per_group, (g + 1) * per_group))
+                                for g in range(shape.num_key_value_heads)},
+                channels=_order(self._unit_scores("channel", i, shape.intermediate_size), range(shape.intermediate_size)),
+                attention=shape.num_attention_heads > 0,
+                mlp=shape.intermediate_size > 0,
+            ))
+        self.removed_units = {k: 0 for k in MOVE_KINDS}
+        self.total_units = self._count_units()
+        self.scale = {k: 1.0 for k in MOVE_KINDS} if comparable else self._normalizers()
+
+    # --- scores
+    def _unit_scores(self, kind: str, layer: int, size: int) -> torch.Tensor:
+        if self.scores.has(kind) and len(self.scores.values[kind]) > layer and self.scores.values[kind][layer].numel() == size:
+            return self.scores.values[kind][layer].double()
+        return torch.zeros(size, dtype=torch.float64)
+
+    def _layer_score(self, kind: str, layer: int) -> float:
+        return float(self.scores.values[kind][layer]) if self.scores.has(kind) else 0.0
+
+    def _count_units(self) -> dict[str, int]:
+        shapes = self.structure.layers
+        return {
+            "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
+            "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
+            "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
+        }
+
+    def _normalizers(self) -> dict[str, float]:
+        """Criteria whose kinds are in different units (weight norms, activations) are put on one
+        scale: each kind's mean damage per unit of basis becomes 1."""
+        scale = {}
+        for kind in MOVE_KINDS:
+            damages, costs = [], []
+            for state in self.layers:
+                for move in self._moves_in_layer(state, kinds=(kind,), ignore_limits=True):
+                    damages.append(move[1])
+                    costs.append(move[2])
+            total_damage = sum(abs(d) for d in damages)
+            scale[kind] = (sum(costs) / total_damage) if total_damage > 0 else 1.0
+        return scale
+
+    # --- basis
+    def _layer_basis(self, i: int, shape: LayerShape) -> float:
+        s = self.structure
+        if shape == LayerShape(0, 0, 0):
+            return 0.0
+        basis = self.settings.basis
+        if basis in ("non-embedding", "total"):
+            return s.layer_costs[i].params(shape)
+        if basis == "flops":
+            attended = (self.settings.flops_seq_len + 1) / 2
+            if s.sliding_window and s.layer_types and s.layer_types[i] == "sliding_attention":
+                attended = min(attended, s.sliding_window)
+            return 2 * s.layer_costs[i].params(shape) + 4 * shape.num_attention_heads * s.head_dim * attended
+        return 2 * shape.num_key_value_heads * s.head_dim * 2 if shape.num_attention_heads else 0.0
+
+    def basis_total(self, shapes: list[LayerShape] | None = None) -> float:
+        s = self.structure
+        shapes = shapes or list(s.layers)
+        layers = sum(self._layer_basis(i, shape) for i, shape in enumerate(shapes))
+        constant = {"non-embedding": s.other_params, "total": s.other_params + s.embedding_params,
+                    "flops": 2 * s.vocab_size * s.hidden_size, "kv-cache": 0}[self.settings.basis]
+        return layers + constant
+
+    # --- moves: (kind, damage, basis bought, layer, apply)
+    def _allowed(self, kind: str, count: int, ignore_limits: bool) -> bool:
+        if kind not in self.settings.prune and not ignore_limits:
+            return False
+        limit = self.settings.limits.get(kind)
+        return ignore_limits or limit is None or self.removed_units[kind] + count <= limit * self.total_units[kind] + 1e-9
+
+    def _moves_in_layer(self, state: _LayerState, kinds=MOVE_KINDS, ignore_limits=False):
+        i = state.index
+        if state.dropped or i in self.settings.protect_layers:
+            return
+        before = state.shape()
+        here = self._layer_basis(i, before)
+
+        def bought(shape: LayerShape) -> float:
+            return here - self._layer_basis(i, shape)
+
+        m = self.settings.ffn_multiple
+        if "channel" in kinds and state.mlp and len(state.channels) > m:
+            keep = (len(state.channels) - 1) // m * m
+            cut = state.channels[:len(state.channels) - keep]
+            if self._allowed("channel", len(cut), ignore_limits):
+                damage = float(self._unit_scores("channel", i, self.structure.layers[i].intermediate_size)[cut].sum())
+                yield ("channel", damage, bought(replace(before, intermediate_size=keep)), i, len(cut))
+        if state.attention:
+            per_group = len(state.heads_by_group[state.groups[0]])
+            if "head" in kinds and per_group > 1 and self._allowed("head", len(state.groups), ignore_limits):
+                heads = [state.heads_by_group[g][0] for g in state.groups]
+                damage = float(self._unit_scores("head", i, self.structure.layers[i].num_attention_heads)[heads].sum())
+                shape = replace(before, num_attention_heads=before.num_attention_heads - len(state.groups))
+                yield ("head", damage, bought(shape), i, len(state.groups))
+            if "kv_group" in kinds and len(state.groups) > 1 and self._allowed("kv_group", 1, ignore_limits):
+                g = state.groups[0]
+                damage = float(self._unit_scores("kv_group", i, self.structure.layers[i].num_key_value_heads)[g])
+                shape = replace(before, num_attention_heads=before.num_attention_heads - per_group,
+                                num_key_value_heads=before.num_key_value_heads - 1)
+                yield ("kv_group", damage, bought(shape), i, 1)
+            if "attention" in kinds and state.mlp and self._allowed("attention", 1, ignore_limits):
+                damage = max(self._layer_score("attention", i) - state.damage["attention"], 0.0)
+                yield ("attention", damage, bought(replace(before, num_attention_heads=0, num_key_value_heads=0)), i, 1)
+        if "mlp" in kinds and state.mlp and state.attention and self._allowed("mlp", 1, ignore_limits):
+            damage = max(self._layer_score("mlp", i) - state.damage["mlp"], 0.0)
+            yield ("mlp", damage, bought(replace(before, intermediate_size=0)), i, 1)
+        alive = sum(not s.dropped for s in self.layers)
+        if "layer" in kinds and alive > 1 and self._allowed("layer", 1, ignore_limits):
+            damage = max(self._layer_score("layer", i) - state.damage["attention"] - state.damage["mlp"], 0.0)
+            yield ("layer", damage, here, i, 1)
+
+    def apply(self, move: tuple) -> None:
+        kind, damage, _, layer, count = move
+        state = self.layers[layer]
+        self.removed_units[kind] += count
+        if kind == "channel":
+            state.channels = state.channels[count:]
+            state.damage["mlp"] += damage
+        elif kind == "head":
+            for g in state.groups:
+                state.heads_by_group[g] = state.heads_by_group[g][1:]
+            state.damage["attention"] += damage
+        elif kind == "kv_group":
+            state.groups = state.groups[1:]
+            state.damage["attention"] += damage
+        elif kind == "attention":
+            state.attention = False
+        elif kind == "mlp":
+            state.mlp = False
+        elif kind == "layer":
+            state.dropped = True
+
+    def shapes(self) -> list[LayerShape]:
+        return [s.shape() for s in self.layers]
+
+
+# ----------------------------------------------------------------------------- allocation
+def _greedy(planner: _Planner, goal: float, layers: list[int] | None = None, kinds=MOVE_KINDS,
+            overshoot: bool = True) -> None:
+    """Take the cheapest move (damage per basis bought) until `goal` of basis is removed.
+    Without `overshoot`, stop before a move would pass the goal (a budget to fill from below)."""
+    start = planner.basis_total(planner.shapes())
+    scope = layers if layers is not None else range(len(planner.layers))
+    while (removed := start - planner.basis_total(planner.shapes())) < goal:
+        moves = [mv for i in scope for mv in planner._moves_in_layer(planner.layers[i], kinds=kinds) if mv[2] > 0]
+        if not moves:
+            return
+        best = min(moves, key=lambda mv: (planner.scale[mv[0]] * mv[1] / mv[2], mv[3], mv[0]))
+        if not overshoot and removed + best[2] > goal:
+            return
+        planner.apply(best)
+
+
+def _uniform(planner: _Planner, goal: float) -> None:
+    """Width moves applied to every layer at once; layer drops ranked like global moves."""
+    start = planner.basis_total(planner.shapes())
+    while start - planner.basis_total(planner.shapes()) < goal:
+        options = []
+        for kind in ("channel", "head", "kv_group"):
+            per_layer = [next(planner._moves_in_layer(s, kinds=(kind,)), None) for s in planner.layers
+                         if not s.dropped and s.index not in planner.settings.protect_layers]
+            if per_layer and all(mv is not None for mv in per_layer):
+                damage, gained = sum(mv[1] for mv in per_layer), sum(mv[2] for mv in per_layer)
+                if gained > 0:
+                    options.append((planner.scale[kind] * damage / gained, kind, per_layer))
+        for state in planner.layers:
+            mv = next(planner._moves_in_layer(state, kinds=("layer",)), None)
+            if mv and mv[2] > 0:
+                options.append((planner.scale["layer"] * mv[1] / mv[2], "layer", [mv]))
+        if not options:
+            return
+        _, _, moves = min(options, key=lambda o: (o[0], o[1]))
+        for mv in moves:
+            planner.apply(mv)
+
+
+def layer_importance(scores: Scores, structure: ModelStructure) -> torch.Tensor:
+    """One importance per layer: the layer score where the criterion has one, else the sum of
+    its unit scores."""
+    if scores.has("layer"):
+        return scores.layer_values("layer").double()
+    totals = torch.zeros(structure.num_layers, dtype=torch.float64)
+    for kind in ("channel", "head"):
+        if scores.has(kind):
+            totals += torch.stack([v.double().sum() for v in scores.values[kind]])
+    return totals
+
+
+def adaptive_budgets(importance: torch.Tensor, target: float, strength: float, weights: torch.Tensor) -> torch.Tensor:
+    """Per-layer removal fractions around `target`: the least important layer loses
+    target * (1 + strength), the most important target * (1 - strength) (by rank, robust to the
+    huge spread of layer scores), rescaled so that the weighted mean is the target."""
+    n = len(importance)
+    if n == 1:
+        return torch.tensor([target], dtype=torch.float64)
+    ranks = torch.empty(n, dtype=torch.float64)
+    ranks[torch.argsort(importance, stable=True)] = torch.arange(n, dtype=torch.float64) / (n - 1)  # 0 = least important
+    ratios = target * (1 + strength * (1 - 2 * ranks))
+    for _ in range(50):
+        ratios = ratios.clamp(0, 0.95)
+        mean = (ratios * weights).sum() / weights.sum()
+        if abs(mean - target) < 1e-6 or mean == 0:
+            break
+        ratios = ratios * target / mean
+    return ratios.clamp(0, 0.95)
+
+
+def _adaptive(planner: _Planner, goal: float) -> None:
+    s = planner.structure
+    importance = layer_importance(planner.scores, s)
+    weights = torch.tensor([planner._layer_basis(i, shape) for i, shape in enumerate(s.layers)], dtype=torch.float64)
+    budgets = adaptive_budgets(importance, goal / max(float(weights.sum()), 1.0), planner.settings.adaptive_strength, weights)
+    width = tuple(k for k in planner.settings.prune if k in WIDTH_KINDS)
+    for i in range(s.num_layers):
+        if i not in planner.settings.protect_layers:
+            _greedy(planner, float(budgets[i] * weights[i]), layers=[i], kinds=width, overshoot=False)
+    # Budgets are filled from below; the last bit goes to the layers with the largest budgets.
+    start = planner.basis_total(list(s.layers))
+    for i in sorted(range(s.num_layers), key=lambda i: (-float(budgets[i]), i)):
+        remaining = goal - (start - planner.basis_total(planner.shapes()))
+        if remaining <= 0:
+            return
+        if i not in planner.settings.protect_layers:
+            _greedy(planner, remaining, layers=[i], kinds=width)
+    remaining = goal - (start - planner.basis_total(planner.shapes()))
+    if remaining > 0:
+        _greedy(planner, remaining)
+
+
+ALLOCATORS = {"uniform": _uniform, "global": _greedy, "adaptive": _adaptive}
+
+
+# ----------------------------------------------------------------------------- entry points
+def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettings, *, comparable: bool = True) -> Plan:
+    """The plan that removes `settings.target` of the basis with the least predicted damage.
+
+    `comparable` says whether the criterion's kinds share a unit (loss-based criteria: taylor,
+    sensitivity); otherwise each kind is normalised before kinds compete.
+    """
+    settings.validate()
+    missing = [k for k in settings.prune if not scores.has(k)]
+    if missing:
+        raise PlanError(
+            f"the {scores.criterion} scores have no values for {missing}; score them (another criterion or "
+            f"--kinds) or prune only {[k for k in settings.prune if scores.has(k)]}"
+        )
+    reachable = max_removable_fraction(structure, settings)
+    if settings.target > reachable + 1e-9:
+        raise PlanError(
+            f"target {settings.target:.3f} of {settings.basis} cannot be reached by pruning {list(settings.prune)} "
+            f"under the limits {settings.limits or 'none'} (at most {reachable:.3f}); lower the target or allow more "
+            f"structures"
+        )
+    planner = _Planner(structure, scores, settings, comparable)
+    total = planner.basis_total()
+    ALLOCATORS[settings.allocation](planner, settings.target * total)
+    achieved = 1 - planner.basis_total(planner.shapes()) / total
+    return _to_plan(planner, structure, settings, scores, achieved)
+
+
+def max_removable_fraction(structure: ModelStructure, settings: PlannerSettings) -> float:
+    """The most of the basis that the allowed moves and limits can remove (no scores needed)."""
+    zeros = Scores("none", {k: [torch.zeros(n) for n in _unit_counts(structure, k)] for k in MOVE_KINDS})
+    probe = replace(settings, target=0.5)
+    planner = _Planner(structure, zeros, probe, comparable=True)
+    total = planner.basis_total()
+    ALLOCATORS["uniform" if settings.allocation == "uniform" else "global"](planner, total)
+    return 1 - planner.basis_total(planner.shapes()) / total
+
+
+def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
+    return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads}.get(kind, 1)
+            for s in structure.layers]
+
+
+def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSettings, scores: Scores, achieved: float) -> Plan:
+    layers: dict[int, LayerPlan] = {}
+    dropped = []
+    for state, original in zip(planner.layers, structure.layers):
+        if state.dropped:
+            dropped.append(state.index)
+            continue
+        entry = {}
+        if not state.attention and original.num_attention_heads:
+            entry["drop_attention"] = True
+        elif state.shape().num_attention_heads != original.num_attention_heads:
+            entry["keep_kv_groups"] = tuple(sorted(state.groups))
+            entry["keep_query_heads"] = tuple(sorted(h for g in state.groups for h in state.heads_by_group[g]))
+        if not state.mlp and original.intermediate_size:
+            entry["drop_mlp"] = True
+        elif len(state.channels) != original.intermediate_size:
+            entry["keep_channels"] = tuple(sorted(state.channels))
+        if entry:
+            layers[state.index] = LayerPlan(**entry)
+    return Plan(
+        layers=layers,
+        drop_layers=tuple(dropped),
+        model=structure_signature(structure),
+        meta={"criterion": scores.criterion, "criterion_meta": scores.meta.get("variant") or scores.meta.get("angular"),
+              "settings": settings.to_dict(), "achieved": round(achieved, 6)},
+    )
+
+
+def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, seq_len: int = 2048) -> float:
+    value = {
+        "non-embedding": lambda s: s.non_embedding_params, "total": lambda s: s.total_params,
+        "flops": lambda s: s.flops_per_token(seq_len), "kv-cache": lambda s: s.kv_cache_bytes_per_token(),
+    }[basis]
+    return 1 - value(after) / value(before)
+
+
+__all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "PlannerSettings", "adaptive_budgets", "layer_importance",
+           "make_plan", "max_removable_fraction", "removed_fraction"]

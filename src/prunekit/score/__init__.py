@@ -1,0 +1,141 @@
+"""Criteria: how important each prunable component is. Each criterion is one registered
+function from a model (and calibration tokens) to Scores; `score_model` is the entry point."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunekit.score.criteria import (
+    activation_scores,
+    block_influence_scores,
+    fluctuation_scores,
+    magnitude_scores,
+    random_scores,
+)
+from prunekit.score.scores import KINDS, Scores
+from prunekit.score.sensitivity import DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS, sensitivity_scores
+from prunekit.score.statistics import LayerStats, collect_layer_stats
+from prunekit.score.taylor import TAYLOR_VARIANTS, taylor_scores
+
+
+class CriterionError(ValueError):
+    """An unknown criterion or option, caught before any model is loaded."""
+
+
+@dataclass(frozen=True)
+class Criterion:
+    name: str
+    compute: Callable[..., Scores]     # (model, input_ids, labels, stats, batch_size, progress, **options)
+    kinds: tuple[str, ...]             # the kinds it scores
+    needs_data: bool
+    needs_stats: bool                  # uses the statistics of one calibration pass
+    comparable: bool                   # all kinds in one unit (loss), so heads and channels can compete directly
+    # name -> (type, default, allowed values or None); a tuple option takes a subset of its allowed values
+    options: dict[str, tuple[type, object, tuple | None]] = field(default_factory=dict)
+    description: str = ""
+
+    def check_options(self, options: dict) -> dict:
+        unknown = set(options) - set(self.options)
+        if unknown:
+            raise CriterionError(
+                f"criterion {self.name!r} has no options {sorted(unknown)}; its options are {sorted(self.options) or 'none'}"
+            )
+        checked = {name: default for name, (_, default, _) in self.options.items()}
+        for name, value in options.items():
+            kind, _, allowed = self.options[name]
+            if kind is tuple:
+                value = tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+            elif kind is bool and isinstance(value, str):
+                value = value.lower() in ("1", "true", "yes")
+            else:
+                try:
+                    value = kind(value)
+                except (TypeError, ValueError):
+                    raise CriterionError(f"option {name} of {self.name} must be {kind.__name__}, got {value!r}") from None
+            outside = (set(value) if kind is tuple else {value}) - set(allowed or ()) if allowed else set()
+            if outside:
+                raise CriterionError(f"option {name} of {self.name} does not take {sorted(outside)}; "
+                                     f"choose from {list(allowed)}")
+            checked[name] = value
+        return checked
+
+
+CRITERIA: dict[str, Criterion] = {}
+
+
+def register_criterion(criterion: Criterion) -> Criterion:
+    if criterion.name in CRITERIA:
+        raise ValueError(f"criterion {criterion.name!r} is registered twice")
+    bad = set(criterion.kinds) - set(KINDS)
+    if bad:
+        raise ValueError(f"criterion {criterion.name!r} names unknown kinds {sorted(bad)}")
+    CRITERIA[criterion.name] = criterion
+    return criterion
+
+
+def get_criterion(name: str) -> Criterion:
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise CriterionError(f"unknown criterion {name!r}; choose one of {sorted(CRITERIA)}") from None
+
+
+register_criterion(Criterion(
+    "magnitude", lambda model, ids, labels, stats, batch_size, progress: magnitude_scores(model),
+    KINDS, needs_data=False, needs_stats=False, comparable=False,
+    description="L2 norm of each component's weights (baseline)"))
+register_criterion(Criterion(
+    "random", lambda model, ids, labels, stats, batch_size, progress, seed: random_scores(model, seed),
+    KINDS, needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
+    description="uniform random scores (baseline)"))
+register_criterion(Criterion(
+    "activation", lambda model, ids, labels, stats, batch_size, progress: activation_scores(model, stats),
+    KINDS, needs_data=True, needs_stats=True, comparable=False,
+    description="|W| x input norm on the consuming projection (Wanda-sp, Minitron)"))
+register_criterion(Criterion(
+    "fluctuation", lambda model, ids, labels, stats, batch_size, progress: fluctuation_scores(model, stats),
+    KINDS, needs_data=True, needs_stats=True, comparable=False,
+    description="input-feature variance x squared weight column norm (FLAP)"))
+register_criterion(Criterion(
+    "block_influence",
+    lambda model, ids, labels, stats, batch_size, progress, angular: block_influence_scores(stats, angular=angular),
+    ("layer", "attention", "mlp"), needs_data=True, needs_stats=True, comparable=False,
+    options={"angular": (bool, False, None)},
+    description="1 - cos(x_in, x_out) of layers and sublayers (ShortGPT); angular distance with angular=true"))
+register_criterion(Criterion(
+    "taylor",
+    lambda model, ids, labels, stats, batch_size, progress, variant: taylor_scores(
+        model, ids, labels, variant=variant, batch_size=batch_size, progress=progress),
+    KINDS, needs_data=True, needs_stats=False, comparable=True, options={"variant": (str, "element", TAYLOR_VARIANTS)},
+    description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise"))
+register_criterion(Criterion(
+    "sensitivity",
+    lambda model, ids, labels, stats, batch_size, progress, kinds, channel_group_size, removals_per_pass: sensitivity_scores(
+        model, ids, labels, kinds=kinds, channel_group_size=channel_group_size, batch_size=batch_size,
+        removals_per_pass=removals_per_pass, progress=progress),
+    SENSITIVITY_KINDS, needs_data=True, needs_stats=False, comparable=True,
+    options={"kinds": (tuple, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS), "channel_group_size": (int, 64, None),
+             "removals_per_pass": (int, 4, None)},
+    description="measured loss increase when each component is removed alone"))
+
+
+def score_model(model: nn.Module, criterion: str, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                *, stats: list[LayerStats] | None = None, batch_size: int = 8, progress: bool = True,
+                **options) -> Scores:
+    """Score every prunable component of `model` with `criterion` (see CRITERIA)."""
+    spec = get_criterion(criterion)
+    checked = spec.check_options(options)
+    if spec.needs_data and input_ids is None:
+        raise CriterionError(f"criterion {criterion!r} needs calibration data")
+    if spec.needs_stats and stats is None:
+        stats = collect_layer_stats(model, input_ids, batch_size=batch_size, progress=progress)
+    scores = spec.compute(model, input_ids, labels, stats, batch_size, progress, **checked)
+    scores.meta.setdefault("options", {k: list(v) if isinstance(v, tuple) else v for k, v in checked.items()})
+    return scores
+
+
+__all__ = ["CRITERIA", "Criterion", "CriterionError", "Scores", "collect_layer_stats", "get_criterion",
+           "register_criterion", "score_model"]

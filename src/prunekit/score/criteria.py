@@ -1,0 +1,113 @@
+"""The cheap criteria: weight magnitude, random, activation (Wanda-sp / Minitron), fluctuation
+(FLAP) and block influence (ShortGPT). Each is a plain function from weights and calibration
+statistics to scores; higher means more important."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_weights
+from prunekit.score.scores import Scores
+from prunekit.score.statistics import LayerStats
+
+_f64 = torch.float64
+
+
+def _sq(t: torch.Tensor, dims) -> torch.Tensor:
+    return t.to(_f64).pow(2).sum(dims)
+
+
+def magnitude_scores(model: nn.Module) -> Scores:
+    """L2 norm of all the weights that go with a component (rows in, columns out)."""
+    arch, layers, head_dim = layers_of(model)
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    for layer in layers:
+        a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
+        head_sq = _sq(a.q, (1, 2)) + _sq(a.o, (1, 2)) if a else torch.zeros(0, dtype=_f64)
+        group_sq = group_sum(head_sq, a.heads_per_group) + _sq(a.k, (1, 2)) + _sq(a.v, (1, 2)) if a else torch.zeros(0, dtype=_f64)
+        channel_sq = _sq(m.gate, 1) + _sq(m.up, 1) + _sq(m.down, 1) if m else torch.zeros(0, dtype=_f64)
+        values["head"].append(head_sq.sqrt())
+        values["kv_group"].append(group_sq.sqrt())
+        values["channel"].append(channel_sq.sqrt())
+        values["attention"].append(group_sq.sum().sqrt())
+        values["mlp"].append(channel_sq.sum().sqrt())
+        values["layer"].append((group_sq.sum() + channel_sq.sum()).sqrt())
+    return Scores("magnitude", values, {"unit": "weight L2 norm"})
+
+
+def random_scores(model: nn.Module, seed: int = 0) -> Scores:
+    """Uniform random scores: the baseline every criterion must beat."""
+    _, layers, _ = layers_of(model)
+    template = magnitude_scores(model)  # only for the shapes
+    generator = torch.Generator().manual_seed(seed)
+    values = {kind: [torch.rand(v.shape, generator=generator, dtype=_f64) for v in per_layer]
+              for kind, per_layer in template.values.items()}
+    return Scores("random", values, {"seed": seed, "unit": "random"})
+
+
+def _per_input_feature(stat: torch.Tensor, weight_columns: torch.Tensor) -> torch.Tensor:
+    """stat [features] x weight columns [features, out] -> one value per input feature."""
+    return stat * weight_columns.to(_f64)
+
+
+def activation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
+    """Wanda-sp: |W| times input norm, on the projection that consumes the unit.
+
+    Channel c scores ||x_c|| * sum_i |W_down[i, c]|; a head sums that over its head_dim inputs of
+    o_proj; a KV group sums its heads. Sublayers score by what they add to the residual stream
+    (mean ||added|| / ||residual||), layers by the sum of both.
+    """
+    arch, layers, head_dim = layers_of(model)
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    for layer, st in zip(layers, stats):
+        a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
+        if a is not None:
+            o_abs = a.o.abs().to(_f64).sum(1)  # [heads, head_dim]: column sums of |W_o|
+            heads = (st.attention_input.norm.reshape(o_abs.shape) * o_abs).sum(-1)
+        else:
+            heads = torch.zeros(0, dtype=_f64)
+        channels = st.mlp_input.norm * m.down.abs().to(_f64).sum(1) if m is not None else torch.zeros(0, dtype=_f64)
+        values["head"].append(heads)
+        values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
+        values["channel"].append(channels)
+        attention = st.contribution_norm_sum["attention"] / max(st.tokens, 1)
+        mlp = st.contribution_norm_sum["mlp"] / max(st.tokens, 1)
+        values["attention"].append(torch.tensor(attention, dtype=_f64))
+        values["mlp"].append(torch.tensor(mlp, dtype=_f64))
+        values["layer"].append(torch.tensor(attention + mlp, dtype=_f64))
+    return Scores("activation", values, {"unit": "|W| x input norm"})
+
+
+def fluctuation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
+    """FLAP: the variance of an input feature of o_proj / down_proj over the calibration tokens,
+    times the squared norm of the weight column that reads it. A feature that barely fluctuates
+    can be replaced by its mean (the bias compensation) at little cost."""
+    arch, layers, head_dim = layers_of(model)
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    for layer, st in zip(layers, stats):
+        a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
+        if a is not None:
+            o_sq = a.o.to(_f64).pow(2).sum(1)  # [heads, head_dim]
+            heads = (st.attention_input.variance.reshape(o_sq.shape) * o_sq).sum(-1)
+        else:
+            heads = torch.zeros(0, dtype=_f64)
+        channels = st.mlp_input.variance * m.down.to(_f64).pow(2).sum(1) if m is not None else torch.zeros(0, dtype=_f64)
+        values["head"].append(heads)
+        values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
+        values["channel"].append(channels)
+        values["attention"].append(heads.sum())
+        values["mlp"].append(channels.sum())
+        values["layer"].append(heads.sum() + channels.sum())
+    return Scores("fluctuation", values, {"unit": "input variance x |W|^2"})
+
+
+def block_influence_scores(stats: list[LayerStats], *, angular: bool = False) -> Scores:
+    """ShortGPT's block influence, 1 - E[cos(x_in, x_out)], or the angular distance
+    E[arccos(cos) / pi], for layers and each sublayer. A block that barely turns the residual
+    stream can go."""
+    def influence(st: LayerStats, kind: str) -> torch.Tensor:
+        value = st.mean_angle(kind) if angular else 1.0 - st.mean_cos(kind)
+        return torch.tensor(value, dtype=_f64)
+
+    values = {kind: [influence(st, kind) for st in stats] for kind in ("layer", "attention", "mlp")}
+    return Scores("block_influence", values, {"angular": angular, "unit": "angular distance" if angular else "1 - cos(in, out)"})

@@ -1,0 +1,239 @@
+"""Sensitivity: the measured increase in calibration loss when one component is removed alone.
+
+Exact, not estimated: each removal is a real forward pass with that component's contribution
+zeroed (which equals removing it; the surgery tests prove that). Made affordable by
+- caching the hidden states that enter every layer, so a removal in layer l runs layers l..L-1
+  only, and
+- evaluating K removals in one batched pass: the cached states are repeated K times and a
+  per-replica mask removes a different component from each copy.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
+from prunekit.score.parts import layers_of
+from prunekit.score.scores import Scores
+
+SENSITIVITY_KINDS = ("layer", "attention", "mlp", "kv_group", "head", "channel")
+DEFAULT_SENSITIVITY_KINDS = ("layer", "attention", "mlp", "kv_group", "head")
+
+
+@dataclass(frozen=True)
+class Removal:
+    kind: str                 # one of SENSITIVITY_KINDS
+    index: int = 0            # which head / group / channel group
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output, value):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+def _capture_layer_inputs(model, layers, input_ids, batch_size, device, progress):
+    """Hidden states entering each layer for every sequence, and each layer's call kwargs
+    (masks, rotary embeddings) captured at batch size 1 so that they broadcast to any batch."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    kwargs_of: list[dict] = [{} for _ in layers]
+    capture_kwargs = [True]
+
+    def make_hook(i):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if capture_kwargs[0]:
+                kwargs_of[i] = {k: v for k, v in kwargs.items()
+                                if k not in ("hidden_states", "past_key_values", "cache", "use_cache")}
+            else:
+                inputs[i].append(hidden.detach())
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        model.base_model(input_ids[:1].to(device), use_cache=False)
+        capture_kwargs[0] = False
+        for start in tqdm(range(0, len(input_ids), batch_size), desc="sensitivity: caching layer inputs",
+                          unit="batch", disable=not progress):
+            model.base_model(input_ids[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(x) for x in inputs], kwargs_of
+
+
+def _output_head(model):
+    arch, _, _ = layers_of(model)
+    final_norm = model.get_submodule(arch.final_norm)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def nll_sums(hidden: torch.Tensor, labels: torch.Tensor, rows_per_chunk: int = 2) -> torch.Tensor:
+        """Summed next-token NLL per row; logits are made a few rows at a time (vocabularies are big)."""
+        sums = []
+        for start in range(0, hidden.shape[0], rows_per_chunk):
+            logits = head(final_norm(hidden[start:start + rows_per_chunk]))[:, :-1].float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            target = labels[start:start + rows_per_chunk, 1:]
+            loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            sums.append(loss.sum(1))
+        return torch.cat(sums)
+
+    return nll_sums
+
+
+def _candidates(layer, arch, head_dim: int, kinds, channel_group_size: int) -> list[Removal]:
+    attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+    out = [Removal("layer")] if "layer" in kinds else []
+    if not isinstance(attention, RemovedAttention):
+        heads = getattr(attention, arch.o_proj).in_features // head_dim
+        groups = heads // attention.num_key_value_groups
+        out += [Removal("attention")] if "attention" in kinds else []
+        out += [Removal("kv_group", g) for g in range(groups)] if "kv_group" in kinds and groups > 1 else []
+        out += [Removal("head", h) for h in range(heads)] if "head" in kinds else []
+    if not isinstance(mlp, RemovedMLP):
+        out += [Removal("mlp")] if "mlp" in kinds else []
+        if "channel" in kinds:
+            width = getattr(mlp, arch.down_proj).in_features
+            out += [Removal("channel", g) for g in range((width + channel_group_size - 1) // channel_group_size)]
+    return out
+
+
+def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_replica: int, channel_group_size: int):
+    """Hooks on one layer that remove removals[r] from the r-th block of rows of the batch."""
+    attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+    k = len(removals)
+    handles = []
+
+    def per_row(mask_per_replica: torch.Tensor) -> torch.Tensor:  # [K, ...] -> [K * rows, 1, ...]
+        return mask_per_replica.repeat_interleave(rows_per_replica, dim=0).unsqueeze(1)
+
+    if not isinstance(attention, RemovedAttention):
+        o_proj = getattr(attention, arch.o_proj)
+        o_mask = torch.ones(k, o_proj.in_features)
+        heads_per_group = attention.num_key_value_groups
+        for r, rm in enumerate(removals):
+            if rm.kind == "head":
+                o_mask[r, rm.index * head_dim:(rm.index + 1) * head_dim] = 0
+            elif rm.kind == "kv_group":
+                span = heads_per_group * head_dim
+                o_mask[r, rm.index * span:(rm.index + 1) * span] = 0
+            elif rm.kind in ("attention", "layer"):
+                o_mask[r] = 0
+        if (o_mask == 0).any():
+            head_mask = per_row(o_mask)
+            handles.append(o_proj.register_forward_pre_hook(lambda m, args: (args[0] * head_mask.to(args[0]),)))
+            keep_attention = per_row((o_mask.sum(1, keepdim=True) > 0).float())
+            # o_proj(0) is its bias: zero the whole sublayer's output where all heads are gone
+            source = getattr(layer, arch.attention_output_norm) if arch.attention_output_norm else attention
+            handles.append(source.register_forward_hook(
+                lambda m, args, out: _replace_first(out, _first(out) * keep_attention.to(_first(out)))))
+    if not isinstance(mlp, RemovedMLP):
+        down = getattr(mlp, arch.down_proj)
+        d_mask = torch.ones(k, down.in_features)
+        for r, rm in enumerate(removals):
+            if rm.kind == "channel":
+                d_mask[r, rm.index * channel_group_size:(rm.index + 1) * channel_group_size] = 0
+            elif rm.kind in ("mlp", "layer"):
+                d_mask[r] = 0
+        if (d_mask == 0).any():
+            channel_mask = per_row(d_mask)
+            handles.append(down.register_forward_pre_hook(lambda m, args: (args[0] * channel_mask.to(args[0]),)))
+            keep_mlp = per_row((d_mask.sum(1, keepdim=True) > 0).float())
+            source = getattr(layer, arch.mlp_output_norm) if arch.mlp_output_norm else mlp
+            handles.append(source.register_forward_hook(
+                lambda m, args, out: _replace_first(out, _first(out) * keep_mlp.to(_first(out)))))
+    return handles
+
+
+@torch.no_grad()
+def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                       kinds: tuple[str, ...] = DEFAULT_SENSITIVITY_KINDS, channel_group_size: int = 64,
+                       batch_size: int = 8, removals_per_pass: int = 4, progress: bool = True) -> Scores:
+    """Loss increase (mean next-token NLL, nats) when each component is removed alone.
+
+    `labels` with -100 restricts the loss to the tokens a task cares about (task data).
+    Channel scores are per channel group of `channel_group_size` (each channel of a group gets
+    the group's value divided by the group size).
+    """
+    unknown = set(kinds) - set(SENSITIVITY_KINDS)
+    if unknown:
+        raise ValueError(f"unknown sensitivity kinds {sorted(unknown)}; choose from {list(SENSITIVITY_KINDS)}")
+    started = time.perf_counter()
+    arch, layers, head_dim = layers_of(model)
+    device = next(model.parameters()).device
+    labels = (input_ids if labels is None else labels).to(device)
+    counted = (labels[:, 1:] != -100).sum().item()
+    cached, layer_kwargs = _capture_layer_inputs(model, layers, input_ids, batch_size, device, progress)
+    nll_sums = _output_head(model)
+
+    def run_from(start: int, hidden: torch.Tensor) -> torch.Tensor:
+        for i in range(start, len(layers)):
+            hidden = _first(layers[i](hidden, **layer_kwargs[i]))
+        return hidden
+
+    n = len(input_ids)
+    rows = max(1, batch_size // removals_per_pass)  # sequences per pass; times K replicas
+    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows]), labels[s:s + rows]) for s in range(0, n, rows)])
+    baseline_loss = baseline.sum().item() / counted
+
+    plan = [(i, _candidates(layer, arch, head_dim, kinds, channel_group_size)) for i, layer in enumerate(layers)]
+    total_passes = sum(((len(c) + removals_per_pass - 1) // removals_per_pass) * ((n + rows - 1) // rows) for _, c in plan)
+    layer_forwards = 0
+    increases: dict[tuple[int, Removal], float] = {}
+    bar = tqdm(total=total_passes, desc="sensitivity: removals", unit="pass", disable=not progress)
+    for i, candidates in plan:
+        for c0 in range(0, len(candidates), removals_per_pass):
+            chunk = candidates[c0:c0 + removals_per_pass]
+            totals = torch.zeros(len(chunk), dtype=torch.float64)
+            for s in range(0, n, rows):
+                states = cached[i][s:s + rows]
+                handles = _install_removals(layers[i], arch, head_dim, chunk, len(states), channel_group_size)
+                try:
+                    out = run_from(i, states.repeat(len(chunk), 1, 1))
+                finally:
+                    for h in handles:
+                        h.remove()
+                layer_rows = labels[s:s + rows].repeat(len(chunk), 1)
+                totals += nll_sums(out, layer_rows).reshape(len(chunk), -1).sum(1).double().cpu()
+                layer_forwards += (len(layers) - i) * len(chunk) * len(states)
+                bar.update(1)
+            for rm, total in zip(chunk, totals.tolist()):
+                increases[(i, rm)] = total / counted - baseline_loss
+    bar.close()
+
+    values: dict[str, list] = {k: [] for k in kinds}
+    for i, layer in enumerate(layers):
+        candidates = plan[i][1]
+        for kind in kinds:
+            found = [increases[(i, rm)] for rm in candidates if rm.kind == kind]
+            if kind == "channel" and found:
+                width = getattr(getattr(layer, arch.mlp), arch.down_proj).in_features
+                per_group = torch.tensor(found, dtype=torch.float64)
+                values[kind].append(per_group.repeat_interleave(channel_group_size)[:width] / channel_group_size)
+            elif kind in ("layer", "attention", "mlp"):
+                values[kind].append(torch.tensor(found[0] if found else 0.0, dtype=torch.float64))
+            elif kind == "kv_group" and not found and not isinstance(getattr(layer, arch.attention), RemovedAttention):
+                # A single KV group: removing it removes the attention.
+                values[kind].append(torch.tensor([increases.get((i, Removal("attention")), float("inf"))], dtype=torch.float64)
+                                    if (i, Removal("attention")) in increases else torch.zeros(1, dtype=torch.float64))
+            else:
+                values[kind].append(torch.tensor(found, dtype=torch.float64))
+    seconds = time.perf_counter() - started
+    meta = {
+        "unit": "loss increase (nats/token)",
+        "baseline_loss": baseline_loss,
+        "kinds": list(kinds),
+        "channel_group_size": channel_group_size,
+        "cost": {"seconds": round(seconds, 1), "removals": len(increases), "sequences": n,
+                 "seq_len": int(input_ids.shape[1]), "layer_forwards_per_sequence": layer_forwards / max(n, 1),
+                 "full_forward_equivalents": round(layer_forwards / max(n, 1) / len(layers), 1)},
+    }
+    return Scores("sensitivity", values, meta)

@@ -1,0 +1,97 @@
+"""`prunekit prune --target` and `prunekit analyze` end to end on a tiny model directory, and
+every bad setting refused before the model is loaded."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_model
+
+import prunekit
+from prunekit.cli import main
+from prunekit.pipeline import CalibrationSettings, PruneSettings, prune_to_target
+
+TEXT = ("The quick brown fox jumps over the lazy dog. " * 40 + "\n") * 30
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer) -> Path:
+    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), tokenizer,
+                        tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(TEXT)
+    return tmp_path / "model"
+
+
+def _settings(tmp_path, **overrides) -> PruneSettings:
+    calibration = CalibrationSettings(source=str(tmp_path / "calib.txt"), n_samples=8, seq_len=32)
+    return PruneSettings(**{"target": 0.3, "ffn_multiple": 16, "batch_size": 4, "calibration": calibration, **overrides})
+
+
+@pytest.mark.parametrize("criterion", ["taylor", "activation", "sensitivity"])
+def test_prune_to_target_end_to_end(model_dir, tmp_path, criterion):
+    options = {"kinds": ("kv_group", "head", "channel"), "channel_group_size": 16} if criterion == "sensitivity" else {}
+    settings = _settings(tmp_path, criterion=criterion, criterion_options=options, compensate=False)
+    saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
+    model, _ = prunekit.load(saved.path)
+    removed = 1 - prunekit.model_structure(model).non_embedding_params / prunekit.model_structure(
+        prunekit.load(model_dir)[0]).non_embedding_params
+    assert 0.3 <= removed < 0.45
+    provenance = json.loads((saved.path / "prunekit.json").read_text())
+    assert provenance["pruning"]["settings"]["criterion"] == criterion
+    assert provenance["plan"]["meta"]["criterion"] == criterion
+
+
+def test_iterative_steps_reach_the_target(model_dir, tmp_path):
+    settings = _settings(tmp_path, steps=2, compensate=False, allocation="global")
+    saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
+    provenance = json.loads((saved.path / "prunekit.json").read_text())["pruning"]
+    assert len(provenance["steps"]) == 2
+    assert 0.15 <= provenance["steps"][0]["removed"] < provenance["steps"][1]["removed"]
+    assert provenance["removed"]["non-embedding"] >= 0.3
+
+
+def test_cli_prune_target_uniform_gives_a_stock_model(model_dir, tmp_path, capsys):
+    args = ["prune", str(model_dir), "--out", str(tmp_path / "out"), "--target", "0.25", "--allocation", "uniform",
+            "--ffn-multiple", "16", "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8",
+            "--calib-seq-len", "32", "--no-compensate", "--criterion-option", "variant=vector"]
+    assert main(args) == 0
+    assert "saved stock model" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--criterion", "wanda"], "invalid choice: 'wanda'"),
+    (["--criterion-option", "variant=second"], "option variant of taylor does not take"),
+    (["--criterion", "block_influence"], "does not score \\['channel', 'head', 'kv_group'\\]"),
+    (["--calib", "wikipedia"], "unknown calibration source 'wikipedia'"),
+    (["--calib", "missing.txt"], "does not exist"),
+    (["--target", "1.5"], "must be a fraction in \\(0, 1\\)"),
+    (["--prune-structures", "head", "--target", "0.8"], "at most 0\\.[0-9]+ can be removed"),
+    (["--limit", "head"], "KEY=VALUE"),
+    (["--steps", "0"], "steps must be at least 1"),
+])
+def test_bad_settings_fail_before_loading(model_dir, tmp_path, monkeypatch, capsys, args, match):
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the settings were checked")
+
+    monkeypatch.setattr("prunekit.pipeline.load", no_loading)
+    base = ["prune", str(model_dir), "--out", str(tmp_path / "out"), "--calib", str(tmp_path / "calib.txt")]
+    if "--target" not in args:
+        base += ["--target", "0.3"]
+    try:
+        code = main(base + args)
+    except SystemExit as exit_:  # argparse rejects invalid choices itself
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    import re
+    assert re.search(match, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compensation_runs_in_the_pipeline_and_is_recorded(model_dir, tmp_path):
+    settings = _settings(tmp_path, compensate=True, criterion="activation")
+    saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
+    step = json.loads((saved.path / "prunekit.json").read_text())["pruning"]["steps"][0]
+    fits = step["compensation"]["fits"]
+    assert fits and all(f["error_after"] <= f["error_before"] for f in fits)
