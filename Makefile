@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 demo: install
-	$(BIN)/prunekit demo
+	$(BIN)/prunekit demo --force
 
 test: install
 	$(BIN)/python -m pytest -q

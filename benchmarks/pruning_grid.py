@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import prunekit
-from prunekit.compensate import compensate
+from prunekit.compensate import compensate, compensate_sequential
 from prunekit.data import calibration_tokens
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.export.huggingface import versions
@@ -36,7 +36,7 @@ from prunekit.score import CRITERIA, collect_layer_stats, score_model
 STRUCTURES = {name: ("channel", "head", "kv_group") for name in CRITERIA}
 STRUCTURES["block_influence"] = ("layer",)
 CRITERION_OPTIONS = {"sensitivity": {"kinds": ("layer", "attention", "mlp", "kv_group", "head", "channel"),
-                                     "channel_group_size": 64, "removals_per_pass": 8}}
+                                     "channel_group_size": 64, "removals_per_pass": 16}}
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -51,7 +51,10 @@ def main() -> int:
     parser.add_argument("--ratios", default="0.2,0.35,0.5")
     parser.add_argument("--criteria", default=",".join(sorted(CRITERIA)))
     parser.add_argument("--allocations", default="uniform,global,adaptive")
-    parser.add_argument("--compensation", default="both", choices=("on", "off", "both"))
+    parser.add_argument("--compensation", default="none,one-shot,sequential",
+                        help="comma list of none, one-shot, sequential")
+    parser.add_argument("--structures", default=None,
+                        help="override what may be removed, e.g. channel (FFN only); default channel,head,kv_group")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=16)
@@ -91,8 +94,15 @@ def main() -> int:
     stats = collect_layer_stats(dense, ids, batch_size=args.batch_size, with_gram=True, progress=False)
     stats_seconds = time.perf_counter() - t0
 
+    def apply_compensation(model, plan, mode: str) -> None:
+        if mode == "one-shot":
+            compensate(model, plan, stats)
+        elif mode == "sequential":
+            compensate_sequential(model, plan, ids, batch_size=args.batch_size, progress=False)
+
     ratios = [float(r) for r in args.ratios.split(",")]
-    compensations = {"on": [True], "off": [False], "both": [False, True]}[args.compensation]
+    plans: dict[int, prunekit.Plan] = {}  # full plans stay in memory; the JSON keeps the widths
+    compensations = args.compensation.split(",")
     for criterion in args.criteria.split(","):
         spec = CRITERIA[criterion]
         t0 = time.perf_counter()
@@ -107,36 +117,41 @@ def main() -> int:
         allocations = ["global"] if criterion == "block_influence" else args.allocations.split(",")
         for allocation in allocations:
             for ratio in ratios:
-                settings = PlannerSettings(target=ratio, allocation=allocation, prune=STRUCTURES[criterion])
+                structures = tuple(args.structures.split(",")) if args.structures else STRUCTURES[criterion]
+                settings = PlannerSettings(target=ratio, allocation=allocation, prune=structures)
                 plan = make_plan(dense_structure, scores, settings, comparable=spec.comparable)
                 for compensated in compensations:
                     t0 = time.perf_counter()
                     model = copy.deepcopy(dense)
-                    if compensated:
-                        compensate(model, plan, stats)
+                    apply_compensation(model, plan, compensated)
                     after = prunekit.apply_plan(model, plan)
                     prune_seconds = time.perf_counter() - t0
                     result = evaluate(model, args.eval_every)
                     run = {
                         "criterion": criterion, "allocation": allocation, "compensation": compensated, "target": ratio,
+                        "structures": list(structures),
                         "removed_non_embedding": round(removed_fraction(dense_structure, after, "non-embedding"), 4),
                         **result, "score_seconds": round(score_seconds, 1), "prune_seconds": round(prune_seconds, 1),
                         "peak_memory_mib": round(max(score_memory, peak_memory_mib(device)), 0),
-                        "layers": after.num_layers, "plan": plan.to_dict(),
+                        "layers": after.num_layers, "kept": [[s.num_attention_heads, s.num_key_value_heads,
+                                                              s.intermediate_size] for s in after.layers],
+                        "dropped_layers": list(plan.drop_layers),
                     }
                     record["runs"].append(run)
-                    print(f"{criterion:16s} {allocation:9s} comp={compensated!s:5s} r={ratio:.2f} "
+                    plans[len(record["runs"]) - 1] = plan
+                    print(f"{criterion:16s} {allocation:9s} {','.join(structures):22s} comp={compensated:10s} r={ratio:.2f} "
                           f"removed={run['removed_non_embedding']:.3f} ppl={run['perplexity']:.2f}", flush=True)
                     out.write_text(json.dumps(record, indent=1) + "\n")  # partial results survive a timeout
                     del model
 
     if args.full_eval_best:
         for ratio in ratios:
-            best = min((r for r in record["runs"] if r["target"] == ratio), key=lambda r: r["perplexity"])
+            index = min((i for i, r in enumerate(record["runs"]) if r["target"] == ratio),
+                        key=lambda i: record["runs"][i]["perplexity"])
+            best = record["runs"][index]
             model = copy.deepcopy(dense)
-            if best["compensation"]:
-                compensate(model, prunekit.Plan.from_dict(best["plan"]), stats)
-            prunekit.apply_plan(model, prunekit.Plan.from_dict(best["plan"]))
+            apply_compensation(model, plans[index], best["compensation"])
+            prunekit.apply_plan(model, plans[index])
             best["full_eval"] = evaluate(model, 1)
             print(f"best at {ratio}: {best['criterion']} {best['allocation']} comp={best['compensation']} "
                   f"every window: {best['full_eval']}", flush=True)

@@ -31,7 +31,7 @@ def _settings(tmp_path, **overrides) -> PruneSettings:
 @pytest.mark.parametrize("criterion", ["taylor", "activation", "sensitivity"])
 def test_prune_to_target_end_to_end(model_dir, tmp_path, criterion):
     options = {"kinds": ("kv_group", "head", "channel"), "channel_group_size": 16} if criterion == "sensitivity" else {}
-    settings = _settings(tmp_path, criterion=criterion, criterion_options=options, compensate=False)
+    settings = _settings(tmp_path, criterion=criterion, criterion_options=options, compensation="none")
     saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
     model, _ = prunekit.load(saved.path)
     removed = 1 - prunekit.model_structure(model).non_embedding_params / prunekit.model_structure(
@@ -43,7 +43,7 @@ def test_prune_to_target_end_to_end(model_dir, tmp_path, criterion):
 
 
 def test_iterative_steps_reach_the_target(model_dir, tmp_path):
-    settings = _settings(tmp_path, steps=2, compensate=False, allocation="global")
+    settings = _settings(tmp_path, steps=2, compensation="none", allocation="global")
     saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
     provenance = json.loads((saved.path / "prunekit.json").read_text())["pruning"]
     assert len(provenance["steps"]) == 2
@@ -90,8 +90,16 @@ def test_bad_settings_fail_before_loading(model_dir, tmp_path, monkeypatch, caps
 
 
 def test_compensation_runs_in_the_pipeline_and_is_recorded(model_dir, tmp_path):
-    settings = _settings(tmp_path, compensate=True, criterion="activation")
+    settings = _settings(tmp_path, compensation="one-shot", criterion="activation")
     saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
     step = json.loads((saved.path / "prunekit.json").read_text())["pruning"]["steps"][0]
     fits = step["compensation"]["fits"]
     assert fits and all(f["error_after"] <= f["error_before"] for f in fits)
+
+
+def test_sequential_compensation_in_the_pipeline(model_dir, tmp_path):
+    settings = _settings(tmp_path, compensation="sequential", criterion="taylor", allocation="global")
+    saved = prune_to_target(model_dir, tmp_path / "out", settings, progress=False)
+    step = json.loads((saved.path / "prunekit.json").read_text())["pruning"]["steps"][0]
+    fits = step["compensation"]["fits"]
+    assert fits and all(f["error_after"] <= f["error_before"] + 1e-9 for f in fits)

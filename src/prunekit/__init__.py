@@ -6,6 +6,9 @@
     plan = prunekit.Plan.load("plan.json")
     prunekit.apply_plan(model, plan)                       # physical surgery, in place
     prunekit.save_model(model, tokenizer, "out/pruned", plan=plan)
+
+    # or the whole job: score, plan, compensate, cut, save
+    prunekit.prune_to_target("smollm2-135m", "out/pruned", prunekit.PruneSettings(target=0.3))
 """
 from prunekit.export import OutputExistsError, SavedModel, save_model
 from prunekit.models import ARCHITECTURES, Architecture, UnsupportedModelError, architecture_for, register
@@ -13,11 +16,17 @@ from prunekit.models.loading import DEFAULT_MODEL, ModelLoadError, load
 from prunekit.models.structure import LayerShape, ModelStructure, model_structure
 from prunekit.plan import LayerPlan, Plan, PlanError, predicted_structure
 from prunekit.prune import apply_plan
+from prunekit.pipeline import CalibrationSettings, PruneSettings, analyze, prune_loaded, prune_to_plan, prune_to_target
+from prunekit.plan.planner import PlannerSettings, make_plan
+from prunekit.score import CRITERIA, Scores, score_model
+from prunekit.compensate import compensate, compensate_sequential
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES", "Architecture", "DEFAULT_MODEL", "LayerPlan", "LayerShape", "ModelLoadError", "ModelStructure",
-    "OutputExistsError", "Plan", "PlanError", "SavedModel", "UnsupportedModelError", "apply_plan",
-    "architecture_for", "load", "model_structure", "predicted_structure", "register", "save_model",
+    "ARCHITECTURES", "CRITERIA", "Architecture", "CalibrationSettings", "DEFAULT_MODEL", "LayerPlan", "LayerShape",
+    "ModelLoadError", "ModelStructure", "OutputExistsError", "Plan", "PlanError", "PlannerSettings", "PruneSettings",
+    "SavedModel", "Scores", "UnsupportedModelError", "analyze", "apply_plan", "architecture_for", "compensate",
+    "compensate_sequential", "load", "make_plan", "model_structure", "predicted_structure", "prune_loaded",
+    "prune_to_plan", "prune_to_target", "register", "save_model", "score_model",
 ]

@@ -116,7 +116,7 @@ def _calibration_settings(args: argparse.Namespace):
 
 
 def _add_prune(parser: argparse.ArgumentParser) -> None:
-    from prunekit.pipeline import PruneSettings
+    from prunekit.pipeline import COMPENSATIONS, PruneSettings
     from prunekit.plan.planner import ALLOCATIONS, BASES, MOVE_KINDS
     from prunekit.score import CRITERIA
 
@@ -144,8 +144,12 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protect-layers", default="", help="layers never pruned, e.g. 0,1")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="reach the target in this many steps, scoring "
                         "again between them (default 1)")
-    parser.add_argument("--no-compensate", action="store_true", help="skip the least-squares refit of o_proj/down_proj")
-    parser.add_argument("--bias-compensation", action="store_true", help="also add FLAP-style bias compensation (Llama)")
+    parser.add_argument("--compensation", default=defaults.compensation, choices=COMPENSATIONS,
+                        help="least-squares refit of o_proj/down_proj after the cut: sequential (layer by layer on the "
+                        "pruned model's inputs), one-shot (original inputs) or none (default %(default)s)")
+    parser.add_argument("--no-compensate", action="store_true", help="the same as --compensation none")
+    parser.add_argument("--bias-compensation", action="store_true",
+                        help="add FLAP-style bias compensation (Llama; with --compensation one-shot)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load, prune and save in")
     _add_calibration_arguments(parser)
@@ -168,14 +172,15 @@ def _prune_settings(args: argparse.Namespace):
         target=args.target, basis=args.basis, criterion=args.criterion,
         criterion_options=_key_values(args.criterion_option, "--criterion-option"), allocation=args.allocation,
         prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple, protect_layers=protect,
-        compensate=not args.no_compensate, bias_compensation=args.bias_compensation, steps=args.steps,
+        compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
+        steps=args.steps,
         batch_size=args.batch_size, calibration=_calibration_settings(args),
     )
 
 
 def _run_prune(args: argparse.Namespace) -> int:
     if args.plan:
-        from prunekit.api import prune_to_plan
+        from prunekit.pipeline import prune_to_plan
 
         saved = prune_to_plan(args.model, args.plan, args.out, force=args.force, dtype=args.dtype)
     else:
@@ -214,21 +219,30 @@ def _run_analyze(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--out", default="runs/demo", help="where the pruned model goes (default runs/demo)")
-    parser.add_argument("--ffn-fraction", type=float, default=0.2, help="fraction of FFN channels removed (default 0.2)")
+    parser.add_argument("--out", default="runs/demo", help="report and pruned model go here (default runs/demo)")
+    parser.add_argument("--target", type=float, default=0.3, help="fraction of non-embedding parameters removed")
+    parser.add_argument("--data-dir", default=None, help="local data sets (default: $PRUNEKIT_DATA_DIR; none: self text)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from prunekit.demo import run_demo
 
-    run_demo(args.model, Path(args.out), ffn_fraction=args.ffn_fraction)
+    run_demo(args.model, Path(args.out), target=args.target, data_dir=args.data_dir, force=args.force)
     return 0
 
+
+from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402  (after the helpers they reuse)
+from prunekit.evaluate.tasks import EvalError  # noqa: E402
+
+USER_ERRORS += (EvalError,)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
     "analyze": ("score every component (sensitivity by default) and write a report with plots", _add_analyze, _run_analyze),
     "prune": ("prune to a plan or a target and save the smaller dense model", _add_prune, _run_prune),
+    "eval": EVAL_COMMAND,
+    "bench": BENCH_COMMAND,
     "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
 }
 

@@ -13,17 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunekit.compensate import compensate, compensate_sequential
 from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
 from prunekit.export.files import check_output_dir
 from prunekit.export.huggingface import SavedModel, save_model
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, model_structure
-from prunekit.plan.plan import Plan, PlanError
+from prunekit.plan.plan import Plan, PlanError, predicted_structure
 from prunekit.plan.planner import PlannerSettings, make_plan, max_removable_fraction, removed_fraction
 from prunekit.prune.surgery import apply_plan
 from prunekit.score import Scores, collect_layer_stats, get_criterion, score_model
 
 log = logging.getLogger(__name__)
+
+# none: cut only; one-shot: refit each layer on the original model's inputs (one calibration pass);
+# sequential: refit layer by layer on the pruned model's own inputs, toward the original outputs.
+COMPENSATIONS = ("none", "one-shot", "sequential")
 
 
 @dataclass(frozen=True)
@@ -55,12 +60,12 @@ class PruneSettings:
     basis: str = "non-embedding"
     criterion: str = "taylor"
     criterion_options: dict = field(default_factory=dict)
-    allocation: str = "adaptive"
+    allocation: str = "global"
     prune: tuple[str, ...] = ("channel", "head", "kv_group")
     limits: dict[str, float] = field(default_factory=dict)
     ffn_multiple: int = 64
     protect_layers: tuple[int, ...] = ()
-    compensate: bool = True
+    compensation: str = "sequential"   # one of COMPENSATIONS
     bias_compensation: bool = False
     ridge: float = 1e-3
     steps: int = 1                # iterative pruning: reach the target in this many steps, scoring again in between
@@ -88,7 +93,11 @@ class PruneSettings:
                             f"({sorted(criterion.kinds)}) or another criterion")
         if self.steps < 1:
             raise PlanError(f"steps must be at least 1, got {self.steps}")
-        if criterion.needs_data or self.compensate:
+        if self.compensation not in COMPENSATIONS:
+            raise PlanError(f"unknown compensation {self.compensation!r}; choose one of {list(COMPENSATIONS)}")
+        if self.bias_compensation and self.compensation != "one-shot":
+            raise PlanError("bias compensation is fitted with the one-shot refit; pass --compensation one-shot with it")
+        if criterion.needs_data or self.compensation != "none":
             self.calibration.validate()
 
     def to_dict(self) -> dict:
@@ -110,8 +119,9 @@ def calibration_batch(model: nn.Module, tokenizer, calibration: CalibrationSetti
 def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple[Scores, list | None]:
     criterion = get_criterion(settings.criterion)
     stats = None
-    if criterion.needs_stats or settings.compensate:
-        stats = collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=settings.compensate, progress=progress)
+    one_shot = settings.compensation == "one-shot"
+    if criterion.needs_stats or one_shot:
+        stats = collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=one_shot, progress=progress)
     scores = score_model(model, settings.criterion, ids, labels, stats=stats, batch_size=settings.batch_size,
                          progress=progress, **settings.criterion_options)
     return scores, stats
@@ -123,7 +133,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     settings.validate()
     original = model_structure(model)
     ids, labels = calibration if calibration is not None else (None, None)
-    if ids is None and (get_criterion(settings.criterion).needs_data or settings.compensate):
+    if ids is None and (get_criterion(settings.criterion).needs_data or settings.compensation != "none"):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
     base = _basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
@@ -139,15 +149,16 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         plan = make_plan(current, scores, settings.planner_settings(step_target),
                          comparable=get_criterion(settings.criterion).comparable)
         compensation = None
-        if settings.compensate:
-            from prunekit.compensate import compensate
-
+        if settings.compensation == "one-shot":
             compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
+        elif settings.compensation == "sequential":
+            compensation = compensate_sequential(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
+                                                 progress=progress)
         after = apply_plan(model, plan)
         record["steps"].append({
             "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "removed": removed_fraction(original, after, settings.basis),
-            "compensation": compensation.to_dict() if hasattr(compensation, "to_dict") else compensation,
+            "compensation": compensation.to_dict() if compensation is not None else None,
         })
         record["scores"] = scores
     final = model_structure(model)
@@ -168,6 +179,21 @@ def check_reachable(structure: ModelStructure, settings: PruneSettings) -> None:
         raise PlanError(f"target {settings.target} of {settings.basis} is out of reach for {list(settings.prune)} under the "
                         f"limits {settings.limits or 'none'}: at most {reachable:.3f} can be removed; lower the target or "
                         f"allow more structures")
+
+
+def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,
+                  dtype: str = "float32") -> SavedModel:
+    """Load `model`, apply `plan`, save to `out`. The plan is checked against the model's shapes
+    (built on the meta device) before any weight is read."""
+    source = resolve_model_source(model)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    check_output_dir(Path(out), force=force, protected=source.local_paths)
+    predicted = predicted_structure(plan, model_structure(load_skeleton(source)))
+    loaded, tokenizer = load(model, dtype=dtype)
+    after = apply_plan(loaded, plan)
+    if after.total_params != predicted.total_params:
+        raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
+    return save_model(loaded, tokenizer, out, plan=plan, source=str(model), protected=source.local_paths, force=force)
 
 
 def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings, *, force: bool = False,
@@ -193,7 +219,7 @@ def analyze(model: str | Path, out_dir: str | Path, *, criterion: str = "sensiti
             force: bool = False, progress: bool = True) -> Path:
     """Score every component and write scores.json, plots and analysis.md into `out_dir`."""
     settings = PruneSettings(criterion=criterion, criterion_options=criterion_options or {}, calibration=calibration,
-                             compensate=False, batch_size=batch_size)
+                             compensation="none", batch_size=batch_size)
     get_criterion(criterion).check_options(settings.criterion_options)
     if get_criterion(criterion).needs_data:
         calibration.validate()

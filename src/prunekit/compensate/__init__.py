@@ -4,6 +4,9 @@ original sublayer's output on calibration data. Runs on the unpruned model, befo
     stats = collect_layer_stats(model, ids, with_gram=True)
     report = compensate(model, plan, stats)       # refits o_proj / down_proj columns in place
     apply_plan(model, plan)                        # then cuts the removed columns
+
+`compensate_sequential(model, plan, ids)` refits layer by layer on the inputs that the model,
+pruned up to that layer, actually sees.
 """
 from prunekit.compensate.bias import BIAS_FLAGS, CompensationError, mean_replacement_bias
 from prunekit.compensate.least_squares import (
@@ -15,6 +18,7 @@ from prunekit.compensate.least_squares import (
     reconstruction_error,
     refit_kept_columns,
 )
+from prunekit.compensate.sequential import compensate_sequential
 
 __all__ = ["BIAS_FLAGS", "DEFAULT_RIDGE", "CompensationError", "CompensationReport", "ProjectionFit", "augment_gram",
-           "compensate", "mean_replacement_bias", "reconstruction_error", "refit_kept_columns"]
+           "compensate", "compensate_sequential", "mean_replacement_bias", "reconstruction_error", "refit_kept_columns"]

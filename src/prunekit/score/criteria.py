@@ -63,10 +63,10 @@ def activation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
         a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
         if a is not None:
             o_abs = a.o.abs().to(_f64).sum(1)  # [heads, head_dim]: column sums of |W_o|
-            heads = (st.attention_input.norm.reshape(o_abs.shape) * o_abs).sum(-1)
+            heads = (st.attention_input.norm.to(o_abs.device).reshape(o_abs.shape) * o_abs).sum(-1).cpu()
         else:
             heads = torch.zeros(0, dtype=_f64)
-        channels = st.mlp_input.norm * m.down.abs().to(_f64).sum(1) if m is not None else torch.zeros(0, dtype=_f64)
+        channels = (st.mlp_input.norm * m.down.abs().to(_f64).sum(1).cpu()) if m is not None else torch.zeros(0, dtype=_f64)
         values["head"].append(heads)
         values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
         values["channel"].append(channels)
@@ -88,10 +88,10 @@ def fluctuation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
         a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
         if a is not None:
             o_sq = a.o.to(_f64).pow(2).sum(1)  # [heads, head_dim]
-            heads = (st.attention_input.variance.reshape(o_sq.shape) * o_sq).sum(-1)
+            heads = (st.attention_input.variance.to(o_sq.device).reshape(o_sq.shape) * o_sq).sum(-1).cpu()
         else:
             heads = torch.zeros(0, dtype=_f64)
-        channels = st.mlp_input.variance * m.down.to(_f64).pow(2).sum(1) if m is not None else torch.zeros(0, dtype=_f64)
+        channels = (st.mlp_input.variance * m.down.to(_f64).pow(2).sum(1).cpu()) if m is not None else torch.zeros(0, dtype=_f64)
         values["head"].append(heads)
         values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
         values["channel"].append(channels)

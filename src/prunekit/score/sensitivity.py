@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.models.layerwise import capture_layer_inputs, first_output
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
 from prunekit.score.parts import layers_of
 from prunekit.score.scores import Scores
@@ -30,42 +31,8 @@ class Removal:
     index: int = 0            # which head / group / channel group
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _replace_first(output, value):
     return (value, *output[1:]) if isinstance(output, tuple) else value
-
-
-def _capture_layer_inputs(model, layers, input_ids, batch_size, device, progress):
-    """Hidden states entering each layer for every sequence, and each layer's call kwargs
-    (masks, rotary embeddings) captured at batch size 1 so that they broadcast to any batch."""
-    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
-    kwargs_of: list[dict] = [{} for _ in layers]
-    capture_kwargs = [True]
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if capture_kwargs[0]:
-                kwargs_of[i] = {k: v for k, v in kwargs.items()
-                                if k not in ("hidden_states", "past_key_values", "cache", "use_cache")}
-            else:
-                inputs[i].append(hidden.detach())
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.base_model(input_ids[:1].to(device), use_cache=False)
-        capture_kwargs[0] = False
-        for start in tqdm(range(0, len(input_ids), batch_size), desc="sensitivity: caching layer inputs",
-                          unit="batch", disable=not progress):
-            model.base_model(input_ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return [torch.cat(x) for x in inputs], kwargs_of
 
 
 def _output_head(model):
@@ -74,15 +41,20 @@ def _output_head(model):
     head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def nll_sums(hidden: torch.Tensor, labels: torch.Tensor, rows_per_chunk: int = 2) -> torch.Tensor:
+    def nll_sums(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed next-token NLL per row; logits are made a few rows at a time (vocabularies are big)."""
+        budget = 2**28 if hidden.is_cuda else 2**26  # logit elements held at once: 1 GiB / 256 MiB in fp32
+        rows_per_chunk = max(1, budget // (hidden.shape[1] * head.out_features))
         sums = []
         for start in range(0, hidden.shape[0], rows_per_chunk):
             logits = head(final_norm(hidden[start:start + rows_per_chunk]))[:, :-1].float()
             if softcap:
                 logits = torch.tanh(logits / softcap) * softcap
             target = labels[start:start + rows_per_chunk, 1:]
-            loss = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            # Flat [tokens, vocab] rows: cross_entropy over a transposed [rows, vocab, tokens]
+            # view runs several times slower.
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                               ignore_index=-100, reduction="none").view(target.shape)
             sums.append(loss.sum(1))
         return torch.cat(sums)
 
@@ -134,7 +106,7 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
             # o_proj(0) is its bias: zero the whole sublayer's output where all heads are gone
             source = getattr(layer, arch.attention_output_norm) if arch.attention_output_norm else attention
             handles.append(source.register_forward_hook(
-                lambda m, args, out: _replace_first(out, _first(out) * keep_attention.to(_first(out)))))
+                lambda m, args, out: _replace_first(out, first_output(out) * keep_attention.to(first_output(out)))))
     if not isinstance(mlp, RemovedMLP):
         down = getattr(mlp, arch.down_proj)
         d_mask = torch.ones(k, down.in_features)
@@ -149,7 +121,7 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
             keep_mlp = per_row((d_mask.sum(1, keepdim=True) > 0).float())
             source = getattr(layer, arch.mlp_output_norm) if arch.mlp_output_norm else mlp
             handles.append(source.register_forward_hook(
-                lambda m, args, out: _replace_first(out, _first(out) * keep_mlp.to(_first(out)))))
+                lambda m, args, out: _replace_first(out, first_output(out) * keep_mlp.to(first_output(out)))))
     return handles
 
 
@@ -171,12 +143,13 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     device = next(model.parameters()).device
     labels = (input_ids if labels is None else labels).to(device)
     counted = (labels[:, 1:] != -100).sum().item()
-    cached, layer_kwargs = _capture_layer_inputs(model, layers, input_ids, batch_size, device, progress)
+    cached, layer_kwargs = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, progress=progress,
+                                                desc="sensitivity: caching layer inputs")
     nll_sums = _output_head(model)
 
     def run_from(start: int, hidden: torch.Tensor) -> torch.Tensor:
         for i in range(start, len(layers)):
-            hidden = _first(layers[i](hidden, **layer_kwargs[i]))
+            hidden = first_output(layers[i](hidden, **layer_kwargs[i]))
         return hidden
 
     n = len(input_ids)

@@ -1,0 +1,102 @@
+"""Sequential compensation: refit layer by layer on the inputs the PRUNED model actually sees.
+
+One-shot compensation (least_squares.py) fits every layer on the original model's inputs; once
+many layers are pruned, later layers receive other inputs. Here the calibration data flows
+through the model as it is being pruned: for projection W of layer l, with X' its inputs in the
+model pruned up to l and G' = X' X'ᵀ, the kept columns become the one-shot refit on G':
+
+    W_K' = argmin ||W_K' X'_K − W X'||² + λ ||W_K' − W_K||²
+
+(SparseGPT's sequential mode). The target is the dense layer on the same inputs. Fitting the
+original model's outputs instead (computed from its own inputs) regresses onto a target that
+the pruned inputs only partly predict, shrinks the outputs, and measured far worse on SmolLM2
+(held-out loss 13.4 against 6.3 for this and 6.2 for one-shot, magnitude plan at 20%).
+Removed columns are zeroed as the pass goes (what surgery does to the output), so the stream is
+the pruned model's; `apply_plan` then cuts them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.compensate.least_squares import (
+    DEFAULT_RIDGE,
+    CompensationReport,
+    ProjectionFit,
+    reconstruction_error,
+    refit_kept_columns,
+)
+from prunekit.models.architecture import architecture_for
+from prunekit.models.layerwise import capture_layer_inputs, first_output
+from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+from prunekit.models.structure import model_structure
+from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
+
+
+def _input_gram(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, layer_kwargs: dict,
+                batch_size: int) -> torch.Tensor:
+    """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64)."""
+    gram = torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
+    seen: list[torch.Tensor] = []
+    handle = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        for start in range(0, len(stream), batch_size):
+            layer(stream[start:start + batch_size], **layer_kwargs)
+            x = seen.pop().reshape(-1, projection.in_features).to(torch.float64)
+            gram += x.T @ x
+    finally:
+        handle.remove()
+    return gram
+
+
+def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor:
+    if sublayer == "attention":
+        return torch.tensor([h * head_dim + d for h in kept.query_heads for d in range(head_dim)], dtype=torch.long)
+    return torch.tensor(kept.channels, dtype=torch.long)
+
+
+@torch.no_grad()
+def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, ridge: float = DEFAULT_RIDGE,
+                          batch_size: int = 8, progress: bool = True) -> CompensationReport:
+    """Refit o_proj / down_proj of every width-pruned sublayer of `plan`, layer by layer, in place,
+    before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream."""
+    arch = architecture_for(model.config.model_type)
+    layers = decoder_layers(model, arch.to_dict())
+    kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, model_structure(model))}
+    head_dim = head_dim_of(model.config)
+    inputs, kwargs_of = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, keep={0},
+                                             progress=progress, desc="compensation: caching inputs")
+    stream = inputs[0]
+    fits = []
+    for i in tqdm(range(len(layers)), desc="compensation: layers", unit="layer", disable=not progress):
+        layer, kept = layers[i], kept_by_source.get(i)
+        if kept is None:  # a dropped layer passes the stream through
+            continue
+        for sublayer, module_name, projection_name in (("attention", arch.attention, arch.o_proj),
+                                                       ("mlp", arch.mlp, arch.down_proj)):
+            module = getattr(layer, module_name)
+            if isinstance(module, (RemovedAttention, RemovedMLP)):
+                continue
+            projection = getattr(module, projection_name)
+            weight = projection.weight
+            keep = _kept_columns(kept, sublayer, head_dim).to(weight.device)
+            if len(keep) == projection.in_features:
+                continue
+            if len(keep) == 0:  # the whole sublayer goes: its output becomes zero, as after surgery
+                weight.zero_()
+                if projection.bias is not None:
+                    projection.bias.zero_()
+                continue
+            gram = _input_gram(layer, projection, stream, kwargs_of[i], batch_size)
+            dense = weight.to(torch.float64)
+            plain, refit = torch.zeros_like(dense), torch.zeros_like(dense)
+            plain[:, keep] = dense[:, keep]
+            refit[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
+            fits.append(ProjectionFit(i, sublayer, len(keep), projection.in_features - len(keep),
+                                      reconstruction_error(dense, plain, gram), reconstruction_error(dense, refit, gram)))
+            weight.copy_(refit.to(weight.dtype))
+        for start in range(0, len(stream), batch_size):
+            block = slice(start, start + batch_size)
+            stream[block] = first_output(layer(stream[block], **kwargs_of[i]))
+    return CompensationReport(tuple(fits), ridge, least_squares=True, bias=False)
