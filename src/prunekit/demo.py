@@ -31,7 +31,7 @@ def _has_local_data(data_dir) -> bool:
 
 
 def run_demo(model: str, out: Path, *, target: float = 0.3, data_dir: str | None = None, force: bool = False,
-             calib_samples: int = 32, calib_seq_len: int = 256) -> dict:
+             calib_samples: int = 64, calib_seq_len: int = 256) -> dict:
     started = time.perf_counter()
     out = Path(out)
     check_output_dir(out, force=force)
@@ -52,7 +52,7 @@ def run_demo(model: str, out: Path, *, target: float = 0.3, data_dir: str | None
         held_out = calibration_tokens("self", tokenizer, n_samples=16, seq_len=256, seed=1234, model=dense)
 
         def evaluate(m):
-            return perplexity(m, tokenizer, dataset=held_out, seq_len=256)
+            return perplexity(m, tokenizer, dataset=held_out.reshape(-1), seq_len=256)  # one window per sample
         eval_name = "held-out text sampled from the dense model (16 x 256 tokens, seed 1234), fp32"
 
     print(f"pruning {target:.0%} of non-embedding parameters: {settings.criterion}, {settings.allocation} allocation, "

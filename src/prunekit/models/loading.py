@@ -172,6 +172,8 @@ def load(model: str | Path, *, dtype: str = "float32", device: str = "cpu", attn
     source = resolve_model_source(model)
     load_config(source)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=False, **_source_kwargs(source))
+    if source.gguf_file:
+        kwargs.update(_dense_gguf_kwargs())
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -192,6 +194,16 @@ def load(model: str | Path, *, dtype: str = "float32", device: str = "cpu", attn
     loaded = loaded.to(device).eval()
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     return loaded, tokenizer
+
+
+def _dense_gguf_kwargs() -> dict:
+    """Ask for dense weights explicitly: transformers >= 5.2x keeps GGUF weights in quantized
+    blocks whenever the `kernels` package offers a matmul kernel, and pruning needs nn.Linear."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
 
 
 def load_tokenizer(source: ModelSource | str):
