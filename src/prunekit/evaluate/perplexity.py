@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prunekit.models.loading import TORCH_DTYPES as DTYPES
 from prunekit.data import (
     TEXT_PROTOCOLS,
     DataError,
@@ -39,14 +40,6 @@ LOGITS_BUDGET_BYTES = 2**30
 # Logits are upcast to fp32 for the loss this many elements at a time (64 MiB).
 NLL_CHUNK_ELEMENTS = 2**24
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.models.loading import TORCH_DTYPES as DTYPES
 from prunekit.evaluate.tasks import EvalError
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 DEVICES = ("cpu", "cuda")
 MEMORY_METHODS: dict[str, str] = {
     "cuda": "weights + torch.cuda.max_memory_allocated above the allocation before each call",

