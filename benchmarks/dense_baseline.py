@@ -18,12 +18,14 @@ BENCHMARKS.md are printed at the end, or from a saved record with --markdown-onl
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import json
 import os
 import resource
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +35,10 @@ from prunekit.evaluate.run import bench_models, evaluate_model
 from prunekit.evaluate.tasks import LOCAL_TASKS, local_data_files
 from prunekit.export.files import atomic_write_text
 
-# A stage's timing counts as contended when other processes took more than this share of the CPU.
+# A stage's timing counts as contended when other processes took more than this share of the CPU;
+# with --idle, a stage is stopped and run again when they take more than ABORT_SHARE for a minute.
 CONTENDED_SHARE = 0.05
+ABORT_SHARE = 0.2
 TASK_NAMES = {"piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "hellaswag": "HellaSwag"}
 
 
@@ -73,6 +77,33 @@ def wait_for_idle(poll_seconds: float = 30.0) -> None:
     """Return once other processes have left the CPU idle for `poll_seconds`."""
     while (share := _other_cpu_share(poll_seconds)) > CONTENDED_SHARE:
         print(f"waiting: other processes take {share:.0%} of the CPU", file=sys.stderr)
+
+
+class AbortOnContention:
+    """Interrupt the main thread when other processes take more than `share` of the CPU over `seconds`.
+
+    A stage that a heavy job starts to share the CPU with is stopped early, rather than finishing
+    with an unfair time; `tripped` tells that interruption apart from the user's Ctrl-C.
+    """
+
+    def __init__(self, share: float, seconds: float = 60.0) -> None:
+        self.share, self.seconds = share, seconds
+        self.tripped = False
+        self._done = threading.Event()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            if _other_cpu_share(self.seconds) > self.share and not self._done.is_set():
+                self.tripped = True
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self) -> AbortOnContention:
+        threading.Thread(target=self._watch, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
 
 
 def measured(stage: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -224,9 +255,9 @@ def main() -> int:
     parser.add_argument("--speed-dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5, help="speed repeats (default 5)")
     parser.add_argument("--idle", action="store_true",
-                        help="before each stage wait until other processes leave the CPU idle, and re-run a stage "
-                             "they contended anyway (up to --retries times)")
-    parser.add_argument("--retries", type=int, default=2, help="with --idle: re-runs of a contended stage (default 2)")
+                        help="before each stage wait until other processes leave the CPU idle; stop a stage they "
+                             "start to contend and run it again (up to --retries times; the last try runs through)")
+    parser.add_argument("--retries", type=int, default=6, help="with --idle: re-runs of a contended stage (default 6)")
     parser.add_argument("--stages", type=lambda text: text.split(","), help="run only these stages (default all)")
     parser.add_argument("--resume", action="store_true", help="keep the other stages of the record at --out")
     parser.add_argument("--markdown-only", action="store_true", help="print the tables of the record at --out")
@@ -260,14 +291,23 @@ def main() -> int:
         if name not in selected:
             continue
         for attempt in range(1, args.retries + 2 if args.idle else 2):
+            last = attempt == args.retries + 1 or not args.idle
             if args.idle:
                 wait_for_idle()
             print(f"stage {name}, attempt {attempt}", file=sys.stderr)
-            result = measured(stage)
-            share = result["contention"]["other_processes_cpu_share"]
-            if share <= CONTENDED_SHARE:
+            if last:
+                result = measured(stage)
                 break
-            print(f"stage {name}: other processes took {share:.0%} of the CPU", file=sys.stderr)
+            try:
+                with AbortOnContention(ABORT_SHARE) as watch:
+                    result = measured(stage)
+            except KeyboardInterrupt:
+                if not watch.tripped:
+                    raise
+                print(f"stage {name}: stopped, another job took over {ABORT_SHARE:.0%} of the CPU", file=sys.stderr)
+                continue
+            if result["contention"]["other_processes_cpu_share"] <= CONTENDED_SHARE:
+                break
         record["stages"][name] = {**result, "attempts": attempt}
         # Keep the stages in the order they are defined, whichever ran last.
         order = [*available, *record["stages"]]

@@ -103,3 +103,18 @@ def test_sequential_compensation_in_the_pipeline(model_dir, tmp_path):
     step = json.loads((saved.path / "prunekit.json").read_text())["pruning"]["steps"][0]
     fits = step["compensation"]["fits"]
     assert fits and all(f["error_after"] <= f["error_before"] + 1e-9 for f in fits)
+
+
+def test_analyze_writes_scores_report_and_plots(model_dir, tmp_path, capsys):
+    args = ["analyze", str(model_dir), "--out", str(tmp_path / "analysis"), "--calib", str(tmp_path / "calib.txt"),
+            "--calib-samples", "4", "--calib-seq-len", "32", "--criterion-option", "kinds=layer,attention,mlp,head"]
+    assert main(args) == 0
+    out = tmp_path / "analysis"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["criterion"] == "sensitivity" and len(scores["values"]["layer"]) == 4
+    report = (out / "analysis.md").read_text()
+    images = [line.split("](")[1].rstrip(")") for line in report.splitlines() if line.startswith("![")]
+    assert images and all((out / image).is_file() for image in images)
+    assert "wrote" in capsys.readouterr().out
+    assert main(args) == 2  # exists: refused without --force
+    assert "already exists" in capsys.readouterr().err

@@ -234,8 +234,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402  (after the helpers they reuse)
 from prunekit.evaluate.tasks import EvalError  # noqa: E402
+from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
-USER_ERRORS += (EvalError,)
+USER_ERRORS += (EvalError, RunReportError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
@@ -243,6 +244,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prune": ("prune to a plan or a target and save the smaller dense model", _add_prune, _run_prune),
     "eval": EVAL_COMMAND,
     "bench": BENCH_COMMAND,
+    "report": REPORT_COMMAND,
     "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
 }
 
