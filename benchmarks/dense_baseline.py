@@ -18,12 +18,12 @@ BENCHMARKS.md are printed at the end, or from a saved record with --markdown-onl
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import os
 import resource
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -79,31 +79,51 @@ def wait_for_idle(poll_seconds: float = 30.0) -> None:
         print(f"waiting: other processes take {share:.0%} of the CPU", file=sys.stderr)
 
 
-class AbortOnContention:
-    """Interrupt the main thread when other processes take more than `share` of the CPU over `seconds`.
+class Contended(BaseException):
+    """Raised in the main thread when another job starts to share the CPU with a stage.
 
-    A stage that a heavy job starts to share the CPU with is stopped early, rather than finishing
-    with an unfair time; `tripped` tells that interruption apart from the user's Ctrl-C.
+    A BaseException, as KeyboardInterrupt is, so that no library's `except Exception` swallows it.
+    """
+
+
+class AbortOnContention:
+    """Raise Contended in the main thread once other processes take more than `share` of the CPU
+    over `seconds`, so a stage stops early rather than finishing with an unfair time.
+
+    The watcher thread signals the process with SIGUSR1, whose handler (which Python runs in the
+    main thread) raises; SIGINT would not do, as shells start background jobs with it ignored.
     """
 
     def __init__(self, share: float, seconds: float = 60.0) -> None:
         self.share, self.seconds = share, seconds
-        self.tripped = False
         self._done = threading.Event()
+        self._lock = threading.Lock()  # no signal once __exit__ has begun to restore the handler
 
     def _watch(self) -> None:
-        while not self._done.is_set():
-            if _other_cpu_share(self.seconds) > self.share and not self._done.is_set():
-                self.tripped = True
-                _thread.interrupt_main()
+        while True:
+            busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
+            if self._done.wait(self.seconds):
+                return
+            other = (_busy_cpu_seconds() - busy) - (_own_cpu_seconds() - own)
+            if other / (self.seconds * os.cpu_count()) > self.share:
+                with self._lock:
+                    if not self._done.is_set():
+                        os.kill(os.getpid(), signal.SIGUSR1)
                 return
 
+    @staticmethod
+    def _raise(signum: int, frame: object) -> None:
+        raise Contended
+
     def __enter__(self) -> AbortOnContention:
+        self._previous = signal.signal(signal.SIGUSR1, self._raise)
         threading.Thread(target=self._watch, daemon=True).start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._done.set()
+        with self._lock:
+            self._done.set()
+        signal.signal(signal.SIGUSR1, self._previous)
 
 
 def measured(stage: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -299,11 +319,9 @@ def main() -> int:
                 result = measured(stage)
                 break
             try:
-                with AbortOnContention(ABORT_SHARE) as watch:
+                with AbortOnContention(ABORT_SHARE):
                     result = measured(stage)
-            except KeyboardInterrupt:
-                if not watch.tripped:
-                    raise
+            except Contended:
                 print(f"stage {name}: stopped, another job took over {ABORT_SHARE:.0%} of the CPU", file=sys.stderr)
                 continue
             if result["contention"]["other_processes_cpu_share"] <= CONTENDED_SHARE:
