@@ -28,14 +28,15 @@ def main(paths: list[str]) -> int:
         table.setdefault(key, {})[run["target"]] = run
     ratios = sorted({r for rows in table.values() for r in rows})
     print("| criterion | allocation | removes | compensation | " + " | ".join(f"{r:.0%}" for r in ratios)
-          + " | scoring s | peak MiB |")
-    print("|" + "---|" * (6 + len(ratios)))
+          + " | scoring s | prune + compensate s | peak MiB |")
+    print("|" + "---|" * (7 + len(ratios)))
     for key in sorted(table, key=lambda k: (k[0], k[1], k[2], k[3])):
         rows = table[key]
         cells = [f"{rows[r]['perplexity']:,.1f}" if r in rows else "-" for r in ratios]
         any_run = next(iter(rows.values()))
+        prune = " / ".join(f"{rows[r]['prune_seconds']:.1f}" if r in rows else "-" for r in ratios)
         print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
-              + f" | {any_run['score_seconds']:.1f} | {any_run['peak_memory_mib']:,.0f} |")
+              + f" | {any_run['score_seconds']:.1f} | {prune} | {any_run['peak_memory_mib']:,.0f} |")
     print()
     print("| removed | prunekit best (37 windows) | setting | best peer (same protocol) |")
     print("|---|---|---|---|")
