@@ -66,16 +66,27 @@ def _own_cpu_seconds() -> float:
                (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
-def _other_cpu_share(seconds: float) -> float:
-    """The share of the machine's CPU that other processes take over the next `seconds`."""
-    busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
-    time.sleep(seconds)
-    return max(0.0, (_busy_cpu_seconds() - busy) - (_own_cpu_seconds() - own)) / (seconds * os.cpu_count())
+class OtherCpu:
+    """The CPU time that processes other than this one have taken since the meter was made."""
+
+    def __init__(self) -> None:
+        self.busy, self.own, self.start = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+
+    def seconds(self) -> float:
+        return max(0.0, (_busy_cpu_seconds() - self.busy) - (_own_cpu_seconds() - self.own))
+
+    def share(self) -> float:
+        """Of all the CPU time the machine had since the meter was made."""
+        return self.seconds() / ((time.perf_counter() - self.start) * os.cpu_count())
 
 
 def wait_for_idle(poll_seconds: float = 30.0) -> None:
     """Return once other processes have left the CPU idle for `poll_seconds`."""
-    while (share := _other_cpu_share(poll_seconds)) > CONTENDED_SHARE:
+    while True:
+        meter = OtherCpu()
+        time.sleep(poll_seconds)
+        if (share := meter.share()) <= CONTENDED_SHARE:
+            return
         print(f"waiting: other processes take {share:.0%} of the CPU", file=sys.stderr)
 
 
@@ -101,11 +112,10 @@ class AbortOnContention:
 
     def _watch(self) -> None:
         while True:
-            busy, own = _busy_cpu_seconds(), _own_cpu_seconds()
+            meter = OtherCpu()
             if self._done.wait(self.seconds):
                 return
-            other = (_busy_cpu_seconds() - busy) - (_own_cpu_seconds() - own)
-            if other / (self.seconds * os.cpu_count()) > self.share:
+            if meter.share() > self.share:
                 with self._lock:
                     if not self._done.is_set():
                         os.kill(os.getpid(), signal.SIGUSR1)
@@ -128,15 +138,14 @@ class AbortOnContention:
 
 def measured(stage: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a stage; record beside its report how much CPU other processes took meanwhile."""
-    busy, own, start = _busy_cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
+    meter = OtherCpu()
     report = stage()
-    wall = time.perf_counter() - start
-    other = max(0.0, (_busy_cpu_seconds() - busy) - (_own_cpu_seconds() - own))
     return {
         "report": report,
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "contention": {"wall_seconds": round(wall, 1), "other_processes_cpu_seconds": round(other, 1),
-                       "other_processes_cpu_share": round(other / (wall * os.cpu_count()), 3)},
+        "contention": {"wall_seconds": round(time.perf_counter() - meter.start, 1),
+                       "other_processes_cpu_seconds": round(meter.seconds(), 1),
+                       "other_processes_cpu_share": round(meter.share(), 3)},
     }
 
 
@@ -200,7 +209,7 @@ def markdown(record: dict[str, Any]) -> str:
         dtype = tasks[0]["report"]["model"]["dtype"]
         lines += ["", f"**Zero-shot accuracy** ({dtype}; 0-shot, lm-eval's prompts and metrics, local copies of "
                       "the data; ± is the standard error):", ""]
-        rows, notes = [], set()
+        rows, notes = [], {}
         for stage in tasks:
             (task, entry), = stage["report"]["tasks"].items()
             protocol = entry["protocol"]
@@ -211,10 +220,11 @@ def markdown(record: dict[str, Any]) -> str:
                          f"{entry['acc_norm']:.3f} ± {entry['acc_norm_stderr']:.3f}",
                          _time(entry["seconds"], stage["contention"])])
             if protocol.get("differs_from_lm_eval"):
-                notes.add(f"{TASK_NAMES.get(task, task)}: {protocol['differs_from_lm_eval']}")
+                notes.setdefault(protocol["differs_from_lm_eval"], []).append(TASK_NAMES.get(task, task))
         lines += _md_table(["task", "split", "items", "acc", "acc_norm", "time"], rows)
         if notes:
-            lines += ["", "Local copies differ from lm-eval's Hub data: " + "; ".join(sorted(notes)) + "."]
+            lines += ["", "Local copies differ from lm-eval's Hub data: "
+                      + "; ".join(f"{', '.join(tasks)}: {note}" for note, tasks in notes.items()) + "."]
 
     if "speed" in done:
         speed = done["speed"]["report"]["speed"]
