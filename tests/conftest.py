@@ -92,3 +92,12 @@ def shared_data_dir() -> Path | None:
         if candidate and (Path(candidate) / "README.md").exists():
             return Path(candidate)
     return None
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are all overhead: on a shared 2-core machine, two spinning threads can slow them 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ BENCH_SIZES = ["--prefill-batch", "1", "--prefill-len", "16", "--decode-batches"
                "--decode-tokens", "3", "--warmup", "0", "--repeats", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all overhead: on a shared 2-core machine, two spinning threads can slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

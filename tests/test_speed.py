@@ -23,13 +23,7 @@ QUICK = dict(prefill_batch=2, prefill_len=32, decode_batches=(1, 3), decode_cont
              warmup=1, repeats=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all overhead: on a shared 2-core machine, two spinning threads can slow them 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from prunekit.export.huggingface import SavedModel, save_model
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure
-from prunekit.plan.planner import PlannerSettings, make_plan, max_removable_fraction, removed_fraction
+from prunekit.plan.planner import PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction
 from prunekit.prune.surgery import apply_plan
 from prunekit.score import Scores, collect_layer_stats, get_criterion, score_model
 
@@ -135,14 +135,14 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     ids, labels = calibration if calibration is not None else (None, None)
     if ids is None and (get_criterion(settings.criterion).needs_data or settings.compensation != "none"):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
-    base = _basis_value(original, settings.basis)
+    base = basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
     for step in range(1, settings.steps + 1):
         started = time.perf_counter()
         current = model_structure(model)
         # Each step removes its share of the ORIGINAL basis: step s ends at s/steps of the target.
         goal_left = base * (1 - settings.target * step / settings.steps)
-        step_target = 1 - goal_left / _basis_value(current, settings.basis)
+        step_target = 1 - goal_left / basis_value(current, settings.basis)
         if step_target <= 0:
             continue
         scores, stats = _score(model, ids, labels, settings, progress)
@@ -168,19 +168,6 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     return record
 
 
-def _basis_value(structure: ModelStructure, basis: str) -> float:
-    return {"non-embedding": structure.non_embedding_params, "total": structure.total_params,
-            "flops": structure.flops_per_token(), "kv-cache": structure.kv_cache_bytes_per_token()}[basis]
-
-
-def check_reachable(structure: ModelStructure, settings: PruneSettings) -> None:
-    reachable = max_removable_fraction(structure, settings.planner_settings())
-    if settings.target > reachable + 1e-9:
-        raise PlanError(f"target {settings.target} of {settings.basis} is out of reach for {list(settings.prune)} under the "
-                        f"limits {settings.limits or 'none'}: at most {reachable:.3f} can be removed; lower the target or "
-                        f"allow more structures")
-
-
 def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,
                   dtype: str = "float32") -> SavedModel:
     """Load `model`, apply `plan`, save to `out`. The plan is checked against the model's shapes
@@ -203,7 +190,7 @@ def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings,
     settings.validate()
     source = resolve_model_source(model)
     check_output_dir(Path(out), force=force, protected=source.local_paths)
-    check_reachable(model_structure(load_skeleton(source)), settings)
+    check_reachable(model_structure(load_skeleton(source)), settings.planner_settings())
     loaded, tokenizer = load(model, dtype=dtype)
     record = prune_loaded(loaded, tokenizer, settings, progress=progress)
     plans = [s["plan"] for s in record["steps"]]

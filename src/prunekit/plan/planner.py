@@ -348,18 +348,24 @@ def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettin
             f"the {scores.criterion} scores have no values for {missing}; score them (another criterion or "
             f"--kinds) or prune only {[k for k in settings.prune if scores.has(k)]}"
         )
-    reachable = max_removable_fraction(structure, settings)
-    if settings.target > reachable + 1e-9:
-        raise PlanError(
-            f"target {settings.target:.3f} of {settings.basis} cannot be reached by pruning {list(settings.prune)} "
-            f"under the limits {settings.limits or 'none'} (at most {reachable:.3f}); lower the target or allow more "
-            f"structures"
-        )
+    check_reachable(structure, settings)
     planner = _Planner(structure, scores, settings, comparable)
     total = planner.basis_total()
     ALLOCATORS[settings.allocation](planner, settings.target * total)
     achieved = 1 - planner.basis_total(planner.shapes()) / total
     return _to_plan(planner, structure, settings, scores, achieved)
+
+
+def check_reachable(structure: ModelStructure, settings: PlannerSettings) -> None:
+    """Refuse a target that the allowed structures and limits cannot reach (needs shapes only,
+    so callers run it before scoring)."""
+    reachable = max_removable_fraction(structure, settings)
+    if settings.target > reachable + 1e-9:
+        raise PlanError(
+            f"target {settings.target:.3f} of {settings.basis} is out of reach for {list(settings.prune)} under the "
+            f"limits {settings.limits or 'none'}: at most {reachable:.3f} can be removed; lower the target or allow "
+            f"more structures"
+        )
 
 
 def max_removable_fraction(structure: ModelStructure, settings: PlannerSettings) -> float:
@@ -405,13 +411,18 @@ def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSett
     )
 
 
-def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, seq_len: int = 2048) -> float:
+def basis_value(structure: ModelStructure, basis: str, seq_len: int = 2048) -> float:
+    """How much of `basis` a model has: parameters, FLOPs per token or KV-cache bytes per token."""
     value = {
         "non-embedding": lambda s: s.non_embedding_params, "total": lambda s: s.total_params,
         "flops": lambda s: s.flops_per_token(seq_len), "kv-cache": lambda s: s.kv_cache_bytes_per_token(),
     }[basis]
-    return 1 - value(after) / value(before)
+    return value(structure)
+
+
+def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, seq_len: int = 2048) -> float:
+    return 1 - basis_value(after, basis, seq_len) / basis_value(before, basis, seq_len)
 
 
 __all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "PlannerSettings", "adaptive_budgets", "layer_importance",
-           "make_plan", "max_removable_fraction", "removed_fraction"]
+           "basis_value", "check_reachable", "make_plan", "max_removable_fraction", "removed_fraction"]
