@@ -78,6 +78,21 @@ def _candidates(layer, arch, head_dim: int, kinds, channel_group_size: int) -> l
     return out
 
 
+def _mask_sublayer(projection: nn.Linear, output_source: nn.Module, input_mask: torch.Tensor) -> list:
+    """Hooks that multiply `projection`'s input features by `input_mask` [rows, 1, features] and
+    zero `output_source`'s output on rows whose mask is all zero (the projection's bias would
+    otherwise survive a removed sublayer)."""
+    keep_rows = (input_mask.sum(-1, keepdim=True) > 0).to(input_mask.dtype)
+
+    def mask_input(module, args):
+        return (args[0] * input_mask.to(args[0]),)
+
+    def zero_removed(module, args, out):
+        return _replace_first(out, first_output(out) * keep_rows.to(first_output(out)))
+
+    return [projection.register_forward_pre_hook(mask_input), output_source.register_forward_hook(zero_removed)]
+
+
 def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_replica: int, channel_group_size: int):
     """Hooks on one layer that remove removals[r] from the r-th block of rows of the batch."""
     attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
@@ -100,13 +115,8 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
             elif rm.kind in ("attention", "layer"):
                 o_mask[r] = 0
         if (o_mask == 0).any():
-            head_mask = per_row(o_mask)
-            handles.append(o_proj.register_forward_pre_hook(lambda m, args: (args[0] * head_mask.to(args[0]),)))
-            keep_attention = per_row((o_mask.sum(1, keepdim=True) > 0).float())
-            # o_proj(0) is its bias: zero the whole sublayer's output where all heads are gone
             source = getattr(layer, arch.attention_output_norm) if arch.attention_output_norm else attention
-            handles.append(source.register_forward_hook(
-                lambda m, args, out: _replace_first(out, first_output(out) * keep_attention.to(first_output(out)))))
+            handles += _mask_sublayer(o_proj, source, per_row(o_mask))
     if not isinstance(mlp, RemovedMLP):
         down = getattr(mlp, arch.down_proj)
         d_mask = torch.ones(k, down.in_features)
@@ -116,12 +126,8 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
             elif rm.kind in ("mlp", "layer"):
                 d_mask[r] = 0
         if (d_mask == 0).any():
-            channel_mask = per_row(d_mask)
-            handles.append(down.register_forward_pre_hook(lambda m, args: (args[0] * channel_mask.to(args[0]),)))
-            keep_mlp = per_row((d_mask.sum(1, keepdim=True) > 0).float())
             source = getattr(layer, arch.mlp_output_norm) if arch.mlp_output_norm else mlp
-            handles.append(source.register_forward_hook(
-                lambda m, args, out: _replace_first(out, first_output(out) * keep_mlp.to(first_output(out)))))
+            handles += _mask_sublayer(down, source, per_row(d_mask))
     return handles
 
 
