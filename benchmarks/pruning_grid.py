@@ -29,6 +29,7 @@ from prunekit.compensate import compensate, compensate_sequential
 from prunekit.data import calibration_tokens
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.export.huggingface import versions
+from prunekit.pipeline import PruneSettings, prune_loaded
 from prunekit.plan.planner import PlannerSettings, make_plan, removed_fraction
 from prunekit.score import CRITERIA, collect_layer_stats, score_model
 
@@ -55,6 +56,9 @@ def main() -> int:
                         help="comma list of none, one-shot, sequential")
     parser.add_argument("--structures", default=None,
                         help="override what may be removed, e.g. channel (FFN only); default channel,head,kv_group")
+    parser.add_argument("--steps", default="1",
+                        help="comma list of iterative step counts; runs with more than one step go through "
+                             "prunekit.pipeline.prune_loaded, scoring again between steps")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-seq-len", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=16)
@@ -65,6 +69,7 @@ def main() -> int:
     parser.add_argument("--out", default="benchmarks/results/pruning_grid.json")
     parser.add_argument("--tf32-scoring", action="store_true",
                         help="allow TF32 matmuls while scoring on CUDA (evaluation always runs in full fp32)")
+    parser.add_argument("--progress", action="store_true", help="progress bars for scoring and compensation (stderr)")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +98,7 @@ def main() -> int:
     t0 = time.perf_counter()
     stats = collect_layer_stats(dense, ids, batch_size=args.batch_size, with_gram=True, progress=False)
     stats_seconds = time.perf_counter() - t0
+    print(f"set-up (load, calibration data, dense evaluation, statistics): {time.perf_counter() - started:.0f} s", flush=True)
 
     def apply_compensation(model, plan, mode: str) -> None:
         if mode == "one-shot":
@@ -101,15 +107,17 @@ def main() -> int:
             compensate_sequential(model, plan, ids, batch_size=args.batch_size, progress=False)
 
     ratios = [float(r) for r in args.ratios.split(",")]
-    plans: dict[int, prunekit.Plan] = {}  # full plans stay in memory; the JSON keeps the widths
+    # How to rebuild each run (for --full-eval-best): plans stay in memory, the JSON keeps the widths.
+    rebuilds: dict[int, object] = {}
     compensations = args.compensation.split(",")
+    step_counts = [int(s) for s in args.steps.split(",")]
     for criterion in args.criteria.split(","):
         spec = CRITERIA[criterion]
         t0 = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         torch.backends.cuda.matmul.allow_tf32 = args.tf32_scoring
-        scores = score_model(dense, criterion, ids, stats=stats, batch_size=args.batch_size, progress=False,
+        scores = score_model(dense, criterion, ids, stats=stats, batch_size=args.batch_size, progress=args.progress,
                              **CRITERION_OPTIONS.get(criterion, {}))
         torch.backends.cuda.matmul.allow_tf32 = False
         score_seconds = time.perf_counter() - t0 + (stats_seconds if spec.needs_stats else 0)
@@ -120,27 +128,42 @@ def main() -> int:
                 structures = tuple(args.structures.split(",")) if args.structures else STRUCTURES[criterion]
                 settings = PlannerSettings(target=ratio, allocation=allocation, prune=structures)
                 plan = make_plan(dense_structure, scores, settings, comparable=spec.comparable)
-                for compensated in compensations:
+                for compensated, steps in [(c, k) for c in compensations for k in step_counts]:
+                    if steps == 1:
+                        def rebuild(plan=plan, compensated=compensated):
+                            model = copy.deepcopy(dense)
+                            apply_compensation(model, plan, compensated)
+                            return model, prunekit.apply_plan(model, plan), [plan]
+                    else:
+                        def rebuild(criterion=criterion, allocation=allocation, ratio=ratio, structures=structures,
+                                    compensated=compensated, steps=steps):
+                            model = copy.deepcopy(dense)
+                            pipeline = PruneSettings(target=ratio, criterion=criterion, allocation=allocation,
+                                                     prune=structures, compensation=compensated, steps=steps,
+                                                     batch_size=args.batch_size,
+                                                     criterion_options=CRITERION_OPTIONS.get(criterion, {}))
+                            record = prune_loaded(model, tokenizer, pipeline, progress=False, calibration=(ids, None))
+                            plans = [prunekit.Plan.from_dict(s["plan"]) for s in record["steps"]]
+                            return model, prunekit.model_structure(model), plans
                     t0 = time.perf_counter()
-                    model = copy.deepcopy(dense)
-                    apply_compensation(model, plan, compensated)
-                    after = prunekit.apply_plan(model, plan)
+                    model, after, run_plans = rebuild()
                     prune_seconds = time.perf_counter() - t0
                     result = evaluate(model, args.eval_every)
                     run = {
                         "criterion": criterion, "allocation": allocation, "compensation": compensated, "target": ratio,
-                        "structures": list(structures),
+                        "steps": steps, "structures": list(structures),
                         "removed_non_embedding": round(removed_fraction(dense_structure, after, "non-embedding"), 4),
                         **result, "score_seconds": round(score_seconds, 1), "prune_seconds": round(prune_seconds, 1),
                         "peak_memory_mib": round(max(score_memory, peak_memory_mib(device)), 0),
                         "layers": after.num_layers, "kept": [[s.num_attention_heads, s.num_key_value_heads,
                                                               s.intermediate_size] for s in after.layers],
-                        "dropped_layers": list(plan.drop_layers),
+                        "dropped_layers": sorted({i for p in run_plans for i in p.drop_layers}),
                     }
                     record["runs"].append(run)
-                    plans[len(record["runs"]) - 1] = plan
-                    print(f"{criterion:16s} {allocation:9s} {','.join(structures):22s} comp={compensated:10s} r={ratio:.2f} "
-                          f"removed={run['removed_non_embedding']:.3f} ppl={run['perplexity']:.2f}", flush=True)
+                    rebuilds[len(record["runs"]) - 1] = rebuild
+                    print(f"{criterion:16s} {allocation:9s} {','.join(structures):22s} comp={compensated:10s} "
+                          f"steps={steps} r={ratio:.2f} removed={run['removed_non_embedding']:.3f} "
+                          f"ppl={run['perplexity']:.2f}", flush=True)
                     out.write_text(json.dumps(record, indent=1) + "\n")  # partial results survive a timeout
                     del model
 
@@ -149,9 +172,7 @@ def main() -> int:
             index = min((i for i, r in enumerate(record["runs"]) if r["target"] == ratio),
                         key=lambda i: record["runs"][i]["perplexity"])
             best = record["runs"][index]
-            model = copy.deepcopy(dense)
-            apply_compensation(model, plans[index], best["compensation"])
-            prunekit.apply_plan(model, plans[index])
+            model, _, _ = rebuilds[index]()
             best["full_eval"] = evaluate(model, 1)
             print(f"best at {ratio}: {best['criterion']} {best['allocation']} comp={best['compensation']} "
                   f"every window: {best['full_eval']}", flush=True)

@@ -216,6 +216,71 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- recover
+def _add_recover(parser: argparse.ArgumentParser) -> None:
+    from prunekit.recover import METHODS, RecoveryData, RecoverySettings
+
+    defaults, data = RecoverySettings(), RecoveryData()
+    parser.add_argument("model", help="the pruned model directory (what `prunekit prune` wrote)")
+    parser.add_argument("--out", required=True, help="output directory (a model directory like prune's; LoRA merged)")
+    parser.add_argument("--method", default=defaults.method, choices=list(METHODS),
+                        help="lora (LoRA on cross-entropy), distill (every weight, KL to the teacher), lora+distill, "
+                        "full (every weight, cross-entropy); default %(default)s")
+    parser.add_argument("--teacher", default=None, help="the original model (needed by distill methods and --data self)")
+    parser.add_argument("--data", default=data.source,
+                        help="c4, wikitext2, ptb, a .txt / .jsonl[:field] file, 'self' (text the teacher writes), or "
+                        "prompt/response pairs: alpaca or a .jsonl with --pairs (loss on the responses); default c4")
+    parser.add_argument("--pairs", action="store_true", help="read --data as prompt/response pairs (alpaca implies it)")
+    parser.add_argument("--tokens", type=int, default=defaults.tokens, help="training token budget (default %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=data.seq_len, help="tokens per row (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per micro-batch per process")
+    parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 with LoRA, 5e-5 else)")
+    parser.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps warming up")
+    parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
+    parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
+    parser.add_argument("--lora-targets", default=",".join(defaults.lora_targets),
+                        help="module names, or all-linear (default)")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="distillation temperature")
+    parser.add_argument("--ce-weight", type=float, default=defaults.ce_weight, help="cross-entropy mixed into distillation")
+    parser.add_argument("--hidden-weight", type=float, default=defaults.hidden_weight,
+                        help="hidden-state matching at kept layers, mixed into distillation")
+    parser.add_argument("--teacher-cache", type=int, default=defaults.teacher_cache, metavar="K",
+                        help="cache the teacher's top-K logits before training and free it (0: on the fly)")
+    parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out perplexities")
+    parser.add_argument("--held-out", type=int, default=data.held_out, help="rows kept apart for held-out perplexity")
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                        help="steps between checkpoints in OUT.checkpoints (0: none)")
+    parser.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.checkpoints after success")
+    parser.add_argument("--precision", default=defaults.precision, choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--data-dir", default=None, help="local data sets (default: $PRUNEKIT_DATA_DIR)")
+    parser.add_argument("--force", action="store_true", help="replace --out (and old checkpoints) if they exist")
+
+
+def _run_recover(args: argparse.Namespace) -> int:
+    from prunekit.recover import PAIR_SOURCES, RecoveryData, RecoverySettings, recover
+
+    data = RecoveryData(source=args.data, pairs=args.pairs or args.data in PAIR_SOURCES, seq_len=args.seq_len,
+                        held_out=args.held_out, seed=args.seed, data_dir=args.data_dir)
+    settings = RecoverySettings(
+        method=args.method, tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup=args.warmup, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=_csv(args.lora_targets),
+        temperature=args.temperature, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
+        teacher_cache=args.teacher_cache, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        precision=args.precision, seed=args.seed, data=data,
+    )
+    saved = recover(args.model, args.out, settings, teacher=args.teacher, force=args.force, resume=args.resume,
+                    keep_checkpoints=args.keep_checkpoints)
+    recovery = json.loads((saved.path / "prunekit.json").read_text())["recovery"]
+    if recovery["eval"]:
+        (_, before), (_, after) = recovery["eval"][0], recovery["eval"][-1]
+        print(f"held-out perplexity {before:.2f} -> {after:.2f} over {recovery['tokens']:,} training tokens")
+    print(f"saved {saved.format} model with {saved.params:,} parameters to {saved.path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -236,7 +301,9 @@ from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402
 from prunekit.evaluate.tasks import EvalError  # noqa: E402
 from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
-USER_ERRORS += (EvalError, RunReportError)
+from prunekit.recover.train import RecoveryError  # noqa: E402
+
+USER_ERRORS += (EvalError, RunReportError, RecoveryError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
@@ -244,6 +311,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prune": ("prune to a plan or a target and save the smaller dense model", _add_prune, _run_prune),
     "eval": EVAL_COMMAND,
     "bench": BENCH_COMMAND,
+    "recover": ("train the pruned model back (LoRA, distillation from the original) and save it merged",
+                _add_recover, _run_recover),
     "report": REPORT_COMMAND,
     "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
 }

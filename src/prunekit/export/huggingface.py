@@ -98,3 +98,11 @@ def save_model(
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
     return SavedModel(out, provenance["format"], structure.total_params)
+
+
+def provenance_plans(provenance: dict) -> list[dict]:
+    """The plans that made a saved model, in order: each step's of a `--target` run, else the one plan."""
+    steps = (provenance.get("pruning") or {}).get("steps") or []
+    if steps:
+        return [step["plan"] for step in steps]
+    return [provenance["plan"]] if provenance.get("plan") else []

@@ -277,3 +277,13 @@ def predicted_structure(plan: Plan, structure: ModelStructure) -> ModelStructure
         layer_costs=tuple(structure.layer_costs[k.source_index] for k in kept),
         layer_types=layer_types,
     )
+
+
+def surviving_layers(plans: list[dict], num_layers: int) -> list[int]:
+    """The source index of every layer that the plans, applied in order, leave: a later plan's
+    drop_layers count the layers the one before it left."""
+    survivors = list(range(num_layers))
+    for plan in plans:
+        dropped = set(plan.get("drop_layers") or ())
+        survivors = [source for index, source in enumerate(survivors) if index not in dropped]
+    return survivors

@@ -27,15 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.export.files import OutputExistsError, atomic_write_text
-from prunekit.export.huggingface import PROVENANCE_FILE
+from prunekit.export.huggingface import PROVENANCE_FILE, provenance_plans
 from prunekit.models.structure import LayerCosts, LayerShape, ModelStructure, model_structure
-from prunekit.plan.plan import structure_signature
+from prunekit.plan.plan import structure_signature, surviving_layers
 from prunekit.report.analysis import describe_calibration
 from prunekit.report.plots import (
     plot_channel_scores,
     plot_head_heatmap,
     plot_kept_widths,
     plot_layer_scores,
+    plot_loss_curve,
     plot_quality_vs_size,
 )
 from prunekit.score.scores import LAYER_KINDS, Scores
@@ -134,21 +135,9 @@ def _local_structure(spec: str | None) -> ModelStructure | None:
         return None
 
 
-def _plans(provenance: dict) -> list[dict]:
-    """The plans that made the model, in order: each step's of a `--target` run, else the one plan."""
-    steps = (provenance.get("pruning") or {}).get("steps") or []
-    if steps:
-        return [step["plan"] for step in steps]
-    return [provenance["plan"]] if provenance.get("plan") else []
-
-
 def _dropped_layers(plans: list[dict], num_layers: int) -> list[int]:
-    """Source layers that no step kept; a later step's indices count the layers the step before left."""
-    survivors = list(range(num_layers))
-    for plan in plans:
-        dropped = set(plan.get("drop_layers") or ())
-        survivors = [source for index, source in enumerate(survivors) if index not in dropped]
-    return sorted(set(range(num_layers)) - set(survivors))
+    """Source layers that no step kept."""
+    return sorted(set(range(num_layers)) - set(surviving_layers(plans, num_layers)))
 
 
 def _before_structure(
@@ -271,7 +260,7 @@ def _model_section(context: _Context) -> str | None:
     if provenance is None:
         return None
     after = _skeleton_structure(model_dir)
-    plans = _plans(provenance)
+    plans = provenance_plans(provenance)
     source = provenance.get("source_model")
     lines = ["## Pruned model", "",
              f"`{os.path.relpath(model_dir, context.report_dir)}`, pruned from `{source or 'an unrecorded model'}` "
@@ -306,6 +295,38 @@ def _model_section(context: _Context) -> str | None:
         lines += ["", "### Compensation", "",
                   "Per sublayer, the relative error of its output on the calibration data with the pruned inputs "
                   "dropped, before and after refitting the output projection.", "", fits]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+def _recovery_section(context: _Context) -> str | None:
+    model_dir = _model_dir(context.run_dir)
+    provenance = _read_json(model_dir / PROVENANCE_FILE, context) if model_dir is not None else None
+    recovery = (provenance or {}).get("recovery")
+    if not recovery:
+        context.missing.append("no recovery record (the model was not trained after pruning: `prunekit recover`).")
+        return None
+    settings = recovery["settings"]
+    data = settings["data"]
+    evals = recovery.get("eval") or []
+    rows = [("method", settings["method"]), ("teacher", f"`{recovery.get('teacher')}`"),
+            ("data", f"{data['source']} ({'prompt/response pairs' if data['pairs'] else 'text'}, "
+                     f"{data['seq_len']}-token rows)"),
+            ("training tokens", f"{recovery['tokens']:,} in {recovery['total_steps']} steps"),
+            ("trainable parameters", f"{recovery['trainable_params']:,}"),
+            ("peak learning rate", f"{settings['lr'] if settings['lr'] is not None else 'method default'}"),
+            ("training speed", f"{recovery['tokens_per_second']:,.0f} tokens/s ({recovery['precision']}, "
+                               f"{recovery['world_size']} process{'es' * (recovery['world_size'] > 1)})")]
+    if evals:
+        rows.append(("held-out perplexity", f"{evals[0][1]:.2f} at step {evals[0][0]} -> {evals[-1][1]:.2f} "
+                                            f"at step {evals[-1][0]}"))
+    lines = ["## Recovery", "", _table(("", "value"), rows, align="ll")]
+    if recovery.get("steps"):
+        figure = plot_loss_curve(recovery["steps"], recovery["loss"], context.figure("recovery_loss.png"),
+                                 eval_points=[tuple(point) for point in evals], data=f"held-out {data['source']}")
+        lines += ["", context.image("Recovery loss curve", figure)]
     return "\n".join(lines)
 
 
@@ -546,7 +567,8 @@ def write_run_report(run_dir: Path, out: Path | None = None) -> Path:
     path = _report_path(run_dir, None if out is None else Path(out))
     context = _Context(run_dir.absolute(), path.parent.absolute())
     sections = [section() for section in (
-        lambda: _model_section(context), lambda: _summary_section(context), lambda: _eval_section(context),
+        lambda: _model_section(context), lambda: _recovery_section(context), lambda: _summary_section(context),
+        lambda: _eval_section(context),
         lambda: _bench_section(context), lambda: _scores_section(context),
     )]
     found = [section for section in sections if section]

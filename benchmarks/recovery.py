@@ -1,0 +1,154 @@
+"""Issue-5 benchmark: recover a pruned SmolLM2-135M with each method on the same C4 token budget,
+and time our training loop against Hugging Face Trainer + PEFT on the same LoRA job.
+
+The pruned model is what `prunekit prune smollm2-135m --target 0.35 --out runs/pruned35` writes
+(Taylor, global allocation, sequential compensation: the best setting of the pruning grid at 35%
+in one step). Each method trains a fresh copy through the public API (`recover_loaded`) on C4
+rows drawn with seed 0 (the same rows for every method); WikiText-2 perplexity is measured on
+`wiki.test.raw` in 512-token windows (every --eval-every-th window, fp32) for the dense model,
+the pruned model and each recovered model in the same process, and each method's share of the
+gap closed is (pruned - recovered) / (pruned - dense).
+
+The loop comparison trains the same LoRA (rank, alpha, targets, learning rate, schedule, batch)
+on the same rows with both trainers, alternating them --speed-repeats times in one process, and
+reports the median tokens/s of each.
+
+    python benchmarks/recovery.py --pruned runs/pruned35 --out benchmarks/results/recovery.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import prunekit
+from prunekit.evaluate.perplexity import perplexity
+from prunekit.export.files import atomic_write_text
+from prunekit.export.huggingface import versions
+from prunekit.recover import RecoveryData, RecoverySettings, recover_loaded, recovery_rows
+from prunekit.recover.train import _with_lora
+
+
+def wikitext_ppl(model, tokenizer, every: int, data_dir: str | None) -> float:
+    result = perplexity(model, tokenizer, dataset="wikitext2", split="test", seq_len=512, window_every=every,
+                        protocol="raw", batch_size=4, data_dir=data_dir, progress=False)
+    return round(result.perplexity, 3)
+
+
+def hf_trainer_seconds(model, ids: torch.Tensor, settings: RecoverySettings, steps: int) -> float:
+    """Wall time of `steps` optimizer steps of transformers' Trainer on the same LoRA job."""
+    from transformers import Trainer, TrainingArguments
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    peft_model = _with_lora(model, settings)
+    args = TrainingArguments(
+        output_dir="/tmp/prunekit-hf-trainer", per_device_train_batch_size=settings.batch_size, max_steps=steps,
+        learning_rate=settings.learning_rate, lr_scheduler_type="cosine", warmup_ratio=settings.warmup,
+        max_grad_norm=settings.clip, weight_decay=settings.weight_decay, logging_strategy="no", save_strategy="no",
+        report_to=[], use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
+        seed=settings.seed,
+    )
+    trainer = Trainer(model=peft_model, args=args, train_dataset=Rows())
+    started = time.perf_counter()
+    trainer.train()
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pruned", default="runs/pruned35")
+    parser.add_argument("--teacher", default="smollm2-135m")
+    parser.add_argument("--methods", default="lora,lora+distill,distill,full")
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--eval-every", type=int, default=16, help="WikiText-2: every n-th 512-token window")
+    parser.add_argument("--speed-steps", type=int, default=6, help="optimizer steps per loop-speed measurement")
+    parser.add_argument("--speed-repeats", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery.json"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    teacher, tokenizer = prunekit.load(args.teacher)
+    record = {
+        "command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "versions": versions(), "pruned": args.pruned, "tokens": args.tokens,
+        "protocol": {"train": f"c4, {args.seq_len}-token rows, seed 0, batch {args.batch_size}",
+                     "eval": f"wikitext2 raw test, 512-token windows, every {args.eval_every}th, fp32"},
+        "methods": {},
+    }
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+
+    record["dense_ppl"] = wikitext_ppl(teacher, tokenizer, args.eval_every, args.data_dir)
+    record["pruned_ppl"] = wikitext_ppl(prunekit.load(args.pruned)[0], tokenizer, args.eval_every, args.data_dir)
+    print(f"dense {record['dense_ppl']}  pruned {record['pruned_ppl']}", flush=True)
+    data = RecoveryData(source="c4", seq_len=args.seq_len, held_out=8, data_dir=args.data_dir)
+    for method in args.methods.split(","):
+        settings = RecoverySettings(method=method, tokens=args.tokens, batch_size=args.batch_size, data=data,
+                                    eval_every=0, checkpoint_every=0)
+        student, _ = prunekit.load(args.pruned)
+        t0 = time.perf_counter()
+        model, run = recover_loaded(student, tokenizer, settings, teacher=teacher if settings.needs_teacher else None)
+        wall = time.perf_counter() - t0
+        ppl = wikitext_ppl(model, tokenizer, args.eval_every, args.data_dir)
+        gap = record["pruned_ppl"] - record["dense_ppl"]
+        record["methods"][method] = {
+            "lr": settings.learning_rate, "wikitext2_ppl": ppl, "gap_closed": round((record["pruned_ppl"] - ppl) / gap, 4),
+            "held_out_c4_ppl": run["eval"], "tokens": run["tokens"], "steps": run["total_steps"],
+            "train_tokens_per_second": run["tokens_per_second"], "wall_seconds": round(wall, 1),
+            "trainable_params": run["trainable_params"], "loss_first_last": [run["loss"][0], run["loss"][-1]],
+        }
+        print(f"{method:13s} ppl {ppl:8.2f}  gap closed {record['methods'][method]['gap_closed']:.1%}  "
+              f"{run['tokens_per_second']:.0f} tok/s", flush=True)
+        save()
+        del model, student
+
+    # Loop speed: the same LoRA job through our loop and through HF Trainer, alternating.
+    settings = RecoverySettings(method="lora", tokens=args.speed_steps * args.batch_size * args.seq_len,
+                                batch_size=args.batch_size, data=RecoveryData(source="c4", seq_len=args.seq_len,
+                                                                              held_out=0, data_dir=args.data_dir),
+                                eval_every=0, checkpoint_every=0)
+    ids, _ = recovery_rows(settings.data, tokenizer, args.speed_steps * args.batch_size)
+    ours, theirs = [], []
+    for _ in range(args.speed_repeats):
+        student, _ = prunekit.load(args.pruned)
+        t0 = time.perf_counter()
+        recover_loaded(student, tokenizer, settings, progress=False)
+        ours.append(time.perf_counter() - t0)
+        student, _ = prunekit.load(args.pruned)
+        theirs.append(hf_trainer_seconds(student, ids, settings, args.speed_steps))
+    tokens = args.speed_steps * args.batch_size * args.seq_len
+    record["loop_speed"] = {
+        "job": f"LoRA r{settings.lora_rank} all linear layers, {args.speed_steps} steps of {args.batch_size} x "
+               f"{args.seq_len} tokens, wall time including set-up, {args.speed_repeats} alternating repeats",
+        "prunekit_tokens_per_second": round(tokens / statistics.median(ours), 1),
+        "hf_trainer_tokens_per_second": round(tokens / statistics.median(theirs), 1),
+        "prunekit_seconds": [round(s, 2) for s in ours], "hf_trainer_seconds": [round(s, 2) for s in theirs],
+    }
+    record["seconds"] = round(time.perf_counter() - started, 1)
+    save()
+    print(json.dumps(record["loop_speed"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,400 @@
+"""Recovery training: LoRA, distillation from the original model, or both, in one plain loop.
+
+| method        | trains                          | loss                                              |
+|---------------|---------------------------------|---------------------------------------------------|
+| lora          | LoRA adapters (merged at the end) | cross-entropy on the data                         |
+| distill       | every weight                    | KL to the teacher (+ ce_weight CE, + hidden_weight) |
+| lora+distill  | LoRA adapters (merged at the end) | KL to the teacher (+ ...)                         |
+| full          | every weight                    | cross-entropy on the data                         |
+
+The loop is AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, bf16
+autocast on GPUs that have it. `accelerate` places it: one process on the CPU or a GPU, or the
+same code under `accelerate launch` for DDP / FSDP. Checkpoints hold the model, optimizer and
+random states; a run that is killed resumes from its last checkpoint to the same weights as a
+run that never stopped, since the data order and the learning rate are functions of the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.data.calibration import IGNORE_INDEX
+from prunekit.data.sources import SELF_SOURCE
+from prunekit.recover import losses
+from prunekit.recover.data import RecoveryData, recovery_rows
+
+
+class RecoveryError(ValueError):
+    """Recovery cannot run as asked, or training diverged."""
+
+
+@dataclass(frozen=True)
+class Method:
+    lora: bool        # train LoRA adapters (merged at the end) instead of every weight
+    distill: bool     # learn from the teacher's logits instead of the data's next tokens
+    default_lr: float
+
+
+METHODS: dict[str, Method] = {
+    "lora": Method(lora=True, distill=False, default_lr=2e-4),
+    "distill": Method(lora=False, distill=True, default_lr=5e-5),
+    "lora+distill": Method(lora=True, distill=True, default_lr=2e-4),
+    "full": Method(lora=False, distill=False, default_lr=5e-5),
+}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise RecoveryError(f"unknown recovery method {name!r}; choose one of {list(METHODS)}")
+    return METHODS[name]
+
+
+@dataclass(frozen=True)
+class RecoverySettings:
+    method: str = "distill"
+    tokens: int = 200_000                 # training budget; rows = tokens // seq_len, rounded down to whole steps
+    batch_size: int = 4                   # rows per micro-batch per process
+    grad_accum: int = 1
+    lr: float | None = None               # None: the method's default (METHODS)
+    weight_decay: float = 0.0
+    warmup: float = 0.05                  # fraction of the steps with a linear warm-up
+    min_lr_ratio: float = 0.1             # the cosine ends at lr * min_lr_ratio
+    clip: float = 1.0                     # gradient-norm clipping (0: off)
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    temperature: float = 1.0
+    ce_weight: float = 0.0                # with distillation: add this much cross-entropy on the data
+    hidden_weight: float = 0.0            # with distillation: add this much hidden-state matching at kept layers
+    teacher_cache: int = 0                # 0: teacher logits on the fly; k: cache the teacher's top-k logits first
+    eval_every: int = 25                  # steps between held-out perplexity measurements (0: start and end only)
+    checkpoint_every: int = 50            # steps between checkpoints (0: none)
+    precision: str = "auto"               # auto: bf16 autocast on CUDA GPUs that support it, else fp32
+    seed: int = 0
+    data: RecoveryData = field(default_factory=RecoveryData)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
+
+    def validate(self) -> None:
+        """Everything that can be checked without a model; raises RecoveryError naming the fix."""
+        method = get_method(self.method)
+        positive = {"tokens": self.tokens, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "lora_rank": self.lora_rank}
+        for name, value in positive.items():
+            if value < 1:
+                raise RecoveryError(f"{name} must be at least 1, got {value}")
+        if self.learning_rate <= 0:
+            raise RecoveryError(f"lr must be positive, got {self.learning_rate}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise RecoveryError(f"warmup ({self.warmup}) must be in [0, 1) and min_lr_ratio ({self.min_lr_ratio}) in [0, 1]")
+        if self.temperature <= 0:
+            raise RecoveryError(f"temperature must be positive, got {self.temperature}")
+        for name in ("ce_weight", "hidden_weight", "teacher_cache", "eval_every", "checkpoint_every", "clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise RecoveryError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not method.distill and (self.ce_weight or self.hidden_weight or self.teacher_cache):
+            raise RecoveryError(f"ce_weight, hidden_weight and teacher_cache apply to distillation; method "
+                                f"{self.method!r} has no teacher loss (use distill or lora+distill)")
+        if self.hidden_weight and self.teacher_cache:
+            raise RecoveryError("hidden-state matching needs the teacher's hidden states on the fly; "
+                                "drop teacher_cache or hidden_weight")
+        if self.precision not in PRECISIONS:
+            raise RecoveryError(f"unknown precision {self.precision!r}; choose one of {list(PRECISIONS)}")
+        self.data.validate()
+        if self.tokens < self.data.seq_len * self.batch_size * self.grad_accum:
+            raise RecoveryError(
+                f"a token budget of {self.tokens:,} is smaller than one optimizer step "
+                f"({self.batch_size} rows x {self.grad_accum} accumulation x {self.data.seq_len} tokens = "
+                f"{self.batch_size * self.grad_accum * self.data.seq_len:,}); raise tokens or lower batch_size / seq_len")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return get_method(self.method).distill or self.data.source == SELF_SOURCE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def learning_rate_at(step: int, total_steps: int, settings: RecoverySettings) -> float:
+    """Linear warm-up to lr, then cosine decay to lr * min_lr_ratio at the last step (nanoGPT's schedule)."""
+    peak, warmup = settings.learning_rate, int(settings.warmup * total_steps)
+    if step < warmup:
+        return peak * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total_steps - warmup - 1)
+    floor = peak * settings.min_lr_ratio
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- pieces of the loop
+
+
+def _with_lora(model: nn.Module, settings: RecoverySettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(settings.lora_targets)
+    if targets == ["all-linear"]:
+        # Named here rather than through PEFT's "all-linear", whose set of names comes in another
+        # order in every process and so draws the adapters' random initial values in another order.
+        head = model.get_output_embeddings()
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, nn.Linear) and module is not head})
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # PEFT names the targets it could not find
+        raise RecoveryError(f"LoRA targets {list(targets)} do not fit this model ({error}); "
+                            "pass module names such as q_proj,v_proj or all-linear") from None
+
+
+def _rows_of_step(order: torch.Tensor, step: int, micro: int, settings: RecoverySettings, world: int,
+                  rank: int) -> torch.Tensor:
+    """Training rows of one micro-batch of this process: a fixed function of (step, micro, rank)."""
+    start = ((step * settings.grad_accum + micro) * world + rank) * settings.batch_size
+    return order[start:start + settings.batch_size]
+
+
+@torch.no_grad()
+def _teacher_top_k(teacher: nn.Module, ids: torch.Tensor, rows: list[int], k: int, batch_size: int,
+                   device: torch.device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.zeros(len(ids), ids.shape[1] - 1, k, dtype=torch.bfloat16)
+    indices = torch.zeros(len(ids), ids.shape[1] - 1, k, dtype=torch.int32)
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher top-{k} logits", unit="batch", disable=not progress):
+        chunk = torch.tensor(rows[start:start + batch_size])
+        logits = teacher(input_ids=ids[chunk].to(device), use_cache=False).logits[:, :-1]
+        top_values, top_indices = losses.top_k_logits(logits, k)
+        values[chunk], indices[chunk] = top_values.to(torch.bfloat16).cpu(), top_indices.cpu()
+    return values, indices
+
+
+@torch.no_grad()
+def held_out_perplexity(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                        device: torch.device) -> float:
+    """exp of the mean next-token loss over the counted tokens of the held-out rows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        batch, target = ids[start:start + batch_size].to(device), labels[start:start + batch_size, 1:].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        mask = target != IGNORE_INDEX
+        total += float(losses.cross_entropy(logits, target, mask)) * int(mask.sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+def _save_checkpoint(accelerator, directory: Path, state: dict) -> None:
+    """The accelerate state plus our own (step, history, settings) under directory/last, replaced in one rename."""
+    tmp, last, old = directory / "last.tmp", directory / "last", directory / "last.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=False)
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
+        if last.exists():
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The last complete checkpoint: `last`, or `last.old` when a kill fell between the two renames."""
+    for name in ("last", "last.old"):
+        if (directory / name / "trainer_state.json").is_file():
+            return directory / name
+    return None
+
+
+def _comparable(settings: dict) -> dict:
+    """The settings a resumed run must share with the run it continues (evaluation cadence may change)."""
+    return {k: v for k, v in settings.items() if k not in ("eval_every", "checkpoint_every")}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *, teacher: nn.Module | None = None,
+                   layer_map: list[int] | None = None, checkpoint_dir: str | Path | None = None,
+                   resume: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Train `student` as `settings` say and return (the trained model, LoRA merged; a record).
+
+    `teacher` is the original model (distillation, and `self` data). `layer_map[i]` is the teacher
+    layer that student layer i came from (hidden-state matching; identity when the depths agree).
+    With `checkpoint_dir`, a checkpoint is written every `checkpoint_every` steps; `resume`
+    continues from the last one. A NaN or infinite loss stops training with RecoveryError; the
+    last checkpoint is the last good state.
+    """
+    from accelerate import Accelerator
+
+    settings.validate()
+    method = get_method(settings.method)
+    if settings.needs_teacher and teacher is None:
+        raise RecoveryError(f"method {settings.method!r} with data {settings.data.source!r} needs the teacher "
+                            "(the original model); pass teacher=")
+    precision = settings.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    progress = progress and accelerator.is_local_main_process
+
+    rows_per_step = settings.batch_size * settings.grad_accum * world
+    total_steps = settings.tokens // settings.data.seq_len // rows_per_step
+    if total_steps < 1:
+        raise RecoveryError(f"a token budget of {settings.tokens:,} is smaller than one optimizer step over {world} "
+                            f"processes ({rows_per_step} rows of {settings.data.seq_len} tokens); raise tokens")
+    student_layers = student.config.num_hidden_layers
+    if settings.hidden_weight:
+        layer_map = layer_map or list(range(student_layers))
+        if len(layer_map) != student_layers or max(layer_map) >= teacher.config.num_hidden_layers:
+            raise RecoveryError(f"layer_map {layer_map} does not map the student's {student_layers} layers onto the "
+                                f"teacher's {teacher.config.num_hidden_layers}")
+
+    # Data: a fixed order of training rows; the held-out rows are never trained on.
+    if teacher is not None:
+        teacher.to(device).eval()
+    ids, labels = recovery_rows(settings.data, tokenizer, total_steps * rows_per_step, teacher=teacher,
+                                batch_size=settings.batch_size)
+    held = settings.data.held_out
+    train_ids, train_labels = ids[:len(ids) - held], labels[:len(ids) - held]
+    eval_ids, eval_labels = ids[len(ids) - held:], labels[len(ids) - held:]
+    order = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(settings.seed))
+
+    cache = None
+    if method.distill and settings.teacher_cache:
+        mine = sorted({int(r) for s in range(total_steps) for m in range(settings.grad_accum)
+                       for r in _rows_of_step(order, s, m, settings, world, rank)})
+        cache = _teacher_top_k(teacher, train_ids, mine, settings.teacher_cache, settings.batch_size, device, progress)
+        if not settings.hidden_weight:
+            teacher = None  # the cache replaces it: its memory is free for training
+
+    torch.manual_seed(settings.seed)
+    if method.lora:
+        student = _with_lora(student, settings)
+    else:
+        student.requires_grad_(True)
+    student.train()
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    student, optimizer = accelerator.prepare(student, optimizer)
+
+    record = {"steps": [], "loss": [], "lr": [], "eval": [], "total_steps": total_steps,
+              "tokens_per_step": rows_per_step * settings.data.seq_len, "world_size": world, "precision": precision,
+              "trainable_params": sum(p.numel() for p in trainable), "train_seconds": 0.0}
+    start_step = 0
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and directory is not None and (found := latest_checkpoint(directory)) is not None:
+        state = json.loads((found / "trainer_state.json").read_text())
+        if _comparable(state["settings"]) != _comparable(json.loads(json.dumps(settings.to_dict()))):
+            differ = sorted(k for k in _comparable(state["settings"])
+                            if state["settings"][k] != json.loads(json.dumps(settings.to_dict())).get(k))
+            raise RecoveryError(f"the checkpoint at {found} was made with other settings ({', '.join(differ)}); "
+                                "resume with the same settings, or start over without resume")
+        accelerator.load_state(str(found))
+        start_step, record = state["step"], state["record"]
+
+    def evaluate(step: int) -> None:
+        if held:
+            record["eval"].append([step, round(held_out_perplexity(student, eval_ids, eval_labels, settings.batch_size,
+                                                                   device), 4)])
+
+    if start_step == 0:
+        evaluate(0)
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"recovery ({settings.method})", unit="step",
+               disable=not progress)
+    for step in range(start_step, total_steps):
+        started = time.perf_counter()
+        lr = learning_rate_at(step, total_steps, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=device)
+        for micro in range(settings.grad_accum):
+            rows = _rows_of_step(order, step, micro, settings, world, rank)
+            batch, target = train_ids[rows].to(device), train_labels[rows, 1:].to(device)
+            mask = target != IGNORE_INDEX
+            sync = micro == settings.grad_accum - 1
+            with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
+                with accelerator.autocast():
+                    output = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
+                    logits = output.logits[:, :-1]
+                    if not method.distill:
+                        loss = losses.cross_entropy(logits, target, mask)
+                    else:
+                        loss = _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache, layer_map,
+                                                  settings)
+                accelerator.backward(loss / settings.grad_accum)
+            step_loss += loss.detach() / settings.grad_accum
+        # Every process stops on a bad loss anywhere, before the weights take the step.
+        worst = accelerator.gather(step_loss.reshape(1))
+        if not torch.isfinite(worst).all():
+            bar.close()
+            saved = latest_checkpoint(directory) if directory is not None else None
+            raise RecoveryError(
+                f"the training loss became {float(worst[~torch.isfinite(worst)][0])} at step {step + 1}; "
+                + (f"the last good state is the checkpoint at {saved} (step "
+                   f"{json.loads((saved / 'trainer_state.json').read_text())['step']})" if saved else
+                   "no checkpoint was written before it")
+                + f"; lower the learning rate (it was {settings.learning_rate:g}) or check the data")
+        if settings.clip:
+            accelerator.clip_grad_norm_(trainable, settings.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        record["train_seconds"] += seconds
+        record["steps"].append(step + 1)
+        record["loss"].append(round(float(worst.mean()), 5))
+        record["lr"].append(lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss'][-1]:.3f}", tok_s=f"{record['tokens_per_step'] / seconds:,.0f}")
+        done = step + 1
+        if done == total_steps or (settings.eval_every and done % settings.eval_every == 0):
+            evaluate(done)
+        if directory is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
+                and done < total_steps:
+            _save_checkpoint(accelerator, directory, {"step": done, "record": record, "settings": settings.to_dict()})
+    bar.close()
+
+    record["tokens"] = total_steps * record["tokens_per_step"]
+    record["tokens_per_second"] = round(record["tokens"] / record["train_seconds"], 1) if record["train_seconds"] else None
+    model = accelerator.unwrap_model(student)
+    if method.lora:
+        model = model.merge_and_unload()
+    model.requires_grad_(False)
+    model.eval()
+    return model, record
+
+
+def _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache, layer_map, settings) -> torch.Tensor:
+    if cache is not None:
+        values, indices = cache[0][rows].to(logits.device), cache[1][rows].to(logits.device)
+        loss = losses.kl_divergence_top_k(logits, values, indices, mask, settings.temperature)
+    else:
+        with torch.no_grad():
+            teacher_output = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
+        loss = losses.kl_divergence(logits, teacher_output.logits[:, :-1], mask, settings.temperature)
+    if settings.ce_weight:
+        loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
+    if settings.hidden_weight:
+        # hidden_states[0] is the embedding output; [i + 1] the output of layer i.
+        full_mask = torch.ones(batch.shape, dtype=torch.bool, device=batch.device)
+        matched = [losses.hidden_state_distance(output.hidden_states[i + 1], teacher_output.hidden_states[source + 1],
+                                                full_mask) for i, source in enumerate(layer_map)]
+        loss = loss + settings.hidden_weight * torch.stack(matched).mean()
+    return loss

@@ -1,0 +1,285 @@
+"""Recovery: the losses, LoRA merging, the loop (learning, resuming, stopping on NaN) and the command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import prunekit
+from prunekit.cli import main as cli_main
+from prunekit.data.calibration import IGNORE_INDEX
+from prunekit.data.sources import DataError, PromptResponse
+from prunekit.plan.plan import LayerPlan, Plan
+from prunekit.recover import (
+    RecoveryData,
+    RecoveryError,
+    RecoverySettings,
+    learning_rate_at,
+    losses,
+    pack_pairs,
+    recover,
+    recover_loaded,
+)
+from prunekit.recover import train as train_module
+from prunekit.recover.train import _with_lora
+from tests.conftest import VOCAB, byte_tokenizer, tiny_model
+
+TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 40)
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    yield
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _settings(text_file, **overrides) -> RecoverySettings:
+    data = RecoveryData(source=str(text_file), seq_len=SEQ, held_out=2)
+    base = dict(method="full", tokens=SEQ * 4 * 6, batch_size=4, lr=3e-3, eval_every=3, checkpoint_every=0, data=data)
+    base.update(overrides)
+    return RecoverySettings(**base)
+
+
+def _pruned(model):
+    """The tiny llama with a quarter of its FFN channels and one KV group of layer 1 removed."""
+    plan = Plan(layers={0: LayerPlan(keep_channels=tuple(i for i in range(80) if i % 4)),
+                        1: LayerPlan(keep_kv_groups=(0,))})
+    prunekit.apply_plan(model, plan)
+    return model
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_losses_match_their_definitions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = IGNORE_INDEX
+    mask = labels != IGNORE_INDEX
+    assert torch.allclose(losses.cross_entropy(student, labels, mask),
+                          F.cross_entropy(student.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX))
+    t = 2.0
+    expected = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                        reduction="none").sum(-1)[mask].mean() * t**2
+    assert torch.allclose(losses.kl_divergence(student, teacher, mask, t), expected, atol=1e-6)
+    values, indices = losses.top_k_logits(teacher, 11)  # the whole vocabulary: the same KL
+    assert torch.allclose(losses.kl_divergence_top_k(student, values, indices, mask, t), expected, atol=1e-5)
+    values, indices = losses.top_k_logits(teacher, 3)
+    assert indices.shape == (2, 5, 3) and torch.equal(values, teacher.topk(3, -1).values)
+    assert losses.kl_divergence(teacher, teacher, mask) < 1e-6
+    assert losses.hidden_state_distance(teacher, teacher, mask) == 0
+    assert losses.hidden_state_distance(teacher * 0, teacher, mask) == pytest.approx(1.0)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor(text_file):
+    settings = _settings(text_file, lr=1.0, warmup=0.1, min_lr_ratio=0.1)
+    rates = [learning_rate_at(s, 100, settings) for s in range(100)]
+    assert rates[0] < rates[5] < rates[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] == pytest.approx(0.1)
+
+
+def test_pairs_are_packed_with_the_loss_on_responses_only():
+    tokenizer = byte_tokenizer()
+    pairs = [PromptResponse("Q: one? ", "A: 1."), PromptResponse("Q: two? ", "A: 2.")] * 10
+    ids, labels = pack_pairs(pairs, tokenizer, n_rows=3, seq_len=16, seed=0)
+    assert ids.shape == labels.shape == (3, 16)
+    text = tokenizer.decode(ids.flatten())
+    assert "Q: one? A: 1.</s>" in text
+    counted = tokenizer.decode(labels.flatten()[labels.flatten() != IGNORE_INDEX])
+    assert "Q:" not in counted and "A: 1." in counted
+    with pytest.raises(DataError, match="fewer than"):
+        pack_pairs(pairs[:2], tokenizer, n_rows=30, seq_len=16, seed=0)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_merging_lora_changes_no_output(text_file):
+    model = tiny_model("llama")
+    peft_model = _with_lora(model, _settings(text_file, method="lora", lora_rank=4))
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); give it a real update to merge
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(3, VOCAB, (2, 16))
+    with torch.no_grad():
+        unmerged = peft_model(input_ids=ids).logits
+        merged_model = peft_model.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    assert not any("lora" in name for name, _ in merged_model.named_parameters())
+    assert (unmerged - tiny_model("llama")(input_ids=ids).logits).abs().max() > 1e-3  # the update is real
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "distill", "lora+distill"])
+def test_every_method_learns(text_file, method):
+    teacher = tiny_model("llama")
+    student = _pruned(tiny_model("llama"))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    lr = {"full": 3e-3, "lora": 1e-2, "distill": 5e-4, "lora+distill": 3e-3}[method]
+    settings = _settings(text_file, method=method, lr=lr)
+    model, record = recover_loaded(student, byte_tokenizer(), settings, teacher=teacher, progress=False)
+    assert record["total_steps"] == 6 and record["tokens"] == 6 * 4 * SEQ
+    assert record["loss"][-1] < record["loss"][0]
+    assert [s for s, _ in record["eval"]] == [0, 3, 6]
+    if method in ("full", "lora"):  # trained on the text itself: the held-out text gets likelier
+        assert record["eval"][-1][1] < record["eval"][0][1]
+    assert set(model.state_dict()) == set(before)  # LoRA merged away: the same modules as before
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
+
+
+def test_teacher_top_k_cache_matches_the_teacher_on_the_fly(text_file):
+    runs = []
+    for cache in (0, VOCAB):
+        settings = _settings(text_file, method="distill", teacher_cache=cache, tokens=SEQ * 4 * 2)
+        runs.append(recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings,
+                                   teacher=tiny_model("llama"), progress=False)[1]["loss"])
+    # The cache stores logits in bf16: the same losses to bf16 rounding.
+    assert runs[1] == pytest.approx(runs[0], rel=2e-2)
+    settings = _settings(text_file, method="distill", teacher_cache=8)
+    record = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, teacher=tiny_model("llama"),
+                            progress=False)[1]
+    assert record["loss"][-1] < record["loss"][0]
+
+
+def test_hidden_state_matching_maps_kept_layers(text_file):
+    student = tiny_model("llama")
+    prunekit.apply_plan(student, Plan(drop_layers=(1,)))
+    settings = _settings(text_file, method="distill", hidden_weight=1.0, tokens=SEQ * 4 * 2)
+    _, record = recover_loaded(student, byte_tokenizer(), settings, teacher=tiny_model("llama"), layer_map=[0, 2, 3],
+                               progress=False)
+    assert all(torch.isfinite(torch.tensor(record["loss"])))
+    with pytest.raises(RecoveryError, match="layer_map"):
+        recover_loaded(tiny_model("llama"), byte_tokenizer(), settings, teacher=tiny_model("llama"), layer_map=[0, 1],
+                       progress=False)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(text_file, tmp_path, monkeypatch):
+    settings = _settings(text_file, method="lora", lr=1e-2, checkpoint_every=2)
+    straight, _ = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, progress=False,
+                                 checkpoint_dir=tmp_path / "straight")
+
+    save = train_module._save_checkpoint
+
+    def save_then_die(accelerator, directory, state):
+        save(accelerator, directory, state)
+        if state["step"] == 4:
+            raise KeyboardInterrupt  # killed right after the second checkpoint
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, progress=False,
+                       checkpoint_dir=tmp_path / "killed")
+    monkeypatch.setattr(train_module, "_save_checkpoint", save)
+    assert json.loads((tmp_path / "killed" / "last" / "trainer_state.json").read_text())["step"] == 4
+    resumed, record = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, progress=False,
+                                     checkpoint_dir=tmp_path / "killed", resume=True)
+    assert record["steps"] == [1, 2, 3, 4, 5, 6]
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    other = _settings(text_file, method="lora", lr=5e-3, checkpoint_every=2)
+    with pytest.raises(RecoveryError, match="other settings.*lr"):
+        recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), other, progress=False,
+                       checkpoint_dir=tmp_path / "killed", resume=True)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(text_file, tmp_path):
+    teacher = tiny_model("llama")
+    calls = {"n": 0}
+
+    def poison_after_three(module, args, output):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            output.logits.fill_(float("nan"))
+        return output
+
+    teacher.register_forward_hook(poison_after_three)
+    settings = _settings(text_file, method="distill", checkpoint_every=1, eval_every=0)
+    with pytest.raises(RecoveryError, match=r"became nan at step 4.*checkpoint at .*last \(step 3\).*lower the learning"):
+        recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, teacher=teacher, progress=False,
+                       checkpoint_dir=tmp_path / "ckpt")
+    state = json.loads((tmp_path / "ckpt" / "last" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and all(torch.isfinite(torch.tensor(state["record"]["loss"])))
+
+
+# ----------------------------------------------------------------------------- paths, command and bad input
+
+
+@pytest.fixture
+def saved_pair(tmp_path):
+    """A dense tiny model and its pruned copy, saved as prune saves them."""
+    tokenizer = byte_tokenizer()
+    prunekit.save_model(tiny_model("llama"), tokenizer, tmp_path / "dense")
+    prunekit.save_model(_pruned(tiny_model("llama")), tokenizer, tmp_path / "pruned", source=str(tmp_path / "dense"))
+    return tmp_path / "dense", tmp_path / "pruned"
+
+
+def test_cli_recover_writes_a_loadable_model_and_refuses_to_overwrite(saved_pair, text_file, tmp_path, capsys):
+    dense, pruned = saved_pair
+    out = tmp_path / "recovered"
+    args = ["recover", str(pruned), "--out", str(out), "--method", "lora+distill", "--teacher", str(dense),
+            "--data", str(text_file), "--tokens", str(SEQ * 4 * 3), "--seq-len", str(SEQ), "--held-out", "2",
+            "--eval-every", "1", "--checkpoint-every", "1", "--lr", "1e-2"]
+    assert cli_main(args) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    model, _ = prunekit.load(out)
+    assert prunekit.model_structure(model).total_params == prunekit.model_structure(prunekit.load(pruned)[0]).total_params
+    provenance = json.loads((out / "prunekit.json").read_text())
+    assert provenance["recovery"]["settings"]["method"] == "lora+distill" and len(provenance["recovery"]["eval"]) == 4
+    assert not (tmp_path / "recovered.checkpoints").exists()
+    assert cli_main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Recovery" in report and "lora+distill" in report and (out / "figures" / "recovery_loss.png").is_file()
+    assert cli_main(args) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(tokens=SEQ), "smaller than one optimizer step"),
+    (dict(method="nope"), "unknown recovery method 'nope'; choose one of"),
+    (dict(method="lora", ce_weight=0.5), "apply to distillation"),
+    (dict(data=RecoveryData(source="nowhere.txt", seq_len=SEQ)), "does not exist"),
+])
+def test_bad_settings_fail_before_any_weight_is_read(saved_pair, text_file, tmp_path, monkeypatch, change, match):
+    dense, pruned = saved_pair
+    monkeypatch.setattr(prunekit.recover.run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises((RecoveryError, DataError), match=match):
+        recover(pruned, tmp_path / "out", _settings(text_file, **change), teacher=dense, progress=False)
+
+
+def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused(saved_pair, text_file, tmp_path, monkeypatch):
+    dense, pruned = saved_pair
+    prunekit.save_model(tiny_model("llama", vocab_size=VOCAB + 20), byte_tokenizer(), tmp_path / "other_vocab")
+    other = byte_tokenizer()
+    other.add_tokens(["the cat"])  # same vocabulary size in the config, another split of the text
+    prunekit.save_model(tiny_model("llama"), other, tmp_path / "other_tokenizer")
+    monkeypatch.setattr(prunekit.recover.run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    settings = _settings(text_file, method="distill")
+    with pytest.raises(RecoveryError, match="vocabulary has 320 entries and the student's 300"):
+        recover(pruned, tmp_path / "out", settings, teacher=tmp_path / "other_vocab", progress=False)
+    with pytest.raises(RecoveryError, match="tokenizer differs"):
+        recover(pruned, tmp_path / "out", settings, teacher=tmp_path / "other_tokenizer", progress=False)
+    with pytest.raises(RecoveryError, match="needs the original model as teacher"):
+        recover(pruned, tmp_path / "out", settings, progress=False)
+
+
+def test_data_shorter_than_one_row_is_a_clear_error(text_file, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    settings = _settings(text_file, data=RecoveryData(source=str(short), seq_len=SEQ, held_out=0), tokens=SEQ * 4)
+    with pytest.raises(DataError, match="fewer than one window"):
+        recover_loaded(tiny_model("llama"), byte_tokenizer(), settings, progress=False)
