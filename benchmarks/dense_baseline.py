@@ -165,7 +165,8 @@ def stages(args: argparse.Namespace) -> dict[str, Callable[[], dict[str, Any]]]:
     named = {"ppl-512-every16": ppl(512, 16)}
     named.update({f"ppl-{seq_len}": ppl(seq_len, 1) for seq_len in args.seq_lens})
     named.update({f"task-{name}": task(name) for name in args.tasks})
-    named["speed"] = lambda: bench_models(args.model, dtype=args.speed_dtype, repeats=args.repeats)
+    named["speed"] = lambda: bench_models(args.model, baseline=args.baseline, dtype=args.speed_dtype,
+                                          repeats=args.repeats)
     return named
 
 
@@ -230,22 +231,34 @@ def markdown(record: dict[str, Any]) -> str:
         speed = done["speed"]["report"]["speed"]
         settings, timings = speed["settings"], speed["model"]["timings"]
 
-        def cell(metric: str, digits: int = 0) -> str:
-            t = timings[metric]
-            return f"{t['median']:,.{digits}f} ({t['low']:,.{digits}f}-{t['high']:,.{digits}f})"
+        baseline = speed.get("baseline")
+
+        def spread(t: dict, digits: int, suffix: str = "") -> str:
+            return f"{t['median']:,.{digits}f}{suffix} ({t['low']:,.{digits}f}-{t['high']:,.{digits}f})"
+
+        def cells(metric: str, digits: int = 0) -> list[str]:
+            row = [spread(timings[metric], digits)]
+            if baseline:
+                row += [spread(baseline["timings"][metric], digits), spread(speed["speedup"][metric], 2, "x"),
+                        f"{speed['ideal_speedup']:.2f}x"]
+            return row
 
         contended = "*" if done["speed"]["contention"]["other_processes_cpu_share"] > CONTENDED_SHARE else ""
         lines += ["", f"**CPU speed**{contended} ({settings['dtype']}, eager, {settings['repeats']} repeats after "
-                      f"{settings['warmup']} warm-up; median (min-max); random token ids):", ""]
+                      f"{settings['warmup']} warm-up; median (min-max); random token ids"
+                      + ("; the baseline timed in the same process, interleaved" if baseline else "") + "):", ""]
         rows = [[f"prefill tokens/s, batch {settings['prefill_batch']} x {settings['prefill_len']}",
-                 cell("prefill_tokens_per_s")]]
+                 *cells("prefill_tokens_per_s")]]
         for batch in settings["decode_batches"]:
             rows.append([f"decode tokens/s, batch {batch} ({settings['decode_tokens']} greedy tokens after a "
-                         f"{settings['decode_context']}-token prompt)", cell(f"decode_tokens_per_s_batch{batch}", 1)])
-            rows.append([f"time to first token, batch {batch}, ms", cell(f"time_to_first_token_ms_batch{batch}")])
-        rows.append(["peak memory, MiB (weights + peak RSS above the start of a call)",
-                     f"{speed['model']['peak_memory_mib']:,.0f}"])
-        lines += _md_table(["metric", "value"], rows)
+                         f"{settings['decode_context']}-token prompt)", *cells(f"decode_tokens_per_s_batch{batch}", 1)])
+            rows.append([f"time to first token, batch {batch}, ms", *cells(f"time_to_first_token_ms_batch{batch}")])
+        memory = [f"{speed['model']['peak_memory_mib']:,.0f}"]
+        if baseline:
+            memory += [f"{baseline['peak_memory_mib']:,.0f}", "", ""]
+        rows.append(["peak memory, MiB (weights + peak RSS above the start of a call)", *memory])
+        header = ["metric", "value"] + (["baseline", "measured speedup", "ideal (FLOPs)"] if baseline else [])
+        lines += _md_table(header, rows)
 
     environments = [stage["report"]["environment"] for stage in done.values()]
     machine, versions = environments[0]["machine"], environments[0]["versions"]
@@ -280,6 +293,9 @@ def main() -> int:
                         help=f"default {','.join(LOCAL_TASKS)}")
     parser.add_argument("--limit", nargs="*", default=[], metavar="TASK=N",
                         help="score only the first N items of TASK (default: every item of every task)")
+    parser.add_argument("--baseline", default=None,
+                        help="time this model too, interleaved in the speed stage (e.g. the dense model beside a "
+                             "pruned one): measured speedups next to the ideal ones")
     parser.add_argument("--ppl-dtype", default="float32")
     parser.add_argument("--task-dtype", default="bfloat16")
     parser.add_argument("--speed-dtype", default="bfloat16")

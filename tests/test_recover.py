@@ -283,3 +283,44 @@ def test_data_shorter_than_one_row_is_a_clear_error(text_file, tmp_path):
     settings = _settings(text_file, data=RecoveryData(source=str(short), seq_len=SEQ, held_out=0), tokens=SEQ * 4)
     with pytest.raises(DataError, match="fewer than one window"):
         recover_loaded(tiny_model("llama"), byte_tokenizer(), settings, progress=False)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import byte_tokenizer, tiny_model
+from tests.test_recover import _pruned
+from prunekit.recover import RecoveryData, RecoverySettings, recover_loaded
+torch.set_num_threads(1)
+data = RecoveryData(source={text!r}, seq_len=32, held_out=2)
+settings = RecoverySettings(method="lora", tokens=32 * 4 * 3, batch_size={batch}, lr=1e-2, eval_every=0,
+                            checkpoint_every=0, data=data)
+model, record = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, progress=False)
+if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    sys.exit(0)
+torch.save({{"state": model.state_dict(), "loss": record["loss"], "world": record["world_size"]}}, {out!r})
+"""
+
+
+def test_two_processes_train_like_one_process_with_their_batches_together(text_file, tmp_path):
+    """Under DDP (torchrun, gloo on the CPU) each process takes its own rows of every step: two
+    processes of 2 rows give the weights of one process of 4 rows."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    results = {}
+    for world, batch in ((1, 4), (2, 2)):
+        script = tmp_path / f"ddp_{world}.py"
+        out = tmp_path / f"ddp_{world}.pt"
+        script.write_text(DDP_SCRIPT.format(root=root, text=str(text_file), batch=batch, out=str(out)))
+        command = [sys.executable, str(script)] if world == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[world] = torch.load(out)
+    assert results[2]["world"] == 2 and results[1]["world"] == 1
+    assert results[2]["loss"] == pytest.approx(results[1]["loss"], rel=1e-4)
+    for name, value in results[1]["state"].items():
+        torch.testing.assert_close(results[2]["state"][name], value, atol=1e-5, rtol=1e-4)
