@@ -9,6 +9,10 @@
 
     # or the whole job: score, plan, compensate, cut, save
     prunekit.prune_to_target("smollm2-135m", "out/pruned", prunekit.PruneSettings(target=0.3))
+    prunekit.recover("out/pruned", "out/recovered", prunekit.RecoverySettings(), teacher="smollm2-135m")
+
+    # or a recipe: every stage, resumable
+    prunekit.run("recipes/demo.yaml", "runs/demo")
 """
 from prunekit.export import OutputExistsError, SavedModel, save_model
 from prunekit.models import ARCHITECTURES, Architecture, UnsupportedModelError, architecture_for, register
@@ -20,6 +24,8 @@ from prunekit.pipeline import CalibrationSettings, PruneSettings, analyze, prune
 from prunekit.plan.planner import PlannerSettings, make_plan
 from prunekit.score import CRITERIA, Scores, score_model
 from prunekit.compensate import compensate, compensate_sequential
+from prunekit.recover import RecoverySettings, recover, recover_loaded
+from prunekit.runner import Recipe, load_recipe, run
 
 __version__ = "0.1.0"
 
@@ -28,5 +34,6 @@ __all__ = [
     "ModelLoadError", "ModelStructure", "OutputExistsError", "Plan", "PlanError", "PlannerSettings", "PruneSettings",
     "SavedModel", "Scores", "UnsupportedModelError", "analyze", "apply_plan", "architecture_for", "compensate",
     "compensate_sequential", "load", "make_plan", "model_structure", "predicted_structure", "prune_loaded",
-    "prune_to_plan", "prune_to_target", "register", "save_model", "score_model",
+    "prune_to_plan", "prune_to_target", "Recipe", "RecoverySettings", "load_recipe", "recover", "recover_loaded",
+    "register", "run", "save_model", "score_model",
 ]

@@ -281,6 +281,67 @@ def _run_recover(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- run
+def _add_run(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a recipe YAML file (examples in recipes/)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override recipe keys, e.g. prune.target=0.4")
+    parser.add_argument("--out", required=True, help="run directory: every stage's artifact and record go here; "
+                        "running again skips finished stages and resumes a killed one")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the whole recipe and print the stages with a rough cost; load no weights")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from prunekit.runner import run
+
+    run(args.recipe, args.out, overrides=tuple(args.overrides), dry_run=args.dry_run)
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    from prunekit.pipeline import COMPENSATIONS, PruneSettings
+    from prunekit.plan.planner import ALLOCATIONS, BASES
+    from prunekit.score import CRITERIA
+
+    defaults = PruneSettings()
+    parser.add_argument("model", help="directory, .gguf file, hub id or smollm2-135m")
+    parser.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and the figures")
+    parser.add_argument("--targets", default="0.1,0.2,0.3,0.4,0.5", help="fractions of --basis to remove")
+    parser.add_argument("--basis", default=defaults.basis, choices=BASES)
+    parser.add_argument("--criterion", default=defaults.criterion, choices=sorted(CRITERIA))
+    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS)
+    parser.add_argument("--prune-structures", default=",".join(defaults.prune))
+    parser.add_argument("--compensation", default=defaults.compensation, choices=COMPENSATIONS)
+    parser.add_argument("--eval", default="auto", help="perplexity source: wikitext2, c4, ptb, a file, self, or auto "
+                        "(wikitext2 where the local data has it, else self); default auto")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window length (default 512)")
+    parser.add_argument("--window-every", type=int, default=16, help="every n-th window (default 16)")
+    parser.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_calibration_arguments(parser)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from prunekit.pipeline import PruneSettings
+    from prunekit.runner.sweep import SweepSettings, format_sweep, sweep
+
+    try:
+        targets = tuple(float(t) for t in _csv(args.targets))
+    except ValueError:
+        raise PlanError(f"--targets takes fractions such as 0.1,0.2,0.3, got {args.targets!r}") from None
+    prune = PruneSettings(basis=args.basis, criterion=args.criterion, allocation=args.allocation,
+                          prune=_csv(args.prune_structures), compensation=args.compensation,
+                          batch_size=args.batch_size, calibration=_calibration_settings(args))
+    settings = SweepSettings(targets=targets, prune=prune, eval_source=args.eval, window_every=args.window_every,
+                             eval_seq_len=args.eval_seq_len,
+                             speed=not args.no_speed)
+    record = sweep(args.model, args.out, settings, force=args.force)
+    print(format_sweep(record))
+    print(f"wrote {args.out}/sweep.md, sweep.json and figures")
+    return 0
+
+
 # ----------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -302,8 +363,9 @@ from prunekit.evaluate.tasks import EvalError  # noqa: E402
 from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
 from prunekit.recover.train import RecoveryError  # noqa: E402
+from prunekit.runner.recipe import RecipeError  # noqa: E402
 
-USER_ERRORS += (EvalError, RunReportError, RecoveryError)
+USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
@@ -311,6 +373,9 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "prune": ("prune to a plan or a target and save the smaller dense model", _add_prune, _run_prune),
     "eval": EVAL_COMMAND,
     "bench": BENCH_COMMAND,
+    "sweep": ("score once, prune at several targets, tabulate and plot quality and speed against size",
+              _add_sweep, _run_sweep),
+    "run": ("run a recipe: the whole job, stage by stage, resumable", _add_run, _run_run),
     "recover": ("train the pruned model back (LoRA, distillation from the original) and save it merged",
                 _add_recover, _run_recover),
     "report": REPORT_COMMAND,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -128,12 +128,20 @@ def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple
 
 
 def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
-                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict:
-    """Score, plan, compensate and cut `model` in place; returns a record of what was done."""
+                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, plan: Plan | None = None) -> dict:
+    """Score, plan, compensate and cut `model` in place; returns a record of what was done.
+
+    With `plan` (one made beforehand, e.g. by `plan_loaded`), scoring and planning are skipped:
+    the plan is compensated for and cut in one step."""
     settings.validate()
+    if plan is not None and settings.steps != 1:
+        raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
     original = model_structure(model)
+    if plan is not None:
+        predicted_structure(plan, original)  # a plan made for another model fails here, before any work
     ids, labels = calibration if calibration is not None else (None, None)
-    if ids is None and (get_criterion(settings.criterion).needs_data or settings.compensation != "none"):
+    needs_scores = plan is None and get_criterion(settings.criterion).needs_data
+    if ids is None and (needs_scores or settings.compensation != "none"):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
     base = basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
@@ -145,9 +153,14 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         step_target = 1 - goal_left / basis_value(current, settings.basis)
         if step_target <= 0:
             continue
-        scores, stats = _score(model, ids, labels, settings, progress)
-        plan = make_plan(current, scores, settings.planner_settings(step_target),
-                         comparable=get_criterion(settings.criterion).comparable)
+        if plan is None:
+            scores, stats = _score(model, ids, labels, settings, progress)
+            plan = make_plan(current, scores, settings.planner_settings(step_target),
+                             comparable=get_criterion(settings.criterion).comparable)
+        else:
+            scores = None
+            stats = (collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=True, progress=progress)
+                     if settings.compensation == "one-shot" else None)
         compensation = None
         if settings.compensation == "one-shot":
             compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
@@ -161,11 +174,26 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
             "compensation": compensation.to_dict() if compensation is not None else None,
         })
         record["scores"] = scores
+        plan = None  # the next step scores and plans again
     final = model_structure(model)
     record["removed"] = {b: round(removed_fraction(original, final, b), 6) for b in ("non-embedding", "total", "flops", "kv-cache")}
     record["params"] = {"before": original.total_params, "after": final.total_params,
                         "non_embedding_before": original.non_embedding_params, "non_embedding_after": final.non_embedding_params}
     return record
+
+
+def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True) -> tuple[Plan, Scores]:
+    """Score `model` and plan one step to the target, without cutting: what `prune_loaded` would do first."""
+    settings.validate()
+    if settings.steps != 1:
+        raise PlanError(f"iterative pruning (steps={settings.steps}) scores again after each cut, so it cannot be "
+                        "planned ahead; plan with steps=1, or prune without a separate plan")
+    needs_data = get_criterion(settings.criterion).needs_data
+    ids, labels = calibration_batch(model, tokenizer, settings.calibration) if needs_data else (None, None)
+    scores, _ = _score(model, ids, labels, replace(settings, compensation="none"), progress)
+    plan = make_plan(model_structure(model), scores, settings.planner_settings(),
+                     comparable=get_criterion(settings.criterion).comparable)
+    return plan, scores
 
 
 def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,

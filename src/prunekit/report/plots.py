@@ -441,3 +441,27 @@ def plot_loss_curve(
         handles += right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, fontsize=8, loc="upper right")
     return _save(figure, path)
+
+
+def plot_speedup_vs_size(points: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Measured speedups (prefill, decode at batch 1) against the share of non-embedding parameters
+    removed, with the ideal speedup from FLOPs per token. Each point has `fraction_removed`,
+    `ideal_speedup` and `speedup` (metric -> median ratio)."""
+    if not points:
+        raise ValueError("no points to plot")
+    ordered = sorted(points, key=lambda p: p["fraction_removed"])
+    removed = [100 * p["fraction_removed"] for p in ordered]
+    figure, ax = _figure("Speedup against size (measured beside the dense model)")
+    ax.plot(removed, [p["ideal_speedup"] for p in ordered], color="#555555", linestyle="--", marker="o", markersize=3,
+            linewidth=1.0, label="ideal (FLOPs per token)")
+    for metric, label, color in (("prefill_tokens_per_s", "prefill", "#1f77b4"),
+                                 ("decode_tokens_per_s_batch1", "decode, batch 1", "#d62728")):
+        if all(metric in p["speedup"] for p in ordered):
+            ax.plot(removed, [p["speedup"][metric] for p in ordered], marker="o", markersize=4, linewidth=1.2,
+                    color=color, label=label)
+    ax.axhline(1.0, color="#999999", linewidth=0.8)
+    ax.set_xlabel("non-embedding parameters removed (%)")
+    ax.set_ylabel("speedup over the dense model (x)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(figure, path)

@@ -4,7 +4,7 @@
 
 reads what it finds in the run directory, reports it, and says what it did not find:
 
-- the pruned model (the directory itself, or `model/` in it; it holds prunekit.json): parameters,
+- the pruned model (the directory itself, or `recovered/` or `model/` in it; it holds prunekit.json): parameters,
   settings, per-layer widths before and after, kept-width figure, compensation fits;
 - `scores.json` (`prunekit analyze`): per-layer, head and channel score figures;
 - `eval*.json` (`prunekit eval --json`): perplexity and task tables, quality against size;
@@ -107,7 +107,7 @@ def _read_json(path: Path, context: _Context) -> Any | None:
 
 
 def _model_dir(run_dir: Path) -> Path | None:
-    for candidate in (run_dir, run_dir / "model"):
+    for candidate in (run_dir, run_dir / "recovered", run_dir / "model"):  # the final model first
         if (candidate / PROVENANCE_FILE).is_file():
             return candidate
     return None

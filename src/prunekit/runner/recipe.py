@@ -1,0 +1,227 @@
+"""Recipes: the whole job as one YAML file, validated completely before anything heavy runs.
+
+    model: smollm2-135m
+    stages: [prune, recover, evaluate, bench, report]
+    prune: {target: 0.3, criterion: taylor, calibration: {source: auto, n_samples: 64, seq_len: 256}}
+    recover: {method: distill, tokens: 20000, data: {source: auto, seq_len: 256}}
+    evaluate: {ppl: [wikitext2], window_every: 16}
+
+Each stage's section is the typed settings of the function that runs it (PruneSettings,
+RecoverySettings, ...): an unknown key or a value of the wrong type is an error that names the
+key, its type and the valid keys. `key=value` overrides address any key by its dotted path
+(`prune.target=0.4`). A data source `auto` means c4 where a local data directory has it, else
+`self` (text the model writes), so a recipe runs with no data set at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunekit.data.sources import SELF_SOURCE
+from prunekit.pipeline import CalibrationSettings, PruneSettings
+from prunekit.recover.data import RecoveryData
+from prunekit.recover.train import RecoverySettings
+
+AUTO_SOURCE = "auto"
+STAGE_ORDER = ("analyze", "plan", "prune", "recover", "evaluate", "bench", "export", "report")
+
+
+class RecipeError(ValueError):
+    """The recipe cannot run as written; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class AnalyzeSettings:
+    criterion: str = "sensitivity"
+    criterion_options: dict = field(default_factory=dict)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    ppl: tuple[str, ...] = ("wikitext2",)     # text sources; evaluated on the final model and the original
+    seq_len: int = 512
+    window_every: int = 16
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    dtype: str = "float32"
+    dense: bool = True                        # evaluate the original model too (the report marks it)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    baseline: bool = True                     # time the original model side by side
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    prefill_batch: int = 4
+    prefill_len: int = 256
+    decode_batches: tuple[int, ...] = (1, 8)
+    decode_tokens: int = 32
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    name: str = "export"                      # the final model directory under the run directory
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    pass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    model: str
+    stages: tuple[str, ...]
+    data_dir: str | None = None
+    dtype: str = "float32"
+    analyze: AnalyzeSettings = field(default_factory=AnalyzeSettings)
+    prune: PruneSettings = field(default_factory=PruneSettings)
+    recover: RecoverySettings = field(default_factory=RecoverySettings)
+    teacher: str | None = None                # default: the recipe's model
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: the form YAML and JSON give back."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- typed parsing
+
+
+def _type_name(kind: Any) -> str:
+    return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """`value` as `kind` (a field's annotation), or RecipeError naming `where`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            return _coerce(value, option, where)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping of {kind.__name__} settings, got {value!r}")
+        return from_dict(kind, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a mapping, got {value!r}")
+        if args:
+            return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+        return dict(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str, bool) and not (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        raise RecipeError(f"{where} must be {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "recipe") -> Any:
+    """An instance of dataclass `cls` from `data`; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise RecipeError(f"unknown key{'s' * (len(unknown) > 1)} {', '.join(f'{where}.{k}' for k in unknown)}; "
+                          f"valid keys of {where}: {', '.join(names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{where} needs {', '.join(missing)}")
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=value` sets data["a"]["b"]; the value is read as YAML (0.4, true, [a, b], null)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"override {item!r} must read KEY=VALUE, e.g. prune.target=0.4")
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {part} is not a section")
+        node[last] = yaml.safe_load(text)
+    return data
+
+
+def parse_recipe(data: dict) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe is a YAML mapping with at least `model` and `stages`")
+    recipe = from_dict(Recipe, data)
+    unknown = [s for s in recipe.stages if s not in STAGE_ORDER]
+    if unknown:
+        raise RecipeError(f"unknown stage {unknown[0]!r}; stages are, in the order they run: {', '.join(STAGE_ORDER)}")
+    if not recipe.stages:
+        raise RecipeError(f"the recipe names no stages; choose from {', '.join(STAGE_ORDER)}")
+    if len(set(recipe.stages)) != len(recipe.stages):
+        raise RecipeError(f"a stage is named twice in {list(recipe.stages)}")
+    order = [STAGE_ORDER.index(s) for s in recipe.stages]
+    if order != sorted(order):
+        raise RecipeError(f"stages run in the order {', '.join(STAGE_ORDER)}; list them so, got {list(recipe.stages)}")
+    if "recover" in recipe.stages and "prune" not in recipe.stages:
+        raise RecipeError("the recover stage trains the pruned model: add the prune stage before it")
+    return recipe
+
+
+def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A Recipe from a YAML path or a mapping, with `key=value` overrides applied."""
+    if isinstance(recipe, dict):
+        data = dict(recipe)
+    else:
+        path = Path(recipe)
+        if not path.is_file():
+            raise RecipeError(f"recipe {path} does not exist; pass a YAML file (recipes/ has examples)")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    return parse_recipe(apply_overrides(data or {}, list(overrides)))
+
+
+def resolve_auto(recipe: Recipe, has_local_data: bool) -> Recipe:
+    """Replace data sources `auto` with c4 (local data present) or self (none)."""
+    source = "c4" if has_local_data else SELF_SOURCE
+
+    def fix(settings):
+        return dataclasses.replace(settings, source=source) if settings.source == AUTO_SOURCE else settings
+
+    prune = dataclasses.replace(recipe.prune, calibration=fix(recipe.prune.calibration))
+    analyze = dataclasses.replace(recipe.analyze, calibration=fix(recipe.analyze.calibration))
+    data: RecoveryData = recipe.recover.data
+    recover = dataclasses.replace(recipe.recover, data=fix(data))
+    evaluate = recipe.evaluate
+    if AUTO_SOURCE in evaluate.ppl:
+        evaluate = dataclasses.replace(evaluate, ppl=tuple("wikitext2" if has_local_data else SELF_SOURCE if p == AUTO_SOURCE
+                                                           else p for p in evaluate.ppl))
+    return dataclasses.replace(recipe, prune=prune, analyze=analyze, recover=recover, evaluate=evaluate)

