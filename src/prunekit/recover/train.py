@@ -392,9 +392,14 @@ def _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache
     if settings.ce_weight:
         loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
     if settings.hidden_weight:
-        # hidden_states[0] is the embedding output; [i + 1] the output of layer i.
+        # hidden_states[0] is the embedding output, [i + 1] the output of layer i, except that the
+        # last entry is the final norm's output: a pair is compared only when both sides are, or
+        # neither is, a last layer.
         full_mask = torch.ones(batch.shape, dtype=torch.bool, device=batch.device)
+        student_last, teacher_last = len(output.hidden_states) - 2, len(teacher_output.hidden_states) - 2
         matched = [losses.hidden_state_distance(output.hidden_states[i + 1], teacher_output.hidden_states[source + 1],
-                                                full_mask) for i, source in enumerate(layer_map)]
-        loss = loss + settings.hidden_weight * torch.stack(matched).mean()
+                                                full_mask)
+                   for i, source in enumerate(layer_map) if (i == student_last) == (source == teacher_last)]
+        if matched:
+            loss = loss + settings.hidden_weight * torch.stack(matched).mean()
     return loss

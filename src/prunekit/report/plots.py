@@ -439,7 +439,7 @@ def plot_loss_curve(
         right.set_ylabel("held-out perplexity (log scale)", color="#d62728")
         right.tick_params(axis="y", colors="#d62728")
         handles += right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="upper right")
+    ax.legend(handles=handles, fontsize=8, loc="best")
     return _save(figure, path)
 
 

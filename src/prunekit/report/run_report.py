@@ -325,7 +325,8 @@ def _recovery_section(context: _Context) -> str | None:
     lines = ["## Recovery", "", _table(("", "value"), rows, align="ll")]
     if recovery.get("steps"):
         figure = plot_loss_curve(recovery["steps"], recovery["loss"], context.figure("recovery_loss.png"),
-                                 eval_points=[tuple(point) for point in evals], data=f"held-out {data['source']}")
+                                 eval_points=[tuple(point) for point in evals],
+                                 data=f"held-out {Path(data['source']).name}")
         lines += ["", context.image("Recovery loss curve", figure)]
     return "\n".join(lines)
 
