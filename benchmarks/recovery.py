@@ -67,6 +67,29 @@ def hf_trainer_seconds(model, ids: torch.Tensor, settings: RecoverySettings, ste
     return time.perf_counter() - started
 
 
+def markdown(record: dict) -> str:
+    gap = record["pruned_ppl"] - record["dense_ppl"]
+    lines = [f"Dense {record['dense_ppl']:.2f}, pruned {record['pruned_ppl']:.2f} (gap {gap:.2f}); "
+             f"{record['tokens']:,}-token budget of C4; {record['protocol']['eval']}.", "",
+             "| method | trains | peak lr | steps x tokens | WikiText-2 ppl | gap closed | held-out C4 ppl (start -> end) "
+             "| training tokens/s | wall time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in record["methods"].items():
+        held = m["held_out_c4_ppl"]
+        lines.append(f"| {method} | {m['trainable_params'] / 1e6:.1f}M params | {m['lr']:g} | {m['steps']} x "
+                     f"{m['tokens'] // m['steps']:,} | {m['wikitext2_ppl']:.2f} | {m['gap_closed']:.0%} | "
+                     f"{held[0][1]:.1f} -> {held[-1][1]:.1f} | {m['train_tokens_per_second']:.0f} | "
+                     f"{m['wall_seconds'] / 60:.1f} min |")
+    if "loop_speed" in record:
+        speed = record["loop_speed"]
+        lines += ["", f"Loop speed ({speed['job']}): prunekit {speed['prunekit_tokens_per_second']:.0f} tokens/s, "
+                      f"Hugging Face Trainer + PEFT {speed['hf_trainer_tokens_per_second']:.0f} tokens/s "
+                      f"(seconds per run: prunekit {speed['prunekit_seconds']}, Trainer {speed['hf_trainer_seconds']})."]
+    lines += ["", f"`{record['command']}` on {record['machine']}, {record['date']}; "
+                  + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pruned", default="runs/pruned35")
@@ -80,7 +103,11 @@ def main() -> int:
     parser.add_argument("--speed-repeats", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery.json"))
+    parser.add_argument("--markdown-only", action="store_true", help="print the BENCHMARKS.md tables of the record at --out")
     args = parser.parse_args()
+    if args.markdown_only:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
 
     started = time.perf_counter()
     teacher, tokenizer = prunekit.load(args.teacher)
