@@ -1,6 +1,7 @@
 """Recovery: the losses, LoRA merging, the loop (learning, resuming, stopping on NaN) and the command."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -28,6 +29,9 @@ from tests.conftest import VOCAB, byte_tokenizer, tiny_model
 
 TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 40)
 SEQ = 32
+# `prunekit.recover` is the function; the module that holds it is reached by its import name.
+recover_run = importlib.import_module("prunekit.recover.run")
+pipeline = importlib.import_module("prunekit.pipeline")
 
 
 @pytest.fixture(autouse=True)
@@ -256,7 +260,7 @@ def test_cli_recover_writes_a_loadable_model_and_refuses_to_overwrite(saved_pair
 ])
 def test_bad_settings_fail_before_any_weight_is_read(saved_pair, text_file, tmp_path, monkeypatch, change, match):
     dense, pruned = saved_pair
-    monkeypatch.setattr(prunekit.recover.run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises((RecoveryError, DataError), match=match):
         recover(pruned, tmp_path / "out", _settings(text_file, **change), teacher=dense, progress=False)
 
@@ -267,7 +271,7 @@ def test_a_teacher_with_another_vocabulary_or_tokenizer_is_refused(saved_pair, t
     other = byte_tokenizer()
     other.add_tokens(["the cat"])  # same vocabulary size in the config, another split of the text
     prunekit.save_model(tiny_model("llama"), other, tmp_path / "other_tokenizer")
-    monkeypatch.setattr(prunekit.recover.run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     settings = _settings(text_file, method="distill")
     with pytest.raises(RecoveryError, match="vocabulary has 320 entries and the student's 300"):
         recover(pruned, tmp_path / "out", settings, teacher=tmp_path / "other_vocab", progress=False)
@@ -324,3 +328,18 @@ def test_two_processes_train_like_one_process_with_their_batches_together(text_f
     assert results[2]["loss"] == pytest.approx(results[1]["loss"], rel=1e-4)
     for name, value in results[1]["state"].items():
         torch.testing.assert_close(results[2]["state"][name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, tmp_path, monkeypatch):
+    import prunekit.models.memory as memory
+
+    dense, pruned = saved_pair
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(memory.InsufficientMemoryError, match=r"needs at least .* GiB \(student weights .*teacher "
+                                                               r"weights.*but the cpu has 0.0 GiB free; train LoRA"):
+        recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
+    monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
+    with pytest.raises(memory.InsufficientMemoryError, match=r"pruning .* gradients .*bfloat16"):
+        prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)

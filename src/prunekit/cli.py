@@ -363,9 +363,10 @@ from prunekit.evaluate.tasks import EvalError  # noqa: E402
 from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
 from prunekit.recover.train import RecoveryError  # noqa: E402
+from prunekit.models.memory import InsufficientMemoryError  # noqa: E402
 from prunekit.runner.recipe import RecipeError  # noqa: E402
 
-USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError)
+USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),

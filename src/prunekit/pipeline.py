@@ -18,6 +18,7 @@ from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tok
 from prunekit.export.files import check_output_dir
 from prunekit.export.huggingface import SavedModel, save_model
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
+from prunekit.models.memory import check_fits, pruning_estimate
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure
 from prunekit.plan.planner import PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction
@@ -218,7 +219,12 @@ def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings,
     settings.validate()
     source = resolve_model_source(model)
     check_output_dir(Path(out), force=force, protected=source.local_paths)
-    check_reachable(model_structure(load_skeleton(source)), settings.planner_settings())
+    structure = model_structure(load_skeleton(source))
+    check_reachable(structure, settings.planner_settings())
+    needs = pruning_estimate(structure, dtype, gradients=get_criterion(settings.criterion).needs_gradients,
+                             batch_size=settings.batch_size, seq_len=settings.calibration.seq_len)
+    check_fits(f"pruning {model}", needs, hints="load it in bfloat16 (--dtype bfloat16), lower --batch-size or "
+               "--calib-seq-len, or use a criterion without gradients (activation, fluctuation)")
     loaded, tokenizer = load(model, dtype=dtype)
     record = prune_loaded(loaded, tokenizer, settings, progress=progress)
     plans = [s["plan"] for s in record["steps"]]

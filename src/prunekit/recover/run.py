@@ -12,11 +12,15 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from prunekit.export.files import OutputExistsError, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, provenance_plans, save_model
-from prunekit.models.loading import load, load_config, load_tokenizer, resolve_model_source
+from prunekit.models.loading import load, load_config, load_skeleton, load_tokenizer, resolve_model_source
+from prunekit.models.memory import check_fits, recovery_estimate
+from prunekit.models.structure import model_structure
 from prunekit.plan.plan import surviving_layers
-from prunekit.recover.train import RecoveryError, RecoverySettings, recover_loaded
+from prunekit.recover.train import RecoveryError, RecoverySettings, get_method, recover_loaded
 
 CHECKPOINT_SUFFIX = ".checkpoints"
 # A short text that exercises ordinary words, digits, code and whitespace: two tokenizers that
@@ -86,6 +90,13 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
                 raise RecoveryError("hidden-state matching needs to know which teacher layer each student layer came "
                                     f"from, and {student} records no plan that says so; drop hidden_weight")
 
+    student_structure = model_structure(load_skeleton(student_source))
+    teacher_structure = model_structure(load_skeleton(teacher_source)) if teacher_source is not None else None
+    needs = recovery_estimate(student_structure, teacher_structure, dtype, lora=get_method(settings.method).lora,
+                              batch_size=settings.batch_size, seq_len=settings.data.seq_len)
+    check_fits(f"recovering {student}", needs, "cuda" if torch.cuda.is_available() else "cpu",
+               hints="train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
+               "(--teacher-cache 64), lower --batch-size or --seq-len, or spread it over GPUs with accelerate")
     model, tokenizer = load(student, dtype=dtype)
     teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None
     trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,

@@ -36,6 +36,7 @@ class Criterion:
     # name -> (type, default, allowed values or None); a tuple option takes a subset of its allowed values
     options: dict[str, tuple[type, object, tuple | None]] = field(default_factory=dict)
     description: str = ""
+    needs_gradients: bool = False      # a backward pass: gradient memory the size of the weights
 
     def check_options(self, options: dict) -> dict:
         unknown = set(options) - set(self.options)
@@ -110,7 +111,7 @@ register_criterion(Criterion(
     lambda model, ids, labels, stats, batch_size, progress, variant: taylor_scores(
         model, ids, labels, variant=variant, batch_size=batch_size, progress=progress),
     KINDS, needs_data=True, needs_stats=False, comparable=True, options={"variant": (str, "element", TAYLOR_VARIANTS)},
-    description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise"))
+    description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise", needs_gradients=True))
 register_criterion(Criterion(
     "sensitivity",
     lambda model, ids, labels, stats, batch_size, progress, kinds, channel_group_size, removals_per_pass: sensitivity_scores(

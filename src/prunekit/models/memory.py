@@ -1,0 +1,94 @@
+"""Memory estimates, made from a model's shapes before its weights are read, so that a job that
+cannot fit is refused at once, with the options that would make it fit.
+
+The estimates are deliberately rough and on the low side (weights, gradients, optimizer state,
+the largest activations of one batch); a job is refused only when even that exceeds what the
+device has free.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.models.structure import ModelStructure
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class InsufficientMemoryError(ValueError):
+    """The job clearly cannot fit in the memory of its device."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parts: dict[str, int]            # what -> bytes
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {_gib(size)}" for name, size in self.parts.items() if size)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Free memory of the device: MemAvailable on Linux for the CPU, free memory of GPU 0 for cuda."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _logits_bytes(structure: ModelStructure, rows: int, seq_len: int) -> int:
+    return rows * seq_len * structure.vocab_size * 4 * 2  # fp32 logits and their log-softmax
+
+
+def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, batch_size: int,
+                     seq_len: int) -> MemoryEstimate:
+    """Scoring with a criterion (gradients for Taylor), one batch at a time, and the cut copy."""
+    weights = structure.total_params * BYTES[dtype]
+    return MemoryEstimate({
+        "weights": weights,
+        "gradients": structure.total_params * 4 if gradients else 0,
+        "logits of one batch": _logits_bytes(structure, batch_size, seq_len),
+        "activations of one batch": batch_size * seq_len * structure.hidden_size * 4 * 4 * structure.num_layers
+        * (2 if gradients else 1),
+    })
+
+
+def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,
+                      batch_size: int, seq_len: int) -> MemoryEstimate:
+    """Student weights, gradients and AdamW state (full training) or LoRA's (a few percent), the
+    teacher's weights, and the logits and activations of one micro-batch."""
+    trained = 0.02 * student.total_params if lora else student.total_params
+    return MemoryEstimate({
+        "student weights": student.total_params * BYTES[dtype],
+        "gradients and AdamW state": int(trained * 4 * 3),
+        "teacher weights": teacher.total_params * BYTES[dtype] if teacher is not None else 0,
+        "logits of one batch": _logits_bytes(student, batch_size, seq_len) * (2 if teacher is not None else 1),
+        "activations of one batch": batch_size * seq_len * student.hidden_size * 4 * 12 * student.num_layers,
+    })
+
+
+def check_fits(what: str, estimate: MemoryEstimate, device: str = "cpu", *, hints: str) -> None:
+    """Refuse `what` when its estimate exceeds the device's free memory; `hints` says what lowers it."""
+    free = available_bytes(device)
+    if free is not None and estimate.total > free:
+        raise InsufficientMemoryError(
+            f"{what} needs at least {_gib(estimate.total)} ({estimate.describe()}), but the {device} has "
+            f"{_gib(free)} free; {hints}")
