@@ -1,0 +1,177 @@
+"""The bad-input catalogue: every case runs the real command and must end with exit code 2 and one
+clear sentence (never a traceback). docs/ERRORS.md is generated from this table, so it stays true:
+
+    python tests/test_error_catalogue.py > docs/ERRORS.md
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import byte_tokenizer, tiny_model  # noqa: E402
+
+import prunekit  # noqa: E402
+from prunekit.cli import main as cli_main  # noqa: E402
+
+TEXT = "The cat sat on the mat. The dog sat on the log. " * 40
+
+
+def build_world(root: Path) -> dict[str, str]:
+    """Models, plans, data files and recipes, good and bad, that the cases point at."""
+    root.mkdir(parents=True, exist_ok=True)
+    model = root / "model"
+    if not model.exists():
+        prunekit.save_model(tiny_model("llama", intermediate_size=64, max_position_embeddings=128), byte_tokenizer(), model)
+        other = root / "other"
+        prunekit.save_model(tiny_model("llama", intermediate_size=32, vocab_size=320), byte_tokenizer(), other)
+        (root / "text.txt").write_text(TEXT)
+        (root / "empty.txt").write_text("")
+        (root / "latin1.txt").write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 50)
+        (root / "short.txt").write_text("too short")
+        (root / "not_a_model").mkdir()
+        bad_json = root / "bad_config"
+        bad_json.mkdir()
+        (bad_json / "config.json").write_text("{not json")
+        gpt2 = root / "gpt2"
+        gpt2.mkdir()
+        (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+        (root / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+        other_plan = prunekit.Plan(layers={0: prunekit.LayerPlan(keep_channels=tuple(range(16)))})
+        skeleton = prunekit.model_structure(tiny_model("llama", intermediate_size=32, vocab_size=320))
+        from prunekit.plan.plan import structure_signature
+
+        data = other_plan.to_dict()
+        data["model"] = structure_signature(skeleton)
+        (root / "other_plan.json").write_text(json.dumps(data))
+        (root / "bad_plan.json").write_text("[1, 2")
+        (root / "recipe_key.yaml").write_text(f"model: {model}\nstages: [prune]\nprune: {{taget: 0.3}}\n")
+        (root / "recipe_type.yaml").write_text(f"model: {model}\nstages: [prune]\nprune: {{target: lots}}\n")
+        (root / "recipe_stage.yaml").write_text(f"model: {model}\nstages: [prune, distil]\n")
+        (root / "exists").mkdir()
+        prunekit.save_model(tiny_model("llama"), byte_tokenizer(), root / "corrupt")
+        (root / "corrupt" / "model.safetensors").write_bytes(b"not safetensors" * 10)
+        pruned = root / "pruned"
+        prunekit.save_model(tiny_model("llama", intermediate_size=64, max_position_embeddings=128), byte_tokenizer(),
+                            pruned)
+    return {name: str(root / name) for name in (
+        "model", "other", "text.txt", "empty.txt", "latin1.txt", "short.txt", "not_a_model", "bad_config", "gpt2",
+        "broken.gguf", "other_plan.json", "bad_plan.json", "recipe_key.yaml", "recipe_type.yaml", "recipe_stage.yaml",
+        "exists", "pruned", "corrupt")} | {"root": str(root)}
+
+
+# (case, command line with {names} from build_world, a fragment the message must contain)
+CASES: list[tuple[str, str, str]] = [
+    ("model path that does not exist", "inspect {root}/nowhere", "no model at"),
+    ("directory that is not a model", "inspect {not_a_model}", "config.json"),
+    ("config.json that is not JSON", "inspect {bad_config}", "not valid JSON"),
+    ("unsupported architecture", "inspect {gpt2}", "gpt2"),
+    ("corrupt GGUF file", "inspect {broken.gguf}", "broken.gguf"),
+    ("corrupt safetensors weights", "eval {corrupt} --ppl {text.txt} --seq-len 16", "cannot load the weights"),
+    ("target outside (0, 1)", "prune {model} --target 1.5 --out {root}/o1 --calib {text.txt}", "must be a fraction"),
+    ("target unreachable under the limits",
+     "prune {model} --target 0.6 --prune-structures channel --limit channel=0.1 --out {root}/o2 --calib {text.txt}",
+     "at most"),
+    ("plan made for another model", "prune {model} --plan {other_plan.json} --out {root}/o3", "made for"),
+    ("plan file that is not JSON", "prune {model} --plan {bad_plan.json} --out {root}/o4", "JSON"),
+    ("empty calibration file", "prune {model} --target 0.2 --out {root}/o5 --calib {empty.txt} --calib-seq-len 16",
+     "empty"),
+    ("calibration file that is not UTF-8",
+     "prune {model} --target 0.2 --out {root}/o6 --calib {latin1.txt} --calib-seq-len 16", "UTF-8"),
+    ("too few calibration tokens for the samples",
+     "prune {model} --target 0.2 --out {root}/o7 --calib {short.txt} --calib-seq-len 64", "fewer than one window"),
+    ("unknown calibration source", "prune {model} --target 0.2 --out {root}/o8 --calib wikitext3",
+     "unknown calibration source 'wikitext3'"),
+    ("unknown criterion option",
+     "prune {model} --target 0.2 --out {root}/o9 --calib {text.txt} --criterion-option depth=3", "has no options"),
+    ("limit on an unknown structure",
+     "prune {model} --target 0.2 --out {root}/o10 --calib {text.txt} --limit neuron=0.3", "unknown structures"),
+    ("output directory that exists", "prune {model} --target 0.2 --out {exists} --calib {text.txt}", "exists"),
+    ("output inside the input model", "prune {model} --target 0.2 --out {model}/sub --calib {text.txt} --force",
+     "overlaps the input model"),
+    ("unknown evaluation task", "eval {model} --tasks piqa2", "unknown task 'piqa2'"),
+    ("evaluation window longer than the model's positions", "eval {model} --ppl {text.txt} --seq-len 4096",
+     "lower it"),
+    ("evaluation text shorter than one window", "eval {model} --ppl {short.txt} --seq-len 64", "window"),
+    ("CUDA asked for on a machine without a GPU", "bench {model} --device cuda", "no CUDA GPU"),
+    ("teacher with another vocabulary",
+     "recover {pruned} --teacher {other} --out {root}/r1 --data {text.txt} --seq-len 16 --tokens 4096",
+     "vocabulary"),
+    ("distillation without a teacher", "recover {pruned} --out {root}/r2 --data {text.txt} --seq-len 16",
+     "needs the original model as teacher"),
+    ("token budget smaller than one step",
+     "recover {pruned} --teacher {model} --out {root}/r3 --data {text.txt} --seq-len 64 --tokens 10",
+     "smaller than one optimizer step"),
+    ("recovery data shorter than one row",
+     "recover {pruned} --method lora --out {root}/r4 --data {short.txt} --seq-len 64 --tokens 512 --held-out 0",
+     "fewer than one window"),
+    ("recovery options that need distillation",
+     "recover {pruned} --method lora --out {root}/r5 --data {text.txt} --ce-weight 0.5", "apply to distillation"),
+    ("recipe file that does not exist", "run {root}/nothing.yaml --out {root}/run1", "does not exist"),
+    ("unknown recipe key", "run {recipe_key.yaml} --out {root}/run2", "unknown key recipe.prune.taget"),
+    ("recipe value of the wrong type", "run {recipe_type.yaml} --out {root}/run3", "must be float"),
+    ("unknown recipe stage", "run {recipe_stage.yaml} --out {root}/run4", "unknown stage 'distil'"),
+    ("malformed recipe override", "run {recipe_key.yaml} prune.target --out {root}/run5", "KEY=VALUE"),
+    ("sweep target outside (0, 1)", "sweep {model} --targets 0.2,1.5 --out {root}/s1 --calib {text.txt}",
+     "fractions in (0, 1)"),
+    ("report on a folder that does not exist", "report {root}/no_run", "does not exist"),
+]
+
+
+def run_case(command: str, world: dict[str, str]) -> tuple[int, str]:
+    """Exit code and stderr of `prunekit COMMAND`, with {name} replaced by the world's paths."""
+    for name, path in world.items():
+        command = command.replace("{" + name + "}", path)
+    args = command.split()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli_main(args)
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return code, err.getvalue().strip()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("catalogue"))
+
+
+def test_the_catalogue_has_at_least_thirty_distinct_cases():
+    assert len({case for case, *_ in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case, command, fragment", CASES, ids=[c for c, *_ in CASES])
+def test_bad_input_gets_one_clear_sentence(world, case, command, fragment, one_thread):
+    code, message = run_case(command, world)
+    assert code == 2, message
+    assert "Traceback" not in message
+    assert fragment in message, message
+
+
+def test_the_docs_list_every_case():
+    docs = (ROOT / "docs" / "ERRORS.md").read_text()
+    missing = [case for case, *_ in CASES if f"| {case} |" not in docs]
+    assert not missing, f"regenerate docs/ERRORS.md (python tests/test_error_catalogue.py > docs/ERRORS.md): {missing}"
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    world = build_world(Path(tempfile.mkdtemp()))
+    print("# Bad input: what each case says\n")
+    print("Generated by `python tests/test_error_catalogue.py > docs/ERRORS.md` from the cases that "
+          "`tests/test_error_catalogue.py` checks (exit code 2, one sentence, no traceback). Paths are "
+          "shortened to their last part.\n")
+    print("| case | command | message |\n|---|---|---|")
+    for case, command, _ in CASES:
+        _, message = run_case(command, world)
+        shown = message.replace(world["root"] + "/", "").replace("|", "\\|").replace("\n", " ")
+        print(f"| {case} | `prunekit {command.replace('{root}/', '').replace('{', '').replace('}', '')}` | {shown} |")
