@@ -384,6 +384,13 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+# What to do after Ctrl-C, for the commands that can continue where they stopped.
+RESUME_HINTS = {
+    "run": "run the same command again to continue from the last finished stage",
+    "recover": "run the same command with --resume to continue from the last checkpoint",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunekit", description="Structured pruning of transformer language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks")
@@ -404,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunekit {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"prunekit {args.command}: interrupted; no output was left half-written", file=sys.stderr)
+        hint = RESUME_HINTS.get(args.command, "")
+        print(f"prunekit {args.command}: interrupted; no output was left half-written" + (f"; {hint}" if hint else ""),
+              file=sys.stderr)
         return 130
 
 
