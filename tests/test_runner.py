@@ -90,7 +90,9 @@ def tiny_recipe(tmp_path) -> dict:
     text.write_text(TEXT)
     return {
         "model": str(tmp_path / "dense"),
-        "stages": ["plan", "prune", "recover", "evaluate", "bench", "export", "report"],
+        "stages": ["analyze", "plan", "prune", "recover", "evaluate", "bench", "export", "report"],
+        "analyze": {"criterion": "sensitivity", "criterion_options": {"kinds": ["layer", "attention", "mlp"]},
+                    "calibration": {"source": str(text), "n_samples": 4, "seq_len": 32}},
         "prune": {"target": 0.25, "ffn_multiple": 16, "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
         "recover": {"method": "lora+distill", "tokens": 32 * 4 * 3, "lr": 0.01, "eval_every": 1,
                     "data": {"source": str(text), "seq_len": 32, "held_out": 2}},
@@ -103,7 +105,7 @@ def test_a_recipe_runs_every_stage_then_skips_them(tiny_recipe, tmp_path, monkey
     run_dir = tmp_path / "run"
     records = prunekit.run(tiny_recipe, run_dir)
     assert list(records) == tiny_recipe["stages"]
-    for artifact in ("plan.json", "model/prunekit.json", "recovered/prunekit.json", "eval.json", "eval_dense.json",
+    for artifact in ("analysis/analysis.md", "analysis/scores.json", "plan.json", "model/prunekit.json", "recovered/prunekit.json", "eval.json", "eval_dense.json",
                      "bench.json", "export/model.safetensors", "report.md", "recipe.yaml"):
         assert (run_dir / artifact).exists(), artifact
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["prune"]["target"] == 0.25
