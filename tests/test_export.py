@@ -125,6 +125,6 @@ def test_failed_save_leaves_nothing_under_the_final_name(tokenizer, tmp_path, mo
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(type(model), "save_pretrained", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="the disk filled up while writing"):
         save_model(model, tokenizer, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -124,3 +124,23 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(importlib.import_module("prunekit.recover"), "recover", interrupted)
     assert cli.main(["recover", "pruned", "--out", str(tmp_path / "r"), "--teacher", "t"]) == 130
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_full_disk_during_save_leaves_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from prunekit.cli import main as cli_main
+
+    prunekit.save_model(tiny_model("llama"), byte_tokenizer(), tmp_path / "dense")
+
+    def no_space(self, *args, **kwargs):
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")  # a partial file, as a full disk leaves
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", no_space)
+    plan = tmp_path / "plan.json"
+    prunekit.Plan(drop_layers=(1,)).save(plan)
+    assert cli_main(["prune", str(tmp_path / "dense"), "--plan", str(plan), "--out", str(tmp_path / "out")]) == 2
+    message = capsys.readouterr().err
+    assert "the disk filled up while writing" in message and "free some space" in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prunekit.data.sources import DataError
-from prunekit.export.files import OutputExistsError
+from prunekit.export.files import DiskFullError, OutputExistsError
 from prunekit.models.architecture import UnsupportedModelError
 from prunekit.models.loading import DEFAULT_MODEL, DTYPES, ModelLoadError
 from prunekit.plan.plan import PlanError
@@ -17,7 +17,8 @@ from prunekit.score import CriterionError
 
 # Errors that are the user's to fix: printed as one line, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, FileNotFoundError, DataError, CriterionError,
+    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, DiskFullError, FileNotFoundError, DataError,
+    CriterionError,
     argparse.ArgumentTypeError,
 )
 

@@ -2,6 +2,7 @@
 under a temporary name next to its destination and renamed into place when complete."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -12,6 +13,20 @@ from pathlib import Path
 
 class OutputExistsError(FileExistsError):
     """The output path exists and replacing it was not asked for."""
+
+
+class DiskFullError(OSError):
+    """The disk filled up while an output was written; nothing was left under the final name."""
+
+
+def _disk_full(error: BaseException, path: Path) -> BaseException:
+    """A disk-full OSError as a DiskFullError that says what to do; any other error as it is."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        return DiskFullError(errno.ENOSPC, f"the disk filled up while writing {path} ({free / 2**30:.1f} GiB free "
+                                           "now); nothing was left under that name: free some space or write to "
+                                           "another disk")
+    return error
 
 
 def _default_mode(directory: bool) -> int:
@@ -31,9 +46,12 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode(directory=False))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        translated = _disk_full(error, path)
+        if translated is error:
+            raise
+        raise translated from None
 
 
 def check_output_dir(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
@@ -63,9 +81,12 @@ def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()
     os.chmod(tmp, _default_mode(directory=True))
     try:
         yield tmp
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        translated = _disk_full(error, out)
+        if translated is error:
+            raise
+        raise translated from None
     if out.exists():
         trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
         os.replace(out, trash / out.name)
