@@ -15,7 +15,7 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy; `logits`, `labels` and `mask` are already shifted (position t predicts labels[t])."""
+    """Next-token cross-entropy; `labels` and `mask` are already shifted (position t predicts labels[t])."""
     per_token = F.cross_entropy(logits.float().flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
     return _masked_mean(per_token.view(labels.shape), mask)
 

@@ -161,6 +161,13 @@ def _with_lora(model: nn.Module, settings: RecoverySettings) -> nn.Module:
                             "pass module names such as q_proj,v_proj or all-linear") from None
 
 
+def next_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: labels shifted left, the last position ignored. Shifting
+    the labels rather than slicing the logits spares a copy of the [batch, seq, vocab] logits and
+    of their gradient at every step."""
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def _rows_of_step(order: torch.Tensor, step: int, micro: int, settings: RecoverySettings, world: int,
                   rank: int) -> torch.Tensor:
     """Training rows of one micro-batch of this process: a fixed function of (step, micro, rank)."""
@@ -171,11 +178,11 @@ def _rows_of_step(order: torch.Tensor, step: int, micro: int, settings: Recovery
 @torch.no_grad()
 def _teacher_top_k(teacher: nn.Module, ids: torch.Tensor, rows: list[int], k: int, batch_size: int,
                    device: torch.device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    values = torch.zeros(len(ids), ids.shape[1] - 1, k, dtype=torch.bfloat16)
-    indices = torch.zeros(len(ids), ids.shape[1] - 1, k, dtype=torch.int32)
+    values = torch.zeros(len(ids), ids.shape[1], k, dtype=torch.bfloat16)
+    indices = torch.zeros(len(ids), ids.shape[1], k, dtype=torch.int32)
     for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher top-{k} logits", unit="batch", disable=not progress):
         chunk = torch.tensor(rows[start:start + batch_size])
-        logits = teacher(input_ids=ids[chunk].to(device), use_cache=False).logits[:, :-1]
+        logits = teacher(input_ids=ids[chunk].to(device), use_cache=False).logits
         top_values, top_indices = losses.top_k_logits(logits, k)
         values[chunk], indices[chunk] = top_values.to(torch.bfloat16).cpu(), top_indices.cpu()
     return values, indices
@@ -189,8 +196,8 @@ def held_out_perplexity(model: nn.Module, ids: torch.Tensor, labels: torch.Tenso
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
-        batch, target = ids[start:start + batch_size].to(device), labels[start:start + batch_size, 1:].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        batch, target = ids[start:start + batch_size].to(device), next_tokens(labels[start:start + batch_size]).to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
         mask = target != IGNORE_INDEX
         total += float(losses.cross_entropy(logits, target, mask)) * int(mask.sum())
         count += int(mask.sum())
@@ -327,13 +334,13 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
         step_loss = torch.zeros((), device=device)
         for micro in range(settings.grad_accum):
             rows = _rows_of_step(order, step, micro, settings, world, rank)
-            batch, target = train_ids[rows].to(device), train_labels[rows, 1:].to(device)
+            batch, target = train_ids[rows].to(device), next_tokens(train_labels[rows]).to(device)
             mask = target != IGNORE_INDEX
             sync = micro == settings.grad_accum - 1
             with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
                 with accelerator.autocast():
                     output = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-                    logits = output.logits[:, :-1]
+                    logits = output.logits
                     if not method.distill:
                         loss = losses.cross_entropy(logits, target, mask)
                     else:
@@ -388,7 +395,7 @@ def _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache
     else:
         with torch.no_grad():
             teacher_output = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-        loss = losses.kl_divergence(logits, teacher_output.logits[:, :-1], mask, settings.temperature)
+        loss = losses.kl_divergence(logits, teacher_output.logits, mask, settings.temperature)
     if settings.ce_weight:
         loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
     if settings.hidden_weight:
