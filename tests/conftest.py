@@ -102,3 +102,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def zero_contributions(model, layer: int, *, head_dim: int, heads=(), channels=(), attention=False, mlp=False) -> None:
+    """Zero what removed parts add to the residual stream: o_proj columns of heads, down_proj
+    columns of channels, all of o_proj / down_proj for a whole sublayer."""
+    from prunekit import architecture_for
+    from prunekit.models.modeling_prunekit import decoder_layers
+
+    arch = architecture_for(model.config.model_type)
+    decoder = decoder_layers(model, arch.to_dict())[layer]
+    o_proj = getattr(getattr(decoder, arch.attention), arch.o_proj)
+    down = getattr(getattr(decoder, arch.mlp), arch.down_proj)
+    with torch.no_grad():
+        for h in heads:
+            o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
+        for c in channels:
+            down.weight[:, c] = 0
+        if attention:
+            o_proj.weight.zero_()
+        if mlp:
+            down.weight.zero_()

@@ -8,15 +8,14 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, byte_tokenizer, tiny_model
+from conftest import FAMILIES, byte_tokenizer, tiny_model, zero_contributions
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import prunekit  # noqa: E402
-from prunekit import LayerPlan, Plan, apply_plan, architecture_for, model_structure, predicted_structure  # noqa: E402
-from prunekit.models.modeling_prunekit import decoder_layers  # noqa: E402
+from prunekit import LayerPlan, Plan, apply_plan, model_structure, predicted_structure  # noqa: E402
 
 
 @st.composite
@@ -59,19 +58,6 @@ def architectures_and_plans(draw):
     return family, config, Plan(layers=layer_plans, drop_layers=tuple(sorted(dropped))), zeroing, head_dim
 
 
-def _zero(model, layer: int, heads, channels, head_dim: int) -> None:
-    """Zero what removed heads and channels add to the residual stream (o_proj / down_proj columns)."""
-    arch = architecture_for(model.config.model_type)
-    decoder = decoder_layers(model, arch.to_dict())[layer]
-    o_proj = getattr(getattr(decoder, arch.attention), arch.o_proj)
-    down = getattr(getattr(decoder, arch.mlp), arch.down_proj)
-    with torch.no_grad():
-        for h in heads:
-            o_proj.weight[:, h * head_dim:(h + 1) * head_dim] = 0
-        for c in channels:
-            down.weight[:, c] = 0
-
-
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=architectures_and_plans())
@@ -80,7 +66,7 @@ def test_random_plans_keep_every_invariant(case, tmp_path_factory):
     pruned = tiny_model(family, **config)
     zeroed = copy.deepcopy(pruned)
     for z in zeroing:
-        _zero(zeroed, head_dim=head_dim, **z)
+        zero_contributions(zeroed, head_dim=head_dim, **z)
     predicted = predicted_structure(plan, model_structure(pruned))
     after = apply_plan(pruned, plan)
     assert sum(p.numel() for p in pruned.parameters()) == predicted.total_params == after.total_params

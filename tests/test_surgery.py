@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, zero_contributions
 
 from prunekit import LayerPlan, Plan, apply_plan, architecture_for, model_structure, predicted_structure
 from prunekit.models.modeling_prunekit import decoder_layers
@@ -19,22 +19,8 @@ def _layers(model):
     return decoder_layers(model, architecture_for(model.config.model_type).to_dict())
 
 
-def _zero(model, layer: int, *, heads=(), channels=(), attention=False, mlp=False) -> None:
-    """Zero what the removed parts add to the residual stream: o_proj columns of heads, down_proj
-    columns of channels, all of o_proj / down_proj for a whole sublayer."""
-    arch = architecture_for(model.config.model_type)
-    decoder = _layers(model)[layer]
-    o_proj = getattr(getattr(decoder, arch.attention), arch.o_proj)
-    down = getattr(getattr(decoder, arch.mlp), arch.down_proj)
-    with torch.no_grad():
-        for h in heads:
-            o_proj.weight[:, h * HEAD_DIM:(h + 1) * HEAD_DIM] = 0
-        for c in channels:
-            down.weight[:, c] = 0
-        if attention:
-            o_proj.weight.zero_()
-        if mlp:
-            down.weight.zero_()
+def _zero(model, layer: int, **parts) -> None:
+    zero_contributions(model, layer, head_dim=HEAD_DIM, **parts)
 
 
 def _keep(removed, size):

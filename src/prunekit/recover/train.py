@@ -309,9 +309,9 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is not None and (found := latest_checkpoint(directory)) is not None:
         state = json.loads((found / "trainer_state.json").read_text())
-        if _comparable(state["settings"]) != _comparable(json.loads(json.dumps(settings.to_dict()))):
-            differ = sorted(k for k in _comparable(state["settings"])
-                            if state["settings"][k] != json.loads(json.dumps(settings.to_dict())).get(k))
+        saved, current = _comparable(state["settings"]), _comparable(json.loads(json.dumps(settings.to_dict())))
+        if saved != current:
+            differ = sorted(k for k in saved if saved[k] != current.get(k))
             raise RecoveryError(f"the checkpoint at {found} was made with other settings ({', '.join(differ)}); "
                                 "resume with the same settings, or start over without resume")
         accelerator.load_state(str(found))
