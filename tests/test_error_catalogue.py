@@ -121,6 +121,8 @@ CASES: list[tuple[str, str, str]] = [
     ("malformed recipe override", "run {recipe_key.yaml} prune.target --out {root}/run5", "KEY=VALUE"),
     ("sweep target outside (0, 1)", "sweep {model} --targets 0.2,1.5 --out {root}/s1 --calib {text.txt}",
      "fractions in (0, 1)"),
+    ("unknown sweep evaluation source", "sweep {model} --eval wikitext3 --out {root}/s2 --calib {text.txt}",
+     "unknown evaluation source 'wikitext3'"),
     ("report on a folder that does not exist", "report {root}/no_run", "does not exist"),
 ]
 

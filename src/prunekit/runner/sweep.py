@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from prunekit.compensate import compensate, compensate_sequential
-from prunekit.data import SELF_SOURCE, calibration_tokens
+from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.evaluate.speed import benchmark_speed
 from prunekit.export.files import atomic_directory
@@ -44,6 +44,10 @@ class SweepSettings:
     def validate(self) -> None:
         if not self.targets or any(not 0 < t < 1 for t in self.targets):
             raise PlanError(f"targets must be fractions in (0, 1), e.g. 0.1,0.2,0.3; got {list(self.targets)}")
+        named = {"auto", SELF_SOURCE, *NAMED_SOURCES}
+        if self.eval_source not in named and not Path(self.eval_source.split(":")[0]).is_file():
+            raise DataError(f"unknown evaluation source {self.eval_source!r}; use one of {sorted(named)} or an "
+                            "existing .txt / .jsonl file")
         if self.prune.steps != 1:
             raise PlanError("a sweep scores once and prunes every target from those scores; set steps to 1")
         self.prune.validate()
