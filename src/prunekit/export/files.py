@@ -19,7 +19,7 @@ class DiskFullError(OSError):
     """The disk filled up while an output was written; nothing was left under the final name."""
 
 
-def _disk_full(error: BaseException, path: Path) -> BaseException:
+def disk_full(error: BaseException, path: Path) -> BaseException:
     """A disk-full OSError as a DiskFullError that says what to do; any other error as it is."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
@@ -29,7 +29,7 @@ def _disk_full(error: BaseException, path: Path) -> BaseException:
     return error
 
 
-def _default_mode(directory: bool) -> int:
+def default_mode(directory: bool) -> int:
     """Permissions an ordinary open()/mkdir() would give (mkstemp/mkdtemp make private ones)."""
     umask = os.umask(0)
     os.umask(umask)
@@ -44,11 +44,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _default_mode(directory=False))
+        os.chmod(tmp, default_mode(directory=False))
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
-        translated = _disk_full(error, path)
+        translated = disk_full(error, path)
         if translated is error:
             raise
         raise translated from None
@@ -78,12 +78,12 @@ def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()
     check_output_dir(out, force=force, protected=protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    os.chmod(tmp, _default_mode(directory=True))
+    os.chmod(tmp, default_mode(directory=True))
     try:
         yield tmp
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        translated = _disk_full(error, out)
+        translated = disk_full(error, out)
         if translated is error:
             raise
         raise translated from None
