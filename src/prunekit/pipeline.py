@@ -17,13 +17,13 @@ from prunekit.compensate import compensate, compensate_sequential
 from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
 from prunekit.export.files import check_output_dir
 from prunekit.export.huggingface import SavedModel, save_model
-from prunekit.models.loading import load, load_skeleton, resolve_model_source
-from prunekit.models.memory import check_fits, pruning_estimate
+from prunekit.models.loading import check_device, check_finite_weights, load, load_skeleton, resolve_model_source
+from prunekit.models.memory import BYTES, check_fits, layer_by_layer_estimate, pruning_estimate, weights_estimate
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure
 from prunekit.plan.planner import PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction
 from prunekit.prune.surgery import apply_plan
-from prunekit.score import Scores, collect_layer_stats, get_criterion, score_model
+from prunekit.score import Scores, check_layer_by_layer, collect_layer_stats, get_criterion, score_model
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,10 @@ class PruneSettings:
     steps: int = 1                # iterative pruning: reach the target in this many steps, scoring again in between
     batch_size: int = 8
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    device: str | None = None     # where scoring and compensation run (cpu, cuda, cuda:N); None: where the model is
+    # Keep the model in CPU memory and run one decoder layer at a time on `device`, over calibration
+    # states that stay there: a model larger than the device can be scored and pruned.
+    layer_by_layer: bool = False
 
     def planner_settings(self, target: float | None = None) -> PlannerSettings:
         return PlannerSettings(
@@ -100,9 +104,23 @@ class PruneSettings:
             raise PlanError("bias compensation is fitted with the one-shot refit; pass --compensation one-shot with it")
         if criterion.needs_data or self.compensation != "none":
             self.calibration.validate()
+        check_run_options(self.criterion, self.device, self.layer_by_layer)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_run_options(criterion: str, device: str | None, layer_by_layer: bool) -> None:
+    """The device exists here, and the criterion can run layer by layer when asked to."""
+    if device is not None:
+        check_device(device)
+    if layer_by_layer:
+        check_layer_by_layer(criterion)
+
+
+def load_device(device: str | None, layer_by_layer: bool) -> str:
+    """Where the commands load the model: CPU memory in layer-by-layer mode, else the work device."""
+    return "cpu" if layer_by_layer or device is None else device
 
 
 def calibration_batch(model: nn.Module, tokenizer, calibration: CalibrationSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -117,15 +135,28 @@ def calibration_batch(model: nn.Module, tokenizer, calibration: CalibrationSetti
     return ids, None
 
 
+def _stats(model, ids, settings: PruneSettings, *, with_gram: bool, progress: bool) -> list:
+    return collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=with_gram, progress=progress,
+                               layer_by_layer=settings.layer_by_layer, device=settings.device)
+
+
 def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple[Scores, list | None]:
     criterion = get_criterion(settings.criterion)
     stats = None
     one_shot = settings.compensation == "one-shot"
     if criterion.needs_stats or one_shot:
-        stats = collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=one_shot, progress=progress)
+        stats = _stats(model, ids, settings, with_gram=one_shot, progress=progress)
     scores = score_model(model, settings.criterion, ids, labels, stats=stats, batch_size=settings.batch_size,
-                         progress=progress, **settings.criterion_options)
+                         progress=progress, layer_by_layer=settings.layer_by_layer, device=settings.device,
+                         **settings.criterion_options)
     return scores, stats
+
+
+def _place(model: nn.Module, settings: PruneSettings) -> None:
+    """Whole-model mode runs on the work device, so the model goes there; layer-by-layer mode
+    leaves it where it is (CPU memory) and moves one layer at a time."""
+    if settings.device is not None and not settings.layer_by_layer:
+        model.to(settings.device)
 
 
 def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
@@ -140,6 +171,8 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     original = model_structure(model)
     if plan is not None:
         predicted_structure(plan, original)  # a plan made for another model fails here, before any work
+    check_finite_weights(model, getattr(model.config, "_name_or_path", "") or "the model")
+    _place(model, settings)
     ids, labels = calibration if calibration is not None else (None, None)
     needs_scores = plan is None and get_criterion(settings.criterion).needs_data
     if ids is None and (needs_scores or settings.compensation != "none"):
@@ -160,14 +193,14 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
                              comparable=get_criterion(settings.criterion).comparable)
         else:
             scores = None
-            stats = (collect_layer_stats(model, ids, batch_size=settings.batch_size, with_gram=True, progress=progress)
+            stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
                      if settings.compensation == "one-shot" else None)
         compensation = None
         if settings.compensation == "one-shot":
             compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
         elif settings.compensation == "sequential":
             compensation = compensate_sequential(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
-                                                 progress=progress)
+                                                 progress=progress, device=settings.device)
         after = apply_plan(model, plan)
         record["steps"].append({
             "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
@@ -190,6 +223,8 @@ def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progres
         raise PlanError(f"iterative pruning (steps={settings.steps}) scores again after each cut, so it cannot be "
                         "planned ahead; plan with steps=1, or prune without a separate plan")
     needs_data = get_criterion(settings.criterion).needs_data
+    check_finite_weights(model, getattr(model.config, "_name_or_path", "") or "the model")
+    _place(model, settings)
     ids, labels = calibration_batch(model, tokenizer, settings.calibration) if needs_data else (None, None)
     scores, _ = _score(model, ids, labels, replace(settings, compensation="none"), progress)
     plan = make_plan(model_structure(model), scores, settings.planner_settings(),
@@ -221,12 +256,10 @@ def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings,
     check_output_dir(Path(out), force=force, protected=source.local_paths)
     structure = model_structure(load_skeleton(source))
     check_reachable(structure, settings.planner_settings())
-    needs = pruning_estimate(structure, dtype, gradients=get_criterion(settings.criterion).needs_gradients,
-                             batch_size=settings.batch_size, seq_len=settings.calibration.seq_len)
-    check_fits(f"pruning {model}", needs, hints="load it in bfloat16 (--dtype bfloat16), lower --batch-size or "
-               "--calib-seq-len, or use a criterion without gradients (activation, fluctuation)")
-    loaded, tokenizer = load(model, dtype=dtype)
+    check_memory(f"pruning {model}", structure, dtype, settings)
+    loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
     record = prune_loaded(loaded, tokenizer, settings, progress=progress)
+    loaded.to("cpu")  # saved from CPU memory
     plans = [s["plan"] for s in record["steps"]]
     return save_model(
         loaded, tokenizer, out, plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None, source=str(model),
@@ -235,19 +268,54 @@ def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings,
     )
 
 
+def check_memory(what: str, structure: ModelStructure, dtype: str, settings: PruneSettings) -> None:
+    """Refuse, before loading, a job whose memory estimate clearly exceeds what the device has
+    free, naming the options that lower it. In layer-by-layer mode the device needs one layer and
+    the calibration states, and CPU memory the whole model."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+    if dtype not in BYTES:  # "auto": the checkpoint's own dtype, unknown before loading
+        return
+    criterion = get_criterion(settings.criterion)
+    device = settings.device or "cpu"
+    if settings.layer_by_layer:
+        needs = layer_by_layer_estimate(structure, dtype, n_samples=settings.calibration.n_samples,
+                                        seq_len=settings.calibration.seq_len, batch_size=settings.batch_size,
+                                        compensation=settings.compensation)
+        check_fits(f"{what} layer by layer", needs, device,
+                   hints="the calibration states stay on the device, so lower --calib-samples or --calib-seq-len, "
+                   "load it in bfloat16 (--dtype bfloat16), or lower --batch-size")
+        if device != "cpu":
+            check_fits(f"{what} layer by layer", weights_estimate(structure, dtype), "cpu",
+                       hints="the model is held in CPU memory in this mode; load it in bfloat16 (--dtype bfloat16)")
+        return
+    # sensitivity caches every layer's input; sequential compensation keeps one stream
+    cached_layers = structure.num_layers if criterion.name == "sensitivity" else int(settings.compensation == "sequential")
+    needs = pruning_estimate(structure, dtype, gradients=criterion.needs_gradients, batch_size=settings.batch_size,
+                             seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
+                             n_samples=settings.calibration.n_samples, cached_layers=cached_layers)
+    layer_by_layer_hint = ("" if criterion.whole_model else
+                           "add --layer-by-layer (one layer at a time on the device, the model in CPU memory), ")
+    check_fits(what, needs, device, hints=f"load it in bfloat16 (--dtype bfloat16), {layer_by_layer_hint}lower "
+               "--batch-size or --calib-seq-len, or use a criterion without gradients (activation, fluctuation)")
+
+
 def analyze(model: str | Path, out_dir: str | Path, *, criterion: str = "sensitivity", criterion_options: dict | None = None,
             calibration: CalibrationSettings = CalibrationSettings(), batch_size: int = 8, dtype: str = "float32",
-            force: bool = False, progress: bool = True) -> Path:
+            force: bool = False, progress: bool = True, device: str | None = None,
+            layer_by_layer: bool = False) -> Path:
     """Score every component and write scores.json, plots and analysis.md into `out_dir`."""
     settings = PruneSettings(criterion=criterion, criterion_options=criterion_options or {}, calibration=calibration,
-                             compensation="none", batch_size=batch_size)
+                             compensation="none", batch_size=batch_size, device=device, layer_by_layer=layer_by_layer)
     get_criterion(criterion).check_options(settings.criterion_options)
     if get_criterion(criterion).needs_data:
         calibration.validate()
+    check_run_options(criterion, device, layer_by_layer)
     source = resolve_model_source(model)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force=force, protected=source.local_paths)
-    loaded, tokenizer = load(model, dtype=dtype)
+    check_memory(f"analyzing {model}", model_structure(load_skeleton(source)), dtype, settings)
+    loaded, tokenizer = load(model, dtype=dtype, device=load_device(device, layer_by_layer))
+    check_finite_weights(loaded, str(model))
     ids, labels = calibration_batch(loaded, tokenizer, calibration) if get_criterion(criterion).needs_data else (None, None)
     started = time.perf_counter()
     scores, _ = _score(loaded, ids, labels, settings, progress)

@@ -28,23 +28,28 @@ from prunekit.compensate.least_squares import (
     refit_kept_columns,
 )
 from prunekit.models.architecture import architecture_for
-from prunekit.models.layerwise import capture_layer_inputs, first_output
+from prunekit.models.layerwise import embed_calibration, layer_on, run_layer
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
 from prunekit.models.structure import model_structure
 from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
 
+_CHUNK_ELEMENTS = 2**24  # float64 elements converted at once: 128 MiB
+
 
 def _input_gram(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, layer_kwargs: dict,
                 batch_size: int) -> torch.Tensor:
-    """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64)."""
+    """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64, on the layer's device)."""
     gram = torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
     seen: list[torch.Tensor] = []
     handle = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     try:
         for start in range(0, len(stream), batch_size):
             layer(stream[start:start + batch_size], **layer_kwargs)
-            x = seen.pop().reshape(-1, projection.in_features).to(torch.float64)
-            gram += x.T @ x
+            x = seen.pop().reshape(-1, projection.in_features)
+            # float64 a few thousand tokens at a time: a whole batch of FFN inputs is gigabytes at 8B scale.
+            for chunk in x.split(max(1, _CHUNK_ELEMENTS // projection.in_features)):
+                chunk = chunk.to(torch.float64)
+                gram.addmm_(chunk.T, chunk)
     finally:
         handle.remove()
     return gram
@@ -58,45 +63,59 @@ def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor
 
 @torch.no_grad()
 def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, ridge: float = DEFAULT_RIDGE,
-                          batch_size: int = 8, progress: bool = True) -> CompensationReport:
+                          batch_size: int = 8, progress: bool = True,
+                          device: torch.device | str | None = None) -> CompensationReport:
     """Refit o_proj / down_proj of every width-pruned sublayer of `plan`, layer by layer, in place,
-    before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream."""
+    before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream.
+
+    The stream of calibration states lives on `device` (default: the model's); each layer visits
+    it in turn and goes back where it was, so the model may stay in CPU memory (layer-by-layer
+    mode): the device then holds one layer, the stream and one projection's fit."""
     arch = architecture_for(model.config.model_type)
     layers = decoder_layers(model, arch.to_dict())
     kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, model_structure(model))}
     head_dim = head_dim_of(model.config)
-    inputs, kwargs_of = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, keep={0},
-                                             progress=progress, desc="compensation: caching inputs")
-    stream = inputs[0]
+    device = device if device is not None else next(model.parameters()).device
+    stream, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
     fits = []
     for i in tqdm(range(len(layers)), desc="compensation: layers", unit="layer", disable=not progress):
         layer, kept = layers[i], kept_by_source.get(i)
         if kept is None:  # a dropped layer passes the stream through
             continue
-        for sublayer, module_name, projection_name in (("attention", arch.attention, arch.o_proj),
-                                                       ("mlp", arch.mlp, arch.down_proj)):
-            module = getattr(layer, module_name)
-            if isinstance(module, (RemovedAttention, RemovedMLP)):
-                continue
-            projection = getattr(module, projection_name)
-            weight = projection.weight
-            keep = _kept_columns(kept, sublayer, head_dim).to(weight.device)
-            if len(keep) == projection.in_features:
-                continue
-            if len(keep) == 0:  # the whole sublayer goes: its output becomes zero, as after surgery
-                weight.zero_()
-                if projection.bias is not None:
-                    projection.bias.zero_()
-                continue
-            gram = _input_gram(layer, projection, stream, kwargs_of[i], batch_size)
-            dense = weight.to(torch.float64)
-            plain, refit = torch.zeros_like(dense), torch.zeros_like(dense)
-            plain[:, keep] = dense[:, keep]
-            refit[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
-            fits.append(ProjectionFit(i, sublayer, len(keep), projection.in_features - len(keep),
-                                      reconstruction_error(dense, plain, gram), reconstruction_error(dense, refit, gram)))
-            weight.copy_(refit.to(weight.dtype))
-        for start in range(0, len(stream), batch_size):
-            block = slice(start, start + batch_size)
-            stream[block] = first_output(layer(stream[block], **kwargs_of[i]))
+        with layer_on(layer, device):
+            for sublayer, module_name, projection_name in (("attention", arch.attention, arch.o_proj),
+                                                           ("mlp", arch.mlp, arch.down_proj)):
+                module = getattr(layer, module_name)
+                if isinstance(module, (RemovedAttention, RemovedMLP)):
+                    continue
+                fit = _refit_projection(layer, getattr(module, projection_name), _kept_columns(kept, sublayer, head_dim),
+                                        stream, kwargs_of[i], ridge=ridge, batch_size=batch_size)
+                if fit is not None:
+                    fits.append(ProjectionFit(i, sublayer, *fit))
+            run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
     return CompensationReport(tuple(fits), ridge, least_squares=True, bias=False)
+
+
+def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tensor, stream: torch.Tensor,
+                      layer_kwargs: dict, *, ridge: float, batch_size: int) -> tuple[int, int, float, float] | None:
+    """Refit `projection`'s kept columns in place on its inputs from `stream`, zeroing the rest;
+    (kept, removed, error before, error after), or None when nothing of it is removed."""
+    weight = projection.weight
+    keep = keep.to(weight.device)
+    if len(keep) == projection.in_features:
+        return None
+    if len(keep) == 0:  # the whole sublayer goes: its output becomes zero, as after surgery
+        weight.zero_()
+        if projection.bias is not None:
+            projection.bias.zero_()
+        return None
+    gram = _input_gram(layer, projection, stream, layer_kwargs, batch_size)
+    dense = weight.to(torch.float64)
+    # One buffer for the plain cut and then the refit: at 8B scale each is half a gigabyte.
+    candidate = torch.zeros_like(dense)
+    candidate[:, keep] = dense[:, keep]
+    before = reconstruction_error(dense, candidate, gram)
+    candidate[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
+    after = reconstruction_error(dense, candidate, gram)
+    weight.copy_(candidate.to(weight.dtype))
+    return len(keep), projection.in_features - len(keep), before, after

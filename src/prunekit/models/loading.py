@@ -43,6 +43,43 @@ class ModelLoadError(ValueError):
     """The model named by the user cannot be found or read."""
 
 
+class NonFiniteWeightsError(ModelLoadError):
+    """The loaded weights hold NaN or inf, so every score and output computed from them would too."""
+
+
+class DeviceError(ValueError):
+    """A device that is malformed or not on this machine, refused before any model is loaded."""
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> None:
+    """`device` is cpu, cuda or cuda:N, and present here."""
+    if not _DEVICE.match(device):
+        raise DeviceError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} was asked for, but torch finds no CUDA GPU here; use device 'cpu'")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} was asked for, but this machine has {torch.cuda.device_count()} "
+                              f"CUDA GPU(s); use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
+@torch.no_grad()
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """Refuse weights with NaN or inf (a damaged checkpoint, or float16 overflow) before any scoring."""
+    for tensor_name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            fix = ("float16 cannot hold values beyond 65504, so load it with --dtype bfloat16 or float32"
+                   if tensor.dtype == torch.float16 else
+                   "the checkpoint is damaged or was saved after an overflow: download it again, or re-export it from "
+                   "the original weights")
+            raise NonFiniteWeightsError(f"weight {tensor_name} of {name!r} holds {bad} NaN or inf value(s); {fix}")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from, resolved from the user's spec before anything heavy happens."""

@@ -40,7 +40,7 @@ def _gib(size: float) -> str:
 def available_bytes(device: str = "cpu") -> int | None:
     """Free memory of the device: MemAvailable on Linux for the CPU, free memory of GPU 0 for cuda."""
     if device.startswith("cuda"):
-        return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+        return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:
@@ -58,17 +58,58 @@ def _logits_bytes(structure: ModelStructure, rows: int, seq_len: int) -> int:
     return rows * seq_len * structure.vocab_size * 4 * 2  # fp32 logits and their log-softmax
 
 
+def _gram_bytes(structure: ModelStructure, index: int) -> int:
+    """float64 Gram matrices of one layer's o_proj and down_proj inputs."""
+    shape = structure.layers[index]
+    return 8 * ((shape.num_attention_heads * structure.head_dim) ** 2 + shape.intermediate_size ** 2)
+
+
 def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, batch_size: int,
-                     seq_len: int) -> MemoryEstimate:
-    """Scoring with a criterion (gradients for Taylor), one batch at a time, and the cut copy."""
+                     seq_len: int, with_gram: bool = False, n_samples: int = 0, cached_layers: int = 0) -> MemoryEstimate:
+    """Scoring with a criterion (gradients for Taylor), one batch at a time, and the cut copy;
+    with the Gram matrices of every layer for one-shot compensation, and the hidden states of
+    `n_samples` calibration rows kept at `cached_layers` layers (every layer for sensitivity,
+    one stream for sequential compensation)."""
     weights = structure.total_params * BYTES[dtype]
     return MemoryEstimate({
+        "cached calibration states": n_samples * seq_len * structure.hidden_size * BYTES[dtype] * cached_layers,
         "weights": weights,
         "gradients": structure.total_params * 4 if gradients else 0,
         "logits of one batch": _logits_bytes(structure, batch_size, seq_len),
         "activations of one batch": batch_size * seq_len * structure.hidden_size * 4 * 4 * structure.num_layers
         * (2 if gradients else 1),
+        "Gram matrices": sum(_gram_bytes(structure, i) for i in range(structure.num_layers)) if with_gram else 0,
     })
+
+
+def layer_by_layer_estimate(structure: ModelStructure, dtype: str, *, n_samples: int, seq_len: int, batch_size: int,
+                            compensation: str) -> MemoryEstimate:
+    """Device memory of layer-by-layer mode: the calibration states of every row, one layer's
+    weights and one batch through it, and one layer's statistics or compensation fit. Not the
+    model: it stays in CPU memory (`weights_estimate` is what the CPU needs)."""
+    size = BYTES[dtype]
+    widest = max(range(structure.num_layers), key=lambda i: structure.layer_params(i))
+    shape = structure.layers[widest]
+    ffn = max(s.intermediate_size for s in structure.layers)
+    in_features = max(max(s.intermediate_size, s.num_attention_heads * structure.head_dim) for s in structure.layers)
+    fit = {
+        "none": 0,
+        # this layer's Gram matrices, on the device while its pass runs
+        "one-shot": _gram_bytes(structure, widest),
+        # the widest projection's Gram matrix, its kept block, the solve and float64 copies of the weight
+        "sequential": 8 * (3 * in_features ** 2 + 2 * in_features * structure.hidden_size),
+    }[compensation]
+    batch = batch_size * seq_len * (6 * structure.hidden_size + 3 * max(ffn, shape.intermediate_size)) * size
+    return MemoryEstimate({
+        "calibration states": n_samples * seq_len * structure.hidden_size * size,
+        "one layer": structure.layer_params(widest) * size,
+        # a fit runs between the layer's batches, not beside them
+        "one batch through it, or one layer's fit": max(batch, fit),
+    })
+
+
+def weights_estimate(structure: ModelStructure, dtype: str) -> MemoryEstimate:
+    return MemoryEstimate({"weights": structure.total_params * BYTES[dtype]})
 
 
 def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,

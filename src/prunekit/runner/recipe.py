@@ -42,6 +42,8 @@ class AnalyzeSettings:
     criterion_options: dict = field(default_factory=dict)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     batch_size: int = 8
+    device: str | None = None                 # as PruneSettings: where scoring runs; None: cpu
+    layer_by_layer: bool = False
 
 
 @dataclass(frozen=True)

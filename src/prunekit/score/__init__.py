@@ -15,7 +15,7 @@ from prunekit.score.criteria import (
     magnitude_scores,
     random_scores,
 )
-from prunekit.score.scores import KINDS, Scores
+from prunekit.score.scores import KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS, sensitivity_scores
 from prunekit.score.statistics import LayerStats, collect_layer_stats
 from prunekit.score.taylor import TAYLOR_VARIANTS, taylor_scores
@@ -37,6 +37,9 @@ class Criterion:
     options: dict[str, tuple[type, object, tuple | None]] = field(default_factory=dict)
     description: str = ""
     needs_gradients: bool = False      # a backward pass: gradient memory the size of the weights
+    # Its loss runs through every later layer and the output head, so it needs the whole model on
+    # the device at once: it cannot run layer by layer.
+    whole_model: bool = False
 
     def check_options(self, options: dict) -> dict:
         unknown = set(options) - set(self.options)
@@ -111,7 +114,8 @@ register_criterion(Criterion(
     lambda model, ids, labels, stats, batch_size, progress, variant: taylor_scores(
         model, ids, labels, variant=variant, batch_size=batch_size, progress=progress),
     KINDS, needs_data=True, needs_stats=False, comparable=True, options={"variant": (str, "element", TAYLOR_VARIANTS)},
-    description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise", needs_gradients=True))
+    description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise", needs_gradients=True,
+    whole_model=True))
 register_criterion(Criterion(
     "sensitivity",
     lambda model, ids, labels, stats, batch_size, progress, kinds, channel_group_size, removals_per_pass: sensitivity_scores(
@@ -120,23 +124,43 @@ register_criterion(Criterion(
     SENSITIVITY_KINDS, needs_data=True, needs_stats=False, comparable=True,
     options={"kinds": (tuple, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS), "channel_group_size": (int, 64, None),
              "removals_per_pass": (int, 4, None)},
-    description="measured loss increase when each component is removed alone"))
+    description="measured loss increase when each component is removed alone", whole_model=True))
+
+
+def check_layer_by_layer(criterion: str) -> None:
+    """Refuse a criterion that needs the whole model at once for layer-by-layer mode."""
+    if get_criterion(criterion).whole_model:
+        works = sorted(name for name, c in CRITERIA.items() if not c.whole_model)
+        raise CriterionError(
+            f"criterion {criterion!r} needs the whole model on the device at once (its loss runs through every later "
+            f"layer and the output head), so it cannot run layer by layer; use one of {', '.join(works)}, or drop "
+            f"--layer-by-layer"
+        )
 
 
 def score_model(model: nn.Module, criterion: str, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 *, stats: list[LayerStats] | None = None, batch_size: int = 8, progress: bool = True,
-                **options) -> Scores:
-    """Score every prunable component of `model` with `criterion` (see CRITERIA)."""
+                layer_by_layer: bool = False, device: torch.device | str | None = None, **options) -> Scores:
+    """Score every prunable component of `model` with `criterion` (see CRITERIA).
+
+    With `layer_by_layer`, the calibration statistics are collected with the model where it is
+    (CPU memory) and one layer at a time on `device`; only criteria without `whole_model` can."""
     spec = get_criterion(criterion)
     checked = spec.check_options(options)
+    if layer_by_layer:
+        check_layer_by_layer(criterion)
     if spec.needs_data and input_ids is None:
         raise CriterionError(f"criterion {criterion!r} needs calibration data")
     if spec.needs_stats and stats is None:
-        stats = collect_layer_stats(model, input_ids, batch_size=batch_size, progress=progress)
+        stats = collect_layer_stats(model, input_ids, batch_size=batch_size, progress=progress,
+                                    layer_by_layer=layer_by_layer, device=device)
     scores = spec.compute(model, input_ids, labels, stats, batch_size, progress, **checked)
+    # Criteria compute where the weights are; the planner works on CPU float64 values.
+    scores.values = {kind: [v.detach().to("cpu", torch.float64) for v in per_layer]
+                     for kind, per_layer in scores.values.items()}
     scores.meta.setdefault("options", {k: list(v) if isinstance(v, tuple) else v for k, v in checked.items()})
     return scores
 
 
-__all__ = ["CRITERIA", "Criterion", "CriterionError", "Scores", "collect_layer_stats", "get_criterion",
-           "register_criterion", "score_model"]
+__all__ = ["CRITERIA", "Criterion", "CriterionError", "ScoreError", "Scores", "check_layer_by_layer",
+           "collect_layer_stats", "get_criterion", "register_criterion", "score_model"]

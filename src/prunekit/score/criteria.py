@@ -62,11 +62,15 @@ def activation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
     for layer, st in zip(layers, stats):
         a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
         if a is not None:
-            o_abs = a.o.abs().to(_f64).sum(1)  # [heads, head_dim]: column sums of |W_o|
+            o_abs = a.o.abs().sum(1, dtype=_f64)  # [heads, head_dim]: column sums of |W_o|
             heads = (st.attention_input.norm.to(o_abs.device).reshape(o_abs.shape) * o_abs).sum(-1).cpu()
         else:
             heads = torch.zeros(0, dtype=_f64)
-        channels = (st.mlp_input.norm * m.down.abs().to(_f64).sum(1).cpu()) if m is not None else torch.zeros(0, dtype=_f64)
+        if m is not None:
+            down_abs = m.down.abs().sum(1, dtype=_f64)
+            channels = (st.mlp_input.norm.to(down_abs.device) * down_abs).cpu()
+        else:
+            channels = torch.zeros(0, dtype=_f64)
         values["head"].append(heads)
         values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
         values["channel"].append(channels)
@@ -91,7 +95,11 @@ def fluctuation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
             heads = (st.attention_input.variance.to(o_sq.device).reshape(o_sq.shape) * o_sq).sum(-1).cpu()
         else:
             heads = torch.zeros(0, dtype=_f64)
-        channels = (st.mlp_input.variance * m.down.to(_f64).pow(2).sum(1).cpu()) if m is not None else torch.zeros(0, dtype=_f64)
+        if m is not None:
+            down_sq = m.down.to(_f64).pow(2).sum(1)
+            channels = (st.mlp_input.variance.to(down_sq.device) * down_sq).cpu()
+        else:
+            channels = torch.zeros(0, dtype=_f64)
         values["head"].append(heads)
         values["kv_group"].append(group_sum(heads, a.heads_per_group) if a else torch.zeros(0, dtype=_f64))
         values["channel"].append(channels)

@@ -17,6 +17,19 @@ LAYER_KINDS = ("layer", "attention", "mlp")   # one value per layer
 UNIT_KINDS = ("kv_group", "head", "channel")  # one value per unit of a layer
 
 
+def first_non_finite(values: dict[str, list[torch.Tensor]]) -> tuple[str, int] | None:
+    """(kind, layer) of the first NaN or inf score, or None."""
+    for kind, per_layer in values.items():
+        for layer, tensor in enumerate(per_layer):
+            if not torch.isfinite(tensor).all():
+                return kind, layer
+    return None
+
+
+class ScoreError(ValueError):
+    """Scores that cannot be planned with (NaN or inf), found before any planning."""
+
+
 @dataclass
 class Scores:
     criterion: str
@@ -27,13 +40,15 @@ class Scores:
         unknown = set(self.values) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown score kinds {sorted(unknown)}; kinds are {list(KINDS)}")
-        for kind, per_layer in self.values.items():
-            for tensor in per_layer:
-                if not torch.isfinite(tensor).all():
-                    raise ValueError(
-                        f"{self.criterion} produced NaN or inf scores for {kind}; the model or the calibration "
-                        f"data has non-finite values (check the weights, or calibrate in float32)"
-                    )
+        bad = first_non_finite(self.values)
+        if bad is not None:
+            kind, layer = bad
+            raise ScoreError(
+                f"criterion {self.criterion!r} gave NaN or inf scores (first in layer {layer}, {kind}), so nothing can be "
+                f"ranked; "
+                f"the model's activations overflowed (load it in float32 or bfloat16 with --dtype, not float16) or its "
+                f"weights are broken (re-download the checkpoint)"
+            )
 
     def has(self, kind: str) -> bool:
         return kind in self.values
@@ -61,4 +76,11 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Scores from a scores.json; NaN or inf in it (JSON allows both) is refused before planning."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        found = first_non_finite({kind: [torch.tensor(v, dtype=torch.float64) for v in per_layer]
+                                  for kind, per_layer in data.get("values", {}).items()})
+        if found is not None:
+            raise ScoreError(f"{path} holds NaN or inf scores (first in layer {found[1]}, {found[0]}), which cannot be ranked; "
+                             f"score the model again (prunekit analyze) in float32 or bfloat16")
+        return cls.from_dict(data)

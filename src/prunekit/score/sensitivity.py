@@ -104,7 +104,7 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
 
     if not isinstance(attention, RemovedAttention):
         o_proj = getattr(attention, arch.o_proj)
-        o_mask = torch.ones(k, o_proj.in_features)
+        o_mask = torch.ones(k, o_proj.in_features, device=o_proj.weight.device)  # built once per pass, not per call
         heads_per_group = attention.num_key_value_groups
         for r, rm in enumerate(removals):
             if rm.kind == "head":
@@ -119,7 +119,7 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
             handles += _mask_sublayer(o_proj, source, per_row(o_mask))
     if not isinstance(mlp, RemovedMLP):
         down = getattr(mlp, arch.down_proj)
-        d_mask = torch.ones(k, down.in_features)
+        d_mask = torch.ones(k, down.in_features, device=down.weight.device)
         for r, rm in enumerate(removals):
             if rm.kind == "channel":
                 d_mask[r, rm.index * channel_group_size:(rm.index + 1) * channel_group_size] = 0
@@ -171,7 +171,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     for i, candidates in plan:
         for c0 in range(0, len(candidates), removals_per_pass):
             chunk = candidates[c0:c0 + removals_per_pass]
-            totals = torch.zeros(len(chunk), dtype=torch.float64)
+            totals = torch.zeros(len(chunk), dtype=torch.float64, device=device)  # read once per chunk, not per pass
             for s in range(0, n, rows):
                 states = cached[i][s:s + rows]
                 handles = _install_removals(layers[i], arch, head_dim, chunk, len(states), channel_group_size)
@@ -181,7 +181,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
                     for h in handles:
                         h.remove()
                 layer_rows = labels[s:s + rows].repeat(len(chunk), 1)
-                totals += nll_sums(out, layer_rows).reshape(len(chunk), -1).sum(1).double().cpu()
+                totals += nll_sums(out, layer_rows).reshape(len(chunk), -1).sum(1).double()
                 layer_forwards += (len(layers) - i) * len(chunk) * len(states)
                 bar.update(1)
             for rm, total in zip(chunk, totals.tolist()):

@@ -11,12 +11,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.architecture import Architecture, architecture_for
+from prunekit.models.layerwise import embed_calibration, layer_on, run_layer
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers
+
+_CHUNK_ELEMENTS = 2**24  # float64 elements converted at once: 128 MiB
 
 
 @dataclass
 class FeatureStats:
-    """Running moments of the input features of one projection (float64 sums)."""
+    """Running moments of the input features of one projection (float64 sums), kept on the
+    device the projection runs on: a batch never makes a round trip to the CPU."""
 
     sum: torch.Tensor
     sum_sq: torch.Tensor
@@ -24,17 +28,25 @@ class FeatureStats:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, width: int, with_gram: bool) -> FeatureStats:
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    def empty(cls, width: int, with_gram: bool, device: torch.device | str = "cpu") -> FeatureStats:
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         return cls(zeros(width), zeros(width), zeros(width, width) if with_gram else None)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu()
-        self.sum += x.sum(0)
-        self.sum_sq += (x * x).sum(0)
-        if self.gram is not None:
-            self.gram += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).to(self.sum.device)
+        # A float64 copy of a whole batch of FFN activations is gigabytes at 8B scale; a few
+        # thousand tokens at a time bound it.
+        for chunk in x.split(max(1, _CHUNK_ELEMENTS // x.shape[1])):
+            chunk = chunk.to(torch.float64)
+            self.sum += chunk.sum(0)
+            self.sum_sq += chunk.square().sum(0)
+            if self.gram is not None:
+                self.gram.addmm_(chunk.T, chunk)
         self.tokens += x.shape[0]
+
+    def to(self, device: torch.device | str) -> FeatureStats:
+        return FeatureStats(self.sum.to(device), self.sum_sq.to(device),
+                            self.gram.to(device) if self.gram is not None else None, self.tokens)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -57,6 +69,7 @@ class LayerStats:
     cos_sum: dict[str, float]              # "layer" | "attention" | "mlp" -> sum over tokens of cos(in, out)
     angle_sum: dict[str, float]            # the same for arccos(cos(in, out)) / pi
     contribution_norm_sum: dict[str, float]  # "attention" | "mlp" -> sum of ||what it adds|| / ||residual||
+    # (while the pass runs, the three sums are float64 tensors on the device)
     tokens: int = 0
 
     def mean_cos(self, kind: str) -> float:
@@ -75,6 +88,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _hook_layer(layer: nn.Module, arch: Architecture, stats: LayerStats, handles: list) -> None:
+    """Hooks that feed `stats` while `layer` runs. The per-token sums stay tensors on the layer's
+    device while the pass runs (a Python float per batch would stop the GPU at every layer);
+    `_finish` turns them into floats."""
     seen: dict[str, torch.Tensor] = {}
     attention = getattr(layer, arch.attention)
     mlp = getattr(layer, arch.mlp)
@@ -85,21 +101,19 @@ def _hook_layer(layer: nn.Module, arch: Architecture, stats: LayerStats, handles
     def attention_added(module, args, output):
         seen["attention"] = _first(output)
 
-    def mlp_added(module, args, output):
-        seen["mlp"] = _first(output)
-
     def layer_output(module, args, kwargs, output):
         h_in, h_out = seen.pop("in"), _first(output)
         added_attention = seen.pop("attention", torch.zeros_like(h_in))
         h_mid = h_in + added_attention
-        seen.pop("mlp", None)
         for kind, (a, b) in {"layer": (h_in, h_out), "attention": (h_in, h_mid), "mlp": (h_mid, h_out)}.items():
             cos = _cos(a, b)
-            stats.cos_sum[kind] += cos.sum().item()
-            stats.angle_sum[kind] += (cos.clamp(-1, 1).acos() / torch.pi).sum().item()
+            stats.cos_sum[kind] = stats.cos_sum[kind] + cos.sum(dtype=torch.float64)
+            stats.angle_sum[kind] = stats.angle_sum[kind] + (cos.clamp(-1, 1).acos() / torch.pi).sum(dtype=torch.float64)
         residual_norm = h_in.float().norm(dim=-1).clamp_min(1e-6)
-        stats.contribution_norm_sum["attention"] += (added_attention.float().norm(dim=-1) / residual_norm).sum().item()
-        stats.contribution_norm_sum["mlp"] += ((h_out - h_mid).float().norm(dim=-1) / residual_norm).sum().item()
+        stats.contribution_norm_sum["attention"] = stats.contribution_norm_sum["attention"] + (
+            added_attention.float().norm(dim=-1) / residual_norm).sum(dtype=torch.float64)
+        stats.contribution_norm_sum["mlp"] = stats.contribution_norm_sum["mlp"] + (
+            (h_out - h_mid).float().norm(dim=-1) / residual_norm).sum(dtype=torch.float64)
         stats.tokens += h_in.shape[0] * h_in.shape[1]
 
     handles.append(layer.register_forward_pre_hook(layer_input, with_kwargs=True))
@@ -114,30 +128,75 @@ def _hook_layer(layer: nn.Module, arch: Architecture, stats: LayerStats, handles
         handles.append(down.register_forward_pre_hook(lambda m, args: stats.mlp_input.add(args[0])))
 
 
+def _empty_stats(layer: nn.Module, arch: Architecture, with_gram: bool, device: torch.device | str) -> LayerStats:
+    attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+    return LayerStats(
+        attention_input=None if isinstance(attention, RemovedAttention)
+        else FeatureStats.empty(getattr(attention, arch.o_proj).in_features, with_gram, device),
+        mlp_input=None if isinstance(mlp, RemovedMLP)
+        else FeatureStats.empty(getattr(mlp, arch.down_proj).in_features, with_gram, device),
+        cos_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
+        angle_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
+        contribution_norm_sum={"attention": 0.0, "mlp": 0.0},
+    )
+
+
+def _finish(stats: LayerStats, device: torch.device | str | None = None) -> LayerStats:
+    """The per-token sums as floats, and the feature statistics moved to `device` (if given)."""
+    def floats(sums: dict) -> dict[str, float]:
+        return {kind: float(value) for kind, value in sums.items()}
+
+    move = (lambda f: f.to(device) if f is not None else None) if device is not None else (lambda f: f)  # noqa: E731
+    return LayerStats(move(stats.attention_input), move(stats.mlp_input), floats(stats.cos_sum),
+                      floats(stats.angle_sum), floats(stats.contribution_norm_sum), stats.tokens)
+
+
 @torch.no_grad()
 def collect_layer_stats(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, with_gram: bool = False,
-                        progress: bool = True) -> list[LayerStats]:
-    """Run `input_ids` [n, seq_len] through `model` once and return per-layer statistics."""
+                        progress: bool = True, layer_by_layer: bool = False,
+                        device: torch.device | str | None = None) -> list[LayerStats]:
+    """Run `input_ids` [n, seq_len] through `model` once and return per-layer statistics.
+
+    By default the whole model runs where it is, batch by batch, and the statistics stay on its
+    device. With `layer_by_layer`, the model stays where it is (CPU memory) and only the
+    embedding output of all rows plus one layer at a time visit `device`: each layer runs over
+    the cached states, which its outputs then replace, and its statistics move back to the CPU.
+    """
     arch = architecture_for(model.config.model_type)
+    layers = decoder_layers(model, arch.to_dict())
+    if layer_by_layer:
+        return _collect_layer_by_layer(model, layers, arch, input_ids, batch_size=batch_size, with_gram=with_gram,
+                                       progress=progress, device=device or "cpu")
+    model_device = next(model.parameters()).device
     all_stats, handles = [], []
-    for layer in decoder_layers(model, arch.to_dict()):
-        attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
-        stats = LayerStats(
-            attention_input=None if isinstance(attention, RemovedAttention)
-            else FeatureStats.empty(getattr(attention, arch.o_proj).in_features, with_gram),
-            mlp_input=None if isinstance(mlp, RemovedMLP)
-            else FeatureStats.empty(getattr(mlp, arch.down_proj).in_features, with_gram),
-            cos_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
-            angle_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
-            contribution_norm_sum={"attention": 0.0, "mlp": 0.0},
-        )
+    for layer in layers:
+        stats = _empty_stats(layer, arch, with_gram, model_device)
         _hook_layer(layer, arch, stats, handles)
         all_stats.append(stats)
-    device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(input_ids), batch_size), desc="calibration pass", unit="batch", disable=not progress):
-            model.base_model(input_ids[start:start + batch_size].to(device), use_cache=False)  # no output head needed
+            model.base_model(input_ids[start:start + batch_size].to(model_device), use_cache=False)  # no output head needed
     finally:
         for handle in handles:
             handle.remove()
+    return [_finish(stats) for stats in all_stats]
+
+
+def _collect_layer_by_layer(model: nn.Module, layers: nn.ModuleList, arch: Architecture, input_ids: torch.Tensor, *,
+                            batch_size: int, with_gram: bool, progress: bool,
+                            device: torch.device | str) -> list[LayerStats]:
+    states, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
+    all_stats = []
+    for i in tqdm(range(len(layers)), desc="calibration pass, layer by layer", unit="layer", disable=not progress):
+        layer = layers[i]
+        with layer_on(layer, device):
+            stats, handles = _empty_stats(layer, arch, with_gram, device), []
+            _hook_layer(layer, arch, stats, handles)
+            try:
+                run_layer(layer, states, kwargs_of[i], batch_size=batch_size)
+            finally:
+                for handle in handles:
+                    handle.remove()
+        # A Gram matrix per layer would not fit on the device for every layer at once.
+        all_stats.append(_finish(stats, device="cpu"))
     return all_stats
