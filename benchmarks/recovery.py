@@ -66,6 +66,22 @@ def hf_trainer_seconds(model, ids: torch.Tensor, settings: RecoverySettings, ste
     return trainer.train().metrics["train_runtime"]
 
 
+def split_variants(text: str) -> list[str]:
+    """'lora,distill:lr=2e-4' -> two variants; with ';' present, ';' separates them (a variant's
+    settings are separated by commas)."""
+    return [v for v in (text.split(";") if ";" in text else text.split(",")) if v]
+
+
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """'distill:lr=2e-4,temperature=2' -> ('distill', {'lr': 0.0002, 'temperature': 2.0})."""
+    method, _, rest = variant.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = float(value)
+    return method, options
+
+
 def markdown(record: dict) -> str:
     gap = record["pruned_ppl"] - record["dense_ppl"]
     lines = [f"Dense {record['dense_ppl']:.2f}, pruned {record['pruned_ppl']:.2f} (gap {gap:.2f}); "
@@ -84,6 +100,8 @@ def markdown(record: dict) -> str:
         lines += ["", f"Loop speed ({speed['job']}): prunekit {speed['prunekit_tokens_per_second']:.0f} tokens/s, "
                       f"Hugging Face Trainer + PEFT {speed['hf_trainer_tokens_per_second']:.0f} tokens/s "
                       f"(seconds per run: prunekit {speed['prunekit_seconds']}, Trainer {speed['hf_trainer_seconds']})."]
+    for command in record.get("previous_commands", []):
+        lines += ["", f"Earlier rows: `{command}`."]
     lines += ["", f"`{record['command']}` on {record['machine']}, {record['date']}; "
                   + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "."]
     return "\n".join(lines)
@@ -93,13 +111,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pruned", default="runs/pruned35")
     parser.add_argument("--teacher", default="smollm2-135m")
-    parser.add_argument("--methods", default="lora,lora+distill,distill,full")
+    parser.add_argument("--methods", default="lora,lora+distill,distill,full",
+                        help="methods, each optionally with settings: distill:lr=2e-4,temperature=2 (separate them with ';' "
+                             "when a variant has several settings)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the methods already in the record at --out (its dense and pruned figures too)")
     parser.add_argument("--tokens", type=int, default=200_000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=16, help="WikiText-2: every n-th 512-token window")
     parser.add_argument("--speed-steps", type=int, default=6, help="optimizer steps per loop-speed measurement")
-    parser.add_argument("--speed-repeats", type=int, default=2)
+    parser.add_argument("--speed-repeats", type=int, default=4)
+    parser.add_argument("--speed-warmup", type=int, default=1, help="untimed runs of each loop before the timed ones")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery.json"))
     parser.add_argument("--speed-only", action="store_true",
@@ -128,27 +151,34 @@ def main() -> int:
 
     if args.speed_only:
         record = {**json.loads(args.out.read_text()), "speed_command": record["command"]}
+    elif args.keep:
+        previous = json.loads(args.out.read_text())
+        record["methods"] = previous["methods"]
+        record["dense_ppl"], record["pruned_ppl"] = previous["dense_ppl"], previous["pruned_ppl"]
+        record["previous_commands"] = previous.get("previous_commands", []) + [previous["command"]]
     else:
         record["dense_ppl"] = wikitext_ppl(teacher, tokenizer, args.eval_every, args.data_dir)
         record["pruned_ppl"] = wikitext_ppl(prunekit.load(args.pruned)[0], tokenizer, args.eval_every, args.data_dir)
         print(f"dense {record['dense_ppl']}  pruned {record['pruned_ppl']}", flush=True)
     data = RecoveryData(source="c4", seq_len=args.seq_len, held_out=8, data_dir=args.data_dir)
-    for method in [] if args.speed_only else args.methods.split(","):
+    for variant in [] if args.speed_only else split_variants(args.methods):
+        method, options = parse_variant(variant)
         settings = RecoverySettings(method=method, tokens=args.tokens, batch_size=args.batch_size, data=data,
-                                    eval_every=0, checkpoint_every=0)
+                                    eval_every=0, checkpoint_every=0, **options)
         student, _ = prunekit.load(args.pruned)
         t0 = time.perf_counter()
         model, run = recover_loaded(student, tokenizer, settings, teacher=teacher if settings.needs_teacher else None)
         wall = time.perf_counter() - t0
         ppl = wikitext_ppl(model, tokenizer, args.eval_every, args.data_dir)
         gap = record["pruned_ppl"] - record["dense_ppl"]
-        record["methods"][method] = {
-            "lr": settings.learning_rate, "wikitext2_ppl": ppl, "gap_closed": round((record["pruned_ppl"] - ppl) / gap, 4),
+        record["methods"][variant] = {
+            "lr": settings.learning_rate, "settings": {"temperature": settings.temperature, "ce_weight": settings.ce_weight,
+                                                       "hidden_weight": settings.hidden_weight, **options}, "wikitext2_ppl": ppl, "gap_closed": round((record["pruned_ppl"] - ppl) / gap, 4),
             "held_out_c4_ppl": run["eval"], "tokens": run["tokens"], "steps": run["total_steps"],
             "train_tokens_per_second": run["tokens_per_second"], "wall_seconds": round(wall, 1),
             "trainable_params": run["trainable_params"], "loss_first_last": [run["loss"][0], run["loss"][-1]],
         }
-        print(f"{method:13s} ppl {ppl:8.2f}  gap closed {record['methods'][method]['gap_closed']:.1%}  "
+        print(f"{variant:13s} ppl {ppl:8.2f}  gap closed {record['methods'][variant]['gap_closed']:.1%}  "
               f"{run['tokens_per_second']:.0f} tok/s", flush=True)
         save()
         del model, student
@@ -159,17 +189,31 @@ def main() -> int:
                                                                               held_out=0, data_dir=args.data_dir),
                                 eval_every=0, checkpoint_every=0)
     ids, _ = recovery_rows(settings.data, tokenizer, args.speed_steps * args.batch_size)
+    def time_ours() -> float:
+        student, _ = prunekit.load(args.pruned)
+        return recover_loaded(student, tokenizer, settings, progress=False)[1]["train_seconds"]
+
+    def time_theirs() -> float:
+        student, _ = prunekit.load(args.pruned)
+        return hf_trainer_seconds(student, ids, settings, args.speed_steps)
+
+    # One untimed run of each first: the first training run in a process pays one-time costs
+    # (kernel selection, allocator growth) that would land on whichever loop goes first.
+    for _ in range(args.speed_warmup):
+        time_ours(), time_theirs()
     ours, theirs = [], []
-    for _ in range(args.speed_repeats):
-        student, _ = prunekit.load(args.pruned)
-        ours.append(recover_loaded(student, tokenizer, settings, progress=False)[1]["train_seconds"])
-        student, _ = prunekit.load(args.pruned)
-        theirs.append(hf_trainer_seconds(student, ids, settings, args.speed_steps))
+    for repeat in range(args.speed_repeats):
+        # alternate which loop goes first, so that drift within a pair hits both alike
+        if repeat % 2 == 0:
+            ours.append(time_ours()), theirs.append(time_theirs())
+        else:
+            theirs.append(time_theirs()), ours.append(time_ours())
     tokens = args.speed_steps * args.batch_size * args.seq_len
     record["loop_speed"] = {
         "job": f"LoRA r{settings.lora_rank} all linear layers, {args.speed_steps} steps of {args.batch_size} x "
                f"{args.seq_len} tokens, seconds of the training loop (set-up excluded on both sides), "
-               f"{args.speed_repeats} alternating repeats",
+               f"{args.speed_warmup} untimed run of each first, then {args.speed_repeats} repeats alternating "
+               f"which loop goes first",
         "prunekit_tokens_per_second": round(tokens / statistics.median(ours), 1),
         "hf_trainer_tokens_per_second": round(tokens / statistics.median(theirs), 1),
         "prunekit_seconds": [round(s, 2) for s in ours], "hf_trainer_seconds": [round(s, 2) for s in theirs],

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -44,6 +45,8 @@ def build_world(root: Path) -> dict[str, str]:
         gpt2.mkdir()
         (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
         (root / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 64)
+        prunekit.save_model(tiny_model("gemma2"), byte_tokenizer(), root / "gemma2")  # no GGUF writer for it
+        (root / "exists.gguf").write_bytes(b"GGUF")
         other_plan = prunekit.Plan(layers={0: prunekit.LayerPlan(keep_channels=tuple(range(16)))})
         skeleton = prunekit.model_structure(tiny_model("llama", intermediate_size=32, vocab_size=320))
         from prunekit.plan.plan import structure_signature
@@ -61,10 +64,20 @@ def build_world(root: Path) -> dict[str, str]:
         pruned = root / "pruned"
         prunekit.save_model(tiny_model("llama", intermediate_size=64, max_position_embeddings=128), byte_tokenizer(),
                             pruned)
+        nan_model = tiny_model("llama", intermediate_size=64)
+        with torch.no_grad():
+            nan_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+        prunekit.save_model(nan_model, byte_tokenizer(), root / "nan_weights")
+        # finite in float16, but the activations they make are not
+        overflow = tiny_model("llama", intermediate_size=64)
+        with torch.no_grad():
+            for layer in overflow.model.layers:
+                layer.mlp.down_proj.weight.fill_(30000.0)
+        prunekit.save_model(overflow, byte_tokenizer(), root / "overflow")
     return {name: str(root / name) for name in (
         "model", "other", "text.txt", "empty.txt", "latin1.txt", "short.txt", "not_a_model", "bad_config", "gpt2",
         "broken.gguf", "other_plan.json", "bad_plan.json", "recipe_key.yaml", "recipe_type.yaml", "recipe_stage.yaml",
-        "exists", "pruned", "corrupt")} | {"root": str(root)}
+        "exists", "pruned", "corrupt", "nan_weights", "overflow")} | {"root": str(root)}
 
 
 # (case, command line with {names} from build_world, a fragment the message must contain)
@@ -74,6 +87,13 @@ CASES: list[tuple[str, str, str]] = [
     ("config.json that is not JSON", "inspect {bad_config}", "not valid JSON"),
     ("unsupported architecture", "inspect {gpt2}", "gpt2"),
     ("corrupt GGUF file", "inspect {broken.gguf}", "broken.gguf"),
+    ("GGUF export of a family the GGUF writer lacks", "export {root}/gemma2 --format gguf --out {root}/g1.gguf",
+     "the GGUF writer does not support model type 'gemma2'; it supports llama"),
+    ("unknown GGUF quantization type", "export {model} --out {root}/g2.gguf --quant q3_k", "supports f16, q8_0, q4_k_m"),
+    ("unknown export format", "export {model} --format onnx --out {root}/g3.onnx", "unknown export format 'onnx'"),
+    ("GGUF output that is not a .gguf file", "export {model} --out {root}/g4.bin", "ending in .gguf"),
+    ("GGUF output that exists", "export {model} --out {root}/exists.gguf", "already exists"),
+    ("GGUF export of a tokenizer llama.cpp cannot read", "export {model} --out {root}/g5.gguf", "no BPE merges"),
     ("corrupt safetensors weights", "eval {corrupt} --ppl {text.txt} --seq-len 16", "cannot load the weights"),
     ("target outside (0, 1)", "prune {model} --target 1.5 --out {root}/o1 --calib {text.txt}", "must be a fraction"),
     ("target unreachable under the limits",
@@ -124,6 +144,22 @@ CASES: list[tuple[str, str, str]] = [
     ("unknown sweep evaluation source", "sweep {model} --eval wikitext3 --out {root}/s2 --calib {text.txt}",
      "unknown evaluation source 'wikitext3'"),
     ("report on a folder that does not exist", "report {root}/no_run", "does not exist"),
+    ("NaN or inf in the weights",
+     "prune {nan_weights} --target 0.2 --criterion activation --out {root}/o11 --calib {text.txt} --calib-seq-len 16",
+     "weight model.layers.1.mlp.up_proj.weight"),
+    ("scores that come out NaN or inf",
+     "prune {overflow} --dtype float16 --target 0.2 --criterion activation --compensation none --out {root}/o12 "
+     "--calib {text.txt} --calib-seq-len 16 --calib-samples 4", "NaN or inf scores"),
+    ("unknown device", "prune {model} --target 0.2 --criterion activation --device gpu --out {root}/o13 --calib {text.txt}",
+     "unknown device 'gpu'"),
+    ("GPU asked for that this machine does not have",
+     "analyze {model} --criterion activation --device cuda:7 --out {root}/a1 --calib {text.txt}", "was asked for"),
+    ("criterion that cannot run layer by layer",
+     "prune {model} --target 0.2 --criterion taylor --layer-by-layer --out {root}/o14 --calib {text.txt}",
+     "cannot run layer by layer"),
+    ("memory estimate beyond the device, layer by layer",
+     "prune {model} --target 0.2 --criterion activation --layer-by-layer --out {root}/o15 --calib {text.txt} "
+     "--calib-samples 100000000 --calib-seq-len 64", "lower --calib-samples"),
 ]
 
 

@@ -15,6 +15,7 @@
     prunekit.run("recipes/demo.yaml", "runs/demo")
 """
 from prunekit.export import OutputExistsError, SavedModel, save_model
+from prunekit.export.gguf import GGUFExport, GGUFExportError, export_gguf
 from prunekit.models import ARCHITECTURES, Architecture, UnsupportedModelError, architecture_for, register
 from prunekit.models.loading import DEFAULT_MODEL, ModelLoadError, load
 from prunekit.models.structure import LayerShape, ModelStructure, model_structure
@@ -36,4 +37,5 @@ __all__ = [
     "compensate_sequential", "load", "make_plan", "model_structure", "predicted_structure", "prune_loaded",
     "prune_to_plan", "prune_to_target", "Recipe", "RecoverySettings", "load_recipe", "recover", "recover_loaded",
     "register", "run", "save_model", "score_model",
+    "GGUFExport", "GGUFExportError", "export_gguf",
 ]

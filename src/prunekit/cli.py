@@ -109,6 +109,14 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8)
 
 
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="where scoring and compensation run: cpu (default), cuda or cuda:N")
+    parser.add_argument("--layer-by-layer", action="store_true",
+                        help="keep the model in CPU memory and run one decoder layer at a time on --device, over "
+                        "calibration states kept there: prunes models larger than the GPU (activation, fluctuation, "
+                        "block_influence, magnitude, random)")
+
+
 def _calibration_settings(args: argparse.Namespace):
     from prunekit.pipeline import CalibrationSettings
 
@@ -153,6 +161,7 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
                         help="add FLAP-style bias compensation (Llama; with --compensation one-shot)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load, prune and save in")
+    _add_device_arguments(parser)
     _add_calibration_arguments(parser)
 
 
@@ -176,6 +185,7 @@ def _prune_settings(args: argparse.Namespace):
         compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
         steps=args.steps,
         batch_size=args.batch_size, calibration=_calibration_settings(args),
+        device=args.device, layer_by_layer=args.layer_by_layer,
     )
 
 
@@ -203,6 +213,7 @@ def _add_analyze(parser: argparse.ArgumentParser) -> None:
                         help="e.g. kinds=layer,attention,mlp,kv_group,head,channel channel_group_size=64")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_device_arguments(parser)
     _add_calibration_arguments(parser)
 
 
@@ -212,7 +223,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
     report = analyze(args.model, args.out, criterion=args.criterion,
                      criterion_options=_key_values(args.criterion_option, "--criterion-option"),
                      calibration=_calibration_settings(args), batch_size=args.batch_size, dtype=args.dtype,
-                     force=args.force)
+                     force=args.force, device=args.device, layer_by_layer=args.layer_by_layer)
     print(f"wrote {report} (scores.json and plots beside it)")
     return 0
 
@@ -359,15 +370,40 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="the model: a directory (stock or pruned), a .gguf file or an embedded name")
+    parser.add_argument("--format", default="gguf", help="what to write: gguf (llama.cpp), the only format so far")
+    parser.add_argument("--out", required=True, help="the file to write, e.g. pruned.q4_k_m.gguf")
+    parser.add_argument("--quant", default="f16", help="f16 (default), q8_0 or q4_k_m (q*: needs llama-cpp-python)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from prunekit.export.gguf import export_gguf
+
+    formats = {"gguf": export_gguf}
+    if args.format not in formats:
+        raise GGUFExportError(f"unknown export format {args.format!r}; supported: {', '.join(formats)}")
+    print(formats[args.format](args.model, args.out, quant=args.quant, force=args.force).summary())
+    return 0
+
+
+from prunekit.export.gguf import GGUFExportError  # noqa: E402
+
+USER_ERRORS += (GGUFExportError,)
+
 from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402  (after the helpers they reuse)
 from prunekit.evaluate.tasks import EvalError  # noqa: E402
 from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
 from prunekit.recover.train import RecoveryError  # noqa: E402
 from prunekit.models.memory import InsufficientMemoryError  # noqa: E402
+from prunekit.models.loading import DeviceError  # noqa: E402
+from prunekit.score import ScoreError  # noqa: E402
 from prunekit.runner.recipe import RecipeError  # noqa: E402
 
-USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError)
+USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError, DeviceError, ScoreError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
@@ -382,6 +418,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
                 _add_recover, _run_recover),
     "report": REPORT_COMMAND,
     "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
+    "export": ("write a model for another runtime: a llama.cpp GGUF file, f16 or quantized", _add_export, _run_export),
 }
 
 

@@ -277,8 +277,7 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
     # Data: a fixed order of training rows; the held-out rows are never trained on.
     if teacher is not None:
         teacher.to(device).eval()
-    ids, labels = recovery_rows(settings.data, tokenizer, total_steps * rows_per_step, teacher=teacher,
-                                batch_size=settings.batch_size)
+    ids, labels = recovery_rows(settings.data, tokenizer, total_steps * rows_per_step, teacher=teacher)
     held = settings.data.held_out
     train_ids, train_labels = ids[:len(ids) - held], labels[:len(ids) - held]
     eval_ids, eval_labels = ids[len(ids) - held:], labels[len(ids) - held:]

@@ -61,8 +61,11 @@ def validate_settings(recipe: Recipe) -> None:
     if "analyze" in stages:
         from prunekit.score import get_criterion
 
+        from prunekit.pipeline import check_run_options
+
         get_criterion(recipe.analyze.criterion).check_options(recipe.analyze.criterion_options)
         recipe.analyze.calibration.validate()
+        check_run_options(recipe.analyze.criterion, recipe.analyze.device, recipe.analyze.layer_by_layer)
     if "recover" in stages:
         recipe.recover.validate()
     if "evaluate" in stages:
@@ -147,25 +150,29 @@ def _stage_analyze(recipe: Recipe, run_dir: Path) -> dict:
 
     a = recipe.analyze
     report = analyze(recipe.model, run_dir / "analysis", criterion=a.criterion, criterion_options=a.criterion_options,
-                     calibration=a.calibration, batch_size=a.batch_size, dtype=recipe.dtype, force=True)
+                     calibration=a.calibration, batch_size=a.batch_size, dtype=recipe.dtype, force=True,
+                     device=a.device, layer_by_layer=a.layer_by_layer)
     return {"report": str(report.relative_to(run_dir))}
 
 
 def _stage_plan(recipe: Recipe, run_dir: Path) -> dict:
-    from prunekit.pipeline import plan_loaded
+    from prunekit.pipeline import load_device, plan_loaded
 
-    model, tokenizer = load(recipe.model, dtype=recipe.dtype)
+    model, tokenizer = load(recipe.model, dtype=recipe.dtype,
+                            device=load_device(recipe.prune.device, recipe.prune.layer_by_layer))
     plan, _ = plan_loaded(model, tokenizer, recipe.prune)
     plan.save(run_dir / "plan.json")
     return {"plan": "plan.json", "drop_layers": list(plan.drop_layers)}
 
 
 def _stage_prune(recipe: Recipe, run_dir: Path) -> dict:
-    from prunekit.pipeline import prune_loaded
+    from prunekit.pipeline import load_device, prune_loaded
 
-    model, tokenizer = load(recipe.model, dtype=recipe.dtype)
+    model, tokenizer = load(recipe.model, dtype=recipe.dtype,
+                            device=load_device(recipe.prune.device, recipe.prune.layer_by_layer))
     plan = Plan.load(run_dir / "plan.json") if "plan" in recipe.stages else None
     record = prune_loaded(model, tokenizer, recipe.prune, plan=plan)
+    model.to("cpu")  # saved from CPU memory
     source = resolve_model_source(recipe.model)
     plans = [s["plan"] for s in record["steps"]]
     save_model(model, tokenizer, run_dir / "model", plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None,
@@ -184,14 +191,19 @@ def _stage_recover(recipe: Recipe, run_dir: Path) -> dict:
             "tokens_per_second": record["tokens_per_second"]}
 
 
-def _self_perplexity(model_spec: str | Path, recipe: Recipe) -> float:
+def _self_perplexities(model_specs: list[str | Path], recipe: Recipe) -> list[float]:
+    """Perplexity of each model on one held-out sample of the original model's own text (sampled
+    once for all of them: sampling costs more than scoring here)."""
     from prunekit.data import calibration_tokens
     from prunekit.evaluate.perplexity import perplexity
 
     original, tokenizer = load(recipe.model, dtype=recipe.dtype)
     held_out = calibration_tokens(SELF_SOURCE, tokenizer, n_samples=16, seq_len=256, seed=1234, model=original)
-    model = original if str(model_spec) == recipe.model else load(model_spec, dtype=recipe.dtype)[0]
-    return perplexity(model, tokenizer, dataset=held_out.reshape(-1), seq_len=256, progress=False).perplexity
+    values = []
+    for spec in model_specs:
+        model = original if str(spec) == recipe.model else load(spec, dtype=recipe.dtype)[0]
+        values.append(perplexity(model, tokenizer, dataset=held_out.reshape(-1), seq_len=256, progress=False).perplexity)
+    return values
 
 
 def _stage_evaluate(recipe: Recipe, run_dir: Path) -> dict:
@@ -208,8 +220,9 @@ def _stage_evaluate(recipe: Recipe, run_dir: Path) -> dict:
                                     limit=e.limit, dtype=e.dtype, data_dir=recipe.data_dir, json_out=run_dir / file)
             figures[name] = {**{f"ppl_{k}": round(v["perplexity"], 3) for k, v in report["perplexity"].items()},
                              **{f"task_{k}": v for k, v in report.get("tasks", {}).items()}}
-        if SELF_SOURCE in e.ppl:
-            figures.setdefault(name, {})["ppl_self_held_out"] = round(_self_perplexity(model, recipe), 3)
+    if SELF_SOURCE in e.ppl:
+        for (name, _, _), value in zip(targets, _self_perplexities([model for _, model, _ in targets], recipe)):
+            figures.setdefault(name, {})["ppl_self_held_out"] = round(value, 3)
     return figures
 
 
@@ -293,4 +306,44 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
         atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")  # last: the stage is done
         records[stage] = record
         progress_print(f"[{stage}] done in {record['seconds']:.0f} s")
+    summary = format_summary(records)
+    if summary:
+        progress_print(summary)
+    if "report" in records:
+        progress_print(f"report: {run_dir / records['report']['figures']['report']}")
     return records
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.1f}M"
+
+
+def format_summary(records: dict) -> str:
+    """The before/after table of a finished run, from its stage records (empty when no stage measured anything)."""
+    rows = []
+    prune = records.get("prune", {}).get("figures", {})
+    if prune.get("params"):
+        params = prune["params"]
+        rows.append(("parameters", _millions(params["before"]), _millions(params["after"])))
+        rows.append(("non-embedding parameters", _millions(params["non_embedding_before"]),
+                     _millions(params["non_embedding_after"])))
+    evaluate = records.get("evaluate", {}).get("figures", {})
+    final, original = evaluate.get("final", {}), evaluate.get("original", {})
+    for key in sorted(set(final) | set(original)):
+        if key.startswith("ppl_"):
+            cell = lambda figures: f"{figures[key]:.2f}" if key in figures else "–"  # noqa: E731
+            rows.append((f"perplexity, {key[4:].replace('_', ' ')}", cell(original), cell(final)))
+    held_out = records.get("recover", {}).get("figures", {}).get("held_out_perplexity") or []
+    if held_out:
+        rows.append(("recovery: held-out perplexity", f"{held_out[0][1]:.2f} (pruned)", f"{held_out[-1][1]:.2f}"))
+    bench = records.get("bench", {}).get("figures", {})
+    for metric, value in (bench.get("speedup") or {}).items():
+        rows.append((f"speed: {metric.replace('_', ' ')}", "1.00x", f"{value:.2f}x"))
+    if bench.get("ideal_speedup"):
+        rows.append(("speed: ideal (FLOPs per token)", "1.00x", f"{bench['ideal_speedup']:.2f}x"))
+    if not rows:
+        return ""
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':<{width}}  {'original':>16}  {'final':>20}"]
+    lines += [f"{name:<{width}}  {before:>16}  {after:>20}" for name, before, after in rows]
+    return "\n".join(lines)
