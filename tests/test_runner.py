@@ -193,3 +193,20 @@ def _quick_speed(benchmark_speed):
         kwargs.update(prefill_batch=1, prefill_len=16, decode_tokens=4, repeats=1)
         return benchmark_speed(*args, **kwargs)
     return quick
+
+
+def test_run_summary_puts_each_figure_beside_the_original():
+    from prunekit.runner.stages import format_summary
+
+    assert format_summary({}) == ""
+    table = format_summary({
+        "prune": {"figures": {"params": {"before": 134_500_000, "after": 102_600_000,
+                                         "non_embedding_before": 106_200_000, "non_embedding_after": 74_300_000}}},
+        "evaluate": {"figures": {"final": {"ppl_wikitext2": 88.1}, "original": {"ppl_wikitext2": 29.45}}},
+        "bench": {"figures": {"speedup": {"prefill_tokens_per_s": 1.28}, "ideal_speedup": 1.31}},
+    })
+    lines = {line.split("  ")[0].strip(): line.split() for line in table.splitlines()[1:]}
+    assert lines["parameters"][-2:] == ["134.5M", "102.6M"]
+    assert lines["perplexity, wikitext2"][-2:] == ["29.45", "88.10"]
+    assert lines["speed: prefill tokens per s"][-1] == "1.28x"
+    assert lines["speed: ideal (FLOPs per token)"][-1] == "1.31x"
