@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from random_llama import random_weights
+
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128),
@@ -69,16 +71,7 @@ def build_model(args: argparse.Namespace, home: str):
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to(torch.bfloat16)  # on meta: no memory, so the weights are never allocated in float32
-    model.to_empty(device=home)
-    generator = torch.Generator(device=args.device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:  # norm weights
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, device=args.device, dtype=p.dtype, generator=generator) * 0.02)
-    # to_empty leaves computed buffers uninitialised: rebuild the rotary inverse frequencies (float32)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(home)
+    random_weights(model, home, fill_device=args.device)
     return model.eval()
 
 
@@ -156,7 +149,7 @@ def measure_taylor(args, ids) -> dict:
     return {"seconds": round(time.perf_counter() - started, 2), "batch_size": args.taylor_batch_size}
 
 
-def _sensitivity(args, ids, kinds: tuple[str, ...], rows: int) -> dict:
+def _sensitivity(args, ids, kinds: tuple[str, ...], rows: int, fine_tokens: int = 0) -> dict:
     from prunekit.score import score_model
 
     model = build_model(args, home=args.device)
@@ -164,10 +157,11 @@ def _sensitivity(args, ids, kinds: tuple[str, ...], rows: int) -> dict:
     rows = min(rows, len(ids))
     started = time.perf_counter()
     scores = score_model(model, "sensitivity", ids[:rows], batch_size=args.batch_size, progress=False, kinds=kinds,
-                         removals_per_pass=args.removals_per_pass)
+                         removals_per_pass=args.removals_per_pass, fine_tokens=fine_tokens)
     _sync(args.device)
     seconds = time.perf_counter() - started
-    return {"kinds": list(kinds), "rows": rows, "seconds": round(seconds, 2), "cost": scores.meta["cost"],
+    return {"kinds": list(kinds), "rows": rows, "rows_per_kind": scores.meta["rows"], "fine_tokens": fine_tokens,
+            "seconds": round(seconds, 2), "cost": scores.meta["cost"],
             # every removal runs every row through the rest of the model: linear in the rows
             f"seconds_extrapolated_to_{args.rows}_rows": round(seconds * args.rows / rows, 1)}
 
@@ -182,6 +176,19 @@ def measure_sensitivity_sublayers(args, ids) -> dict:
 
 def measure_sensitivity_heads(args, ids) -> dict:
     return _sensitivity(args, ids, ("head",), args.sensitivity_rows[2])
+
+
+def measure_sensitivity_coarse(args, ids) -> dict:
+    """Layers and sublayers, every calibration row: measured, not extrapolated."""
+    return _sensitivity(args, ids, ("layer", "attention", "mlp"), args.rows)
+
+
+def measure_sensitivity_fine(args, ids) -> dict:
+    """KV groups and heads as the default analysis measures them: on the first rows holding
+    prunekit's default fine_tokens."""
+    from prunekit.score.sensitivity import DEFAULT_FINE_TOKENS
+
+    return _sensitivity(args, ids, ("kv_group", "head"), args.rows, fine_tokens=DEFAULT_FINE_TOKENS)
 
 
 def _layer_by_layer(args, ids, compensation: str, cap_gib: float) -> dict:
@@ -237,6 +244,8 @@ MEASUREMENTS = [
     Measurement("sensitivity_sublayers", 0.8, measure_sensitivity_sublayers),
     Measurement("sensitivity_heads", 1.0, measure_sensitivity_heads),
     Measurement("layer_by_layer", 2.0, measure_layer_by_layer),
+    Measurement("sensitivity_coarse", 8.5, measure_sensitivity_coarse, default=False),
+    Measurement("sensitivity_fine", 6.5, measure_sensitivity_fine, default=False),
     Measurement("activation_sequential", 2.5, measure_activation_sequential, default=False),
     Measurement("layer_by_layer_sequential", 3.0, measure_layer_by_layer_sequential, default=False),
 ]
@@ -291,9 +300,16 @@ def run_one(measurement: Measurement, args, ids) -> dict:
 
 
 def full_sensitivity(measured: dict, args) -> dict | None:
-    """The default analysis (layer, attention, mlp, kv_group, head) at --rows, from the three
-    measurements: KV groups cost what heads do per removal, and a layer has a quarter as many
-    groups as heads in this shape (8 of 32)."""
+    """The default analysis (layer, attention, mlp, kv_group, head) at --rows: measured as its
+    coarse and fine halves where both ran, else extrapolated from the three row-subset
+    measurements (KV groups cost what heads do per removal, and a layer has a quarter as many
+    groups as heads in this shape, 8 of 32)."""
+    halves = [measured.get(name, {}) for name in ("sensitivity_coarse", "sensitivity_fine")]
+    if all(half.get("status") == "ok" for half in halves):
+        seconds = halves[0]["seconds"] + halves[1]["seconds"]
+        return {"rows": args.rows, "seconds": round(seconds), "minutes": round(seconds / 60, 1),
+                "formula": f"measured: layers and sublayers on all {args.rows} rows, KV groups and heads on "
+                           f"{halves[1]['rows_per_kind']['head']} rows (fine_tokens {halves[1]['fine_tokens']})"}
     parts = [measured.get(name, {}) for name in ("sensitivity_layers", "sensitivity_sublayers", "sensitivity_heads")]
     if not all(part.get("status") == "ok" for part in parts):
         return None

@@ -36,6 +36,8 @@ import torch
 import warnings
 from torch import nn
 
+from random_llama import random_weights
+
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
 
 SHAPES = {
@@ -131,19 +133,7 @@ def materialize(config, plan, device: torch.device, dtype: torch.dtype, seed: in
     model = skeleton(config)
     if plan is not None:
         apply_plan(model, plan)
-    model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim == 1:
-                parameter.fill_(1.0)  # norms
-            else:
-                parameter.normal_(0.0, 0.02, generator=generator)
-    # to_empty leaves computed buffers (rotary inverse frequencies) uninitialised: rebuild them.
-    for name, module in list(model.named_modules()):
-        if hasattr(module, "inv_freq") and hasattr(module, "config"):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(module.config).to(device))
+    random_weights(model, device, seed=seed)
     return model.to(dtype).eval()
 
 

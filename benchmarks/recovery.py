@@ -18,6 +18,7 @@ reports the median tokens/s of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -32,7 +33,7 @@ import prunekit
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.export.files import atomic_write_text
 from prunekit.export.huggingface import versions
-from prunekit.recover import RecoveryData, RecoverySettings, recover_loaded, recovery_rows
+from prunekit.recover import RecoveryData, RecoveryError, RecoverySettings, recover_loaded, recovery_rows
 from prunekit.recover.train import _with_lora
 
 
@@ -73,12 +74,23 @@ def split_variants(text: str) -> list[str]:
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
-    """'distill:lr=2e-4,temperature=2' -> ('distill', {'lr': 0.0002, 'temperature': 2.0})."""
+    """'distill:lr=2e-4,temperature=2' -> ('distill', {'lr': 0.0002, 'temperature': 2.0}); each value
+    takes the type of the RecoverySettings field it sets."""
     method, _, rest = variant.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(RecoverySettings) if f.name not in ("method", "tokens", "data")}
     options = {}
     for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        options[key] = float(value)
+        key, equals, value = item.partition("=")
+        if key not in fields or not equals:
+            raise SystemExit(f"variant {variant!r}: {item!r} is not KEY=VALUE with KEY one of {sorted(fields)}")
+        default = fields[key].default
+        kind = float if default is None else type(default)
+        if kind not in (int, float, str):
+            raise SystemExit(f"variant {variant!r}: {key} cannot be set from the command line")
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise SystemExit(f"variant {variant!r}: {key} takes a {kind.__name__}, got {value!r}") from None
     return method, options
 
 
@@ -121,7 +133,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--eval-every", type=int, default=16, help="WikiText-2: every n-th 512-token window")
     parser.add_argument("--speed-steps", type=int, default=6, help="optimizer steps per loop-speed measurement")
-    parser.add_argument("--speed-repeats", type=int, default=4)
+    parser.add_argument("--speed-repeats", type=int, default=4, help="0: no loop-speed comparison")
     parser.add_argument("--speed-warmup", type=int, default=1, help="untimed runs of each loop before the timed ones")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recovery.json"))
@@ -132,6 +144,22 @@ def main() -> int:
     if args.markdown_only:
         print(markdown(json.loads(args.out.read_text())))
         return 0
+
+    # Every variant is checked before anything is loaded.
+    if (args.keep or args.speed_only) and not args.out.is_file():
+        raise SystemExit(f"--{'keep' if args.keep else 'speed-only'} adds to the record at {args.out}, and there is "
+                         "none; point --out at an earlier record")
+    data = RecoveryData(source="c4", seq_len=args.seq_len, held_out=8, data_dir=args.data_dir)
+    variants = {}
+    for variant in [] if args.speed_only else split_variants(args.methods):
+        method, options = parse_variant(variant)
+        settings = RecoverySettings(**{"method": method, "tokens": args.tokens, "batch_size": args.batch_size,
+                                       "data": data, "eval_every": 0, "checkpoint_every": 0, **options})
+        try:
+            settings.validate()
+        except RecoveryError as error:
+            raise SystemExit(f"variant {variant!r}: {error}") from None
+        variants[variant] = (options, settings)
 
     started = time.perf_counter()
     teacher, tokenizer = prunekit.load(args.teacher)
@@ -160,11 +188,7 @@ def main() -> int:
         record["dense_ppl"] = wikitext_ppl(teacher, tokenizer, args.eval_every, args.data_dir)
         record["pruned_ppl"] = wikitext_ppl(prunekit.load(args.pruned)[0], tokenizer, args.eval_every, args.data_dir)
         print(f"dense {record['dense_ppl']}  pruned {record['pruned_ppl']}", flush=True)
-    data = RecoveryData(source="c4", seq_len=args.seq_len, held_out=8, data_dir=args.data_dir)
-    for variant in [] if args.speed_only else split_variants(args.methods):
-        method, options = parse_variant(variant)
-        settings = RecoverySettings(method=method, tokens=args.tokens, batch_size=args.batch_size, data=data,
-                                    eval_every=0, checkpoint_every=0, **options)
+    for variant, (options, settings) in variants.items():
         student, _ = prunekit.load(args.pruned)
         t0 = time.perf_counter()
         model, run = recover_loaded(student, tokenizer, settings, teacher=teacher if settings.needs_teacher else None)
@@ -183,6 +207,10 @@ def main() -> int:
         save()
         del model, student
 
+    if args.speed_repeats == 0:
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        save()
+        return 0
     # Loop speed: the same LoRA job through our loop and through HF Trainer, alternating.
     settings = RecoverySettings(method="lora", tokens=args.speed_steps * args.batch_size * args.seq_len,
                                 batch_size=args.batch_size, data=RecoveryData(source="c4", seq_len=args.seq_len,

@@ -236,6 +236,8 @@ def _gpu_scale():
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))  # as when it runs as a script: its sibling modules import
     spec = importlib.util.spec_from_file_location("gpu_scale", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up

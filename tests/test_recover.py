@@ -330,6 +330,39 @@ def test_two_processes_train_like_one_process_with_their_batches_together(text_f
         torch.testing.assert_close(results[2]["state"][name], value, atol=1e-5, rtol=1e-4)
 
 
+LAUNCHED_RECOVER_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from prunekit.recover import RecoveryData, RecoverySettings, recover
+torch.set_num_threads(1)
+data = RecoveryData(source={text!r}, seq_len=32, held_out=2)
+settings = RecoverySettings(method="lora", tokens=32 * 4 * 2, batch_size=2, lr=1e-2, eval_every=0,
+                            checkpoint_every=0, data=data)
+saved = recover({pruned!r}, {out!r}, settings, progress=False)
+rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+print(f"rank {{rank}} returned {{'a model' if saved is not None else 'None'}}")
+"""
+
+
+def test_under_a_launcher_the_main_process_alone_saves(saved_pair, text_file, tmp_path):
+    """`prunekit recover` under accelerate launch / torchrun: every process trains, one writes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, pruned = saved_pair
+    root, out = str(Path(__file__).resolve().parents[1]), tmp_path / "recovered"
+    script = tmp_path / "launched.py"
+    script.write_text(LAUNCHED_RECOVER_SCRIPT.format(root=root, text=str(text_file), pruned=str(pruned), out=str(out)))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 returned a model" in done.stdout and "rank 1 returned None" in done.stdout
+    model, _ = prunekit.load(out)
+    assert json.loads((out / "prunekit.json").read_text())["recovery"]["world_size"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("recovered")) == ["recovered"]
+
+
 def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, tmp_path, monkeypatch):
     import prunekit.models.memory as memory
 

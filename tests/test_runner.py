@@ -160,6 +160,18 @@ def test_dry_run_validates_and_estimates_without_loading_weights(tiny_recipe, tm
     assert "at most" in capsys.readouterr().err  # the largest reachable target is named
 
 
+def test_overrides_may_follow_the_options_as_the_readme_writes_them(tiny_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(run_module, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(tiny_recipe))
+    # prunekit run RECIPE --out DIR KEY=VALUE ...: the override must take effect, not be refused
+    assert cli_main(["run", str(recipe_file), "--out", str(tmp_path / "run"), "--dry-run", "prune.target=0.99"]) == 2
+    assert "at most" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["run", str(recipe_file), "--out", str(tmp_path / "run"), "--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
 def test_sweep_scores_once_and_draws_quality_and_speed_against_size(tiny_recipe, tmp_path, monkeypatch, capsys):
     from prunekit.runner import sweep as sweep_module
 

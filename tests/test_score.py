@@ -51,6 +51,28 @@ def test_sensitivity_of_one_head_equals_zeroing_it():
     assert _loss(zeroed, IDS) - _loss(model, IDS) == pytest.approx(float(scores.values["head"][2][5]), abs=2e-5)
 
 
+def test_fine_removals_are_measured_on_the_first_rows_and_coarse_ones_on_all():
+    model = tiny_model("llama")
+    scores = sensitivity_scores(model, IDS, kinds=("layer", "head"), fine_tokens=2 * IDS.shape[1], progress=False)
+    assert scores.meta["rows"] == {"layer": 6, "head": 2}
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        zeroed.model.layers[2].self_attn.o_proj.weight[:, 5 * 12:6 * 12] = 0
+    first = IDS[:2]
+    assert _loss(zeroed, first) - _loss(model, first) == pytest.approx(float(scores.values["head"][2][5]), abs=2e-5)
+    dropped = copy.deepcopy(model)
+    apply_plan(dropped, Plan(drop_layers=(1,)))
+    assert _loss(dropped, IDS) - _loss(model, IDS) == pytest.approx(float(scores.values["layer"][1]), abs=2e-5)
+    # fewer tokens than one row still measures one row; 0 measures every row
+    assert sensitivity_scores(model, IDS, kinds=("head",), fine_tokens=1, progress=False).meta["rows"] == {"head": 1}
+    assert sensitivity_scores(model, IDS, kinds=("head",), fine_tokens=0, progress=False).meta["rows"] == {"head": 6}
+
+
+def test_negative_criterion_options_are_refused_before_any_work():
+    with pytest.raises(CriterionError, match="fine_tokens of sensitivity must not be negative"):
+        CRITERIA["sensitivity"].check_options({"fine_tokens": "-5"})
+
+
 def test_sensitivity_on_task_labels_counts_only_responses():
     model = tiny_model("qwen2")
     labels = IDS.clone()

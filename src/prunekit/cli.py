@@ -23,22 +23,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _format_count(n: float) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(int(n))
-
-
 def format_structure(structure, title: str, seq_len: int) -> str:
-    from prunekit.models.structure import LayerShape
+    from prunekit.models.structure import LayerShape, format_count
 
     lines = [
         f"{title}: {structure.model_type}, {structure.num_layers} layers, hidden {structure.hidden_size}, "
         f"head_dim {structure.head_dim}, vocab {structure.vocab_size}",
-        f"params: total {_format_count(structure.total_params)} ({structure.total_params:,}), non-embedding "
-        f"{_format_count(structure.non_embedding_params)}, embedding {_format_count(structure.embedding_params)}; "
-        f"FLOPs/token {_format_count(structure.flops_per_token(seq_len))} at seq_len {seq_len}",
+        f"params: total {format_count(structure.total_params, 2)} ({structure.total_params:,}), non-embedding "
+        f"{format_count(structure.non_embedding_params, 2)}, embedding {format_count(structure.embedding_params, 2)}; "
+        f"FLOPs/token {format_count(structure.flops_per_token(seq_len), 2)} at seq_len {seq_len}",
         "",
         f"{'layer':>5}  {'type':<8} {'q heads':>7}  {'GQA groups':<18} {'FFN ch':>6}  "
         f"{'attn params':>11}  {'mlp params':>10}  {'FLOPs/token':>11}",
@@ -54,8 +47,8 @@ def format_structure(structure, title: str, seq_len: int) -> str:
         flops = 2 * structure.layer_params(i) + 4 * shape.num_attention_heads * structure.head_dim * (seq_len + 1) / 2
         lines.append(
             f"{i:>5}  {layer_type:<8} {shape.num_attention_heads:>7}  {groups:<18} "
-            f"{shape.intermediate_size if shape.intermediate_size else 'removed':>6}  {_format_count(attention):>11}  "
-            f"{_format_count(mlp):>10}  {_format_count(flops):>11}"
+            f"{shape.intermediate_size if shape.intermediate_size else 'removed':>6}  {format_count(attention, 2):>11}  "
+            f"{format_count(mlp, 2):>10}  {format_count(flops, 2):>11}"
         )
     return "\n".join(lines)
 
@@ -247,7 +240,7 @@ def _add_recover(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=data.seq_len, help="tokens per row (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-4 with LoRA, 5e-5 else)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-5 for full, 2e-4 for the others)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup, help="fraction of steps warming up")
     parser.add_argument("--lora-rank", type=int, default=defaults.lora_rank)
     parser.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha)
@@ -285,6 +278,8 @@ def _run_recover(args: argparse.Namespace) -> int:
     )
     saved = recover(args.model, args.out, settings, teacher=args.teacher, force=args.force, resume=args.resume,
                     keep_checkpoints=args.keep_checkpoints)
+    if saved is None:  # another process of `accelerate launch` wrote the model
+        return 0
     recovery = json.loads((saved.path / "prunekit.json").read_text())["recovery"]
     if recovery["eval"]:
         (_, before), (_, after) = recovery["eval"][0], recovery["eval"][-1]
@@ -439,7 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run":
+        # argparse gives positionals that come after an option (`run R --out D k=v`) back unparsed
+        args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
+        extra = [item for item in extra if item not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command][2](args)

@@ -56,8 +56,10 @@ def _require_positive(**values: int) -> None:
 
 
 # Rows sampled together when the model writes its own calibration text: decoding on a CPU is
-# bound by reading the weights once per step, so 32 rows cost little more than 8 and yield 4x the text.
+# bound by reading the weights once per step, so 32 rows cost little more than 8 and yield 4x the
+# text; on a GPU a step is bound by kernel launches until far larger batches.
 SELF_TEXT_BATCH = 32
+SELF_TEXT_BATCH_GPU = 1024
 
 
 def calibration_tokens(
@@ -71,7 +73,7 @@ def calibration_tokens(
     split: str | None = None,
     text_protocol: TextProtocol = "raw",
     model: torch.nn.Module | None = None,
-    batch_size: int = SELF_TEXT_BATCH,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """[n_samples, seq_len] token ids from a text source, the same for the same seed.
 
@@ -158,7 +160,7 @@ def sample_self_tokens(
     n_samples: int,
     seq_len: int,
     seed: int,
-    batch_size: int = SELF_TEXT_BATCH,
+    batch_size: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     progress: bool = True,
@@ -168,14 +170,17 @@ def sample_self_tokens(
     Each batch opens with one of `GENERIC_PROMPTS` (after BOS for tokenizers that add it) and is
     sampled with a KV cache to exactly seq_len tokens; EOS does not stop a sample, since
     calibration needs full windows. The result depends only on the seed, batch_size and the
-    model: sampling draws from a private generator, never from torch's global one.
+    model: sampling draws from a private generator, never from torch's global one. batch_size
+    None: SELF_TEXT_BATCH rows at a time on a CPU, SELF_TEXT_BATCH_GPU on a GPU.
     """
+    device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = SELF_TEXT_BATCH_GPU if device.type == "cuda" else SELF_TEXT_BATCH
     _require_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 to sample the model as it is.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}; use 1.0 to keep the whole distribution.")
-    device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     bos = [tokenizer.bos_token_id] if adds_bos_by_default(tokenizer) else []
     cache_keyword = _cache_keyword(model)

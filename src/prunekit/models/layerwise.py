@@ -20,10 +20,12 @@ def first_output(output):
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int,
-                         keep: set[int] | None = None, progress: bool = True, desc: str = "caching layer inputs"):
+                         keep: set[int] | None = None, progress: bool = True, desc: str = "caching layer inputs",
+                         store: torch.device | str | None = None):
     """(inputs, kwargs): the hidden states entering each layer in `keep` (all layers by
     default), concatenated over `input_ids`, and every layer's call kwargs. The kwargs are
-    captured at batch size 1 so that they broadcast to any batch."""
+    captured at batch size 1 so that they broadcast to any batch. The inputs are kept on
+    `store` (default: the model's device)."""
     keep = set(range(len(layers))) if keep is None else keep
     inputs: dict[int, list[torch.Tensor]] = {i: [] for i in keep}
     kwargs_of: list[dict] = [{} for _ in layers]
@@ -35,7 +37,7 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: tor
             if capturing_kwargs[0]:
                 kwargs_of[i] = {k: v for k, v in kwargs.items() if k not in _NOT_FORWARDED}
             elif i in keep:
-                inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach())
+                inputs[i].append((args[0] if args else kwargs["hidden_states"]).detach().to(store or device))
         return hook
 
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]

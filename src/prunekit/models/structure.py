@@ -126,6 +126,14 @@ class ModelStructure:
         }
 
 
+def format_count(count: float, digits: int = 1) -> str:
+    """A parameter or FLOP count for people: 1.2B, 97.3M, 4.1K, 12."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.{digits}f}{unit}"
+    return f"{count:.0f}"
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

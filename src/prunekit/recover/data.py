@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.data.calibration import IGNORE_INDEX, SELF_TEXT_BATCH, adds_bos_by_default, calibration_tokens, encode_text
+from prunekit.data.calibration import IGNORE_INDEX, adds_bos_by_default, calibration_tokens, encode_text
 from prunekit.data.sources import NAMED_SOURCES, SELF_SOURCE, DataError, PromptResponse, load_pairs
 
 PAIR_SOURCES = ("alpaca",)  # named sets read as prompt/response pairs
@@ -76,7 +76,7 @@ def pack_pairs(pairs: list[PromptResponse], tokenizer, *, n_rows: int, seq_len: 
 
 
 def recovery_rows(data: RecoveryData, tokenizer, n_rows: int, *, teacher: torch.nn.Module | None = None,
-                  batch_size: int = SELF_TEXT_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) of n_rows + data.held_out rows; the held-out rows are the last ones."""
     data.validate()
     total = n_rows + data.held_out

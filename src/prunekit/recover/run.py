@@ -57,8 +57,11 @@ def teacher_layer_map(student_dir: Path, student_layers: int, teacher_layers: in
 
 def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *, teacher: str | Path | None = None,
             force: bool = False, resume: bool = False, keep_checkpoints: bool = False, dtype: str = "float32",
-            progress: bool = True) -> SavedModel:
-    """Recover the pruned model at `student` and save it to `out` (see the module docstring)."""
+            progress: bool = True) -> SavedModel | None:
+    """Recover the pruned model at `student` and save it to `out` (see the module docstring).
+
+    Under `accelerate launch` the main process saves and returns the SavedModel; the others
+    return None once it is written."""
     settings.validate()
     out = Path(out)
     student_source = resolve_model_source(student)
@@ -102,6 +105,12 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,
                                      checkpoint_dir=checkpoints, resume=resume, progress=progress)
     del teacher_model
+    from accelerate import PartialState
+
+    state = PartialState()  # under `accelerate launch` every process trained; one of them writes
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return None
     provenance = {}
     if student_source.kind == "directory" and (Path(student_source.location) / PROVENANCE_FILE).is_file():
         provenance = json.loads((Path(student_source.location) / PROVENANCE_FILE).read_text())
@@ -115,4 +124,5 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     )
     if not keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    state.wait_for_everyone()
     return saved

@@ -47,7 +47,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "lora": Method(lora=True, distill=False, default_lr=2e-4),
-    "distill": Method(lora=False, distill=True, default_lr=5e-5),
+    "distill": Method(lora=False, distill=True, default_lr=2e-4),  # BENCHMARKS.md: 2e-4 beat 5e-5, 5e-4, 1e-3
     "lora+distill": Method(lora=True, distill=True, default_lr=2e-4),
     "full": Method(lora=False, distill=False, default_lr=5e-5),
 }
@@ -347,6 +347,10 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
                                                   settings)
                 accelerator.backward(loss / settings.grad_accum)
             step_loss += loss.detach() / settings.grad_accum
+            # Free the logits ([batch, seq, vocab] floats, the step's largest tensor) now, not when the
+            # next forward rebinds these names: held over that forward, they add a logits-sized block to
+            # every step's peak memory, and on the CPU made the loop slower than HF Trainer's.
+            del output, logits, loss
         # Every process stops on a bad loss anywhere, before the weights take the step.
         worst = accelerator.gather(step_loss.reshape(1))
         if not torch.isfinite(worst).all():

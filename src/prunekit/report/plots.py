@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-from prunekit.models.structure import ModelStructure
+from prunekit.models.structure import ModelStructure, format_count
 from prunekit.score.scores import LAYER_KINDS, Scores
 
 DPI = 130
@@ -278,13 +278,6 @@ def plot_channel_scores(scores: Scores, path: str | os.PathLike, *, data: str | 
     return _save(figure, path)
 
 
-def _params_text(count: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.1f}{unit}"
-    return f"{count:.0f}"
-
-
 def plot_kept_widths(
     before: ModelStructure, after: ModelStructure, path: str | os.PathLike, dropped_layers: Sequence[int] = ()
 ) -> Path:
@@ -322,7 +315,7 @@ def plot_kept_widths(
     old, new = before.non_embedding_params, after.non_embedding_params
     change = f"{100.0 * (new - old) / old:+.1f}%".replace("-", "−")  # a typographic minus, as in the axis labels
     figure, ax = _figure(
-        f"Kept width per layer: {_params_text(old)} → {_params_text(new)} non-embedding params ({change})"
+        f"Kept width per layer: {format_count(old)} → {format_count(new)} non-embedding params ({change})"
     )
     layers = np.arange(before.num_layers)
     width = 0.27

@@ -28,7 +28,7 @@ from typing import Any
 
 from prunekit.export.files import OutputExistsError, atomic_write_text
 from prunekit.export.huggingface import PROVENANCE_FILE, provenance_plans
-from prunekit.models.structure import LayerCosts, LayerShape, ModelStructure, model_structure
+from prunekit.models.structure import LayerCosts, LayerShape, ModelStructure, format_count, model_structure
 from prunekit.plan.plan import structure_signature, surviving_layers
 from prunekit.report.analysis import describe_calibration
 from prunekit.report.plots import (
@@ -62,13 +62,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str =
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _params_text(count: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.1f}{unit}"
-    return f"{count:.0f}"
 
 
 def _count(number: int, noun: str) -> str:
@@ -201,9 +194,9 @@ def _params_table(before: ModelStructure | None, after: ModelStructure, recorded
     for label, old, new in (("total", old_total, after.total_params),
                             ("non-embedding", old_inner, after.non_embedding_params)):
         if old is None:
-            rows.append([label, "not recorded", _params_text(new), "–"])
+            rows.append([label, "not recorded", format_count(new), "–"])
         else:
-            rows.append([label, _params_text(old), _params_text(new), f"{100 * (1 - new / old):.1f}%"])
+            rows.append([label, format_count(old), format_count(new), f"{100 * (1 - new / old):.1f}%"])
     rows.append(["layers", before.num_layers if before else "–", after.num_layers, ""])
     return _table(["parameters", "before", "after", "removed"], rows, align="l")
 
@@ -487,7 +480,7 @@ def _speed_table(speed: dict) -> str:
         memory = (model.get("peak_memory_mib"), baseline.get("peak_memory_mib"))
         if None not in memory:
             rows.append(["peak memory (MiB)", f"{memory[0]:,.0f}", f"{memory[1]:,.0f}", f"{memory[1] / memory[0]:.2f}×", "–"])
-        rows.append(["parameters", _params_text(model["parameters"]), _params_text(baseline["parameters"]),
+        rows.append(["parameters", format_count(model["parameters"]), format_count(baseline["parameters"]),
                      f"{baseline['parameters'] / model['parameters']:.2f}×", "–"])
         header = ["metric", "pruned", "baseline", "measured speedup", "ideal speedup"]
     else:

@@ -26,7 +26,7 @@ from prunekit.data.sources import SELF_SOURCE
 from prunekit.export.files import atomic_directory, atomic_write_text
 from prunekit.export.huggingface import save_model, versions
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
-from prunekit.models.structure import ModelStructure, model_structure
+from prunekit.models.structure import ModelStructure, format_count, model_structure
 from prunekit.plan.plan import Plan
 from prunekit.plan.planner import check_reachable
 from prunekit.runner.recipe import STAGE_ORDER, Recipe, RecipeError, load_recipe, resolve_auto
@@ -314,19 +314,15 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     return records
 
 
-def _millions(count: int) -> str:
-    return f"{count / 1e6:.1f}M"
-
-
 def format_summary(records: dict) -> str:
     """The before/after table of a finished run, from its stage records (empty when no stage measured anything)."""
     rows = []
     prune = records.get("prune", {}).get("figures", {})
     if prune.get("params"):
         params = prune["params"]
-        rows.append(("parameters", _millions(params["before"]), _millions(params["after"])))
-        rows.append(("non-embedding parameters", _millions(params["non_embedding_before"]),
-                     _millions(params["non_embedding_after"])))
+        rows.append(("parameters", format_count(params["before"]), format_count(params["after"])))
+        rows.append(("non-embedding parameters", format_count(params["non_embedding_before"]),
+                     format_count(params["non_embedding_after"])))
     evaluate = records.get("evaluate", {}).get("figures", {})
     final, original = evaluate.get("final", {}), evaluate.get("original", {})
     for key in sorted(set(final) | set(original)):

@@ -16,7 +16,8 @@ from prunekit.score.criteria import (
     random_scores,
 )
 from prunekit.score.scores import KINDS, ScoreError, Scores
-from prunekit.score.sensitivity import DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS, sensitivity_scores
+from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
+                                        sensitivity_scores)
 from prunekit.score.statistics import LayerStats, collect_layer_stats
 from prunekit.score.taylor import TAYLOR_VARIANTS, taylor_scores
 
@@ -59,6 +60,8 @@ class Criterion:
                     value = kind(value)
                 except (TypeError, ValueError):
                     raise CriterionError(f"option {name} of {self.name} must be {kind.__name__}, got {value!r}") from None
+                if kind is int and value < 0:
+                    raise CriterionError(f"option {name} of {self.name} must not be negative, got {value}")
             outside = (set(value) if kind is tuple else {value}) - set(allowed or ()) if allowed else set()
             if outside:
                 raise CriterionError(f"option {name} of {self.name} does not take {sorted(outside)}; "
@@ -118,12 +121,12 @@ register_criterion(Criterion(
     whole_model=True))
 register_criterion(Criterion(
     "sensitivity",
-    lambda model, ids, labels, stats, batch_size, progress, kinds, channel_group_size, removals_per_pass: sensitivity_scores(
-        model, ids, labels, kinds=kinds, channel_group_size=channel_group_size, batch_size=batch_size,
-        removals_per_pass=removals_per_pass, progress=progress),
+    lambda model, ids, labels, stats, batch_size, progress, kinds, channel_group_size, removals_per_pass, fine_tokens:
+    sensitivity_scores(model, ids, labels, kinds=kinds, channel_group_size=channel_group_size, batch_size=batch_size,
+                       removals_per_pass=removals_per_pass, fine_tokens=fine_tokens, progress=progress),
     SENSITIVITY_KINDS, needs_data=True, needs_stats=False, comparable=True,
     options={"kinds": (tuple, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS), "channel_group_size": (int, 64, None),
-             "removals_per_pass": (int, 4, None)},
+             "removals_per_pass": (int, 4, None), "fine_tokens": (int, DEFAULT_FINE_TOKENS, None)},
     description="measured loss increase when each component is removed alone", whole_model=True))
 
 

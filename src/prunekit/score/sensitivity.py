@@ -5,7 +5,11 @@ zeroed (which equals removing it; the surgery tests prove that). Made affordable
 - caching the hidden states that enter every layer, so a removal in layer l runs layers l..L-1
   only, and
 - evaluating K removals in one batched pass: the cached states are repeated K times and a
-  per-replica mask removes a different component from each copy.
+  per-replica mask removes a different component from each copy, and
+- measuring the many small removals (KV groups, heads, channel groups) on the first calibration
+  rows only (`fine_tokens`): there are tens of them per layer, each moves the loss little, and
+  their ranking settles on far fewer tokens than the whole calibration set (GPU_BENCHMARKS.md
+  measures how far). Layers and sublayers always see every row.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from prunekit.score.scores import Scores
 
 SENSITIVITY_KINDS = ("layer", "attention", "mlp", "kv_group", "head", "channel")
 DEFAULT_SENSITIVITY_KINDS = ("layer", "attention", "mlp", "kv_group", "head")
+FINE_KINDS = ("kv_group", "head", "channel")
+DEFAULT_FINE_TOKENS = 16_384
 
 
 @dataclass(frozen=True)
@@ -131,26 +137,46 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
     return handles
 
 
+def cache_device(model: nn.Module, ids_shape: torch.Size, n_layers: int) -> torch.device:
+    """Where the hidden states entering every layer are kept: on the model's device when they
+    take at most half of its free memory, else in CPU memory (each pass then copies its few rows
+    over, which costs little next to running them through the rest of the model)."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cuda":
+        return parameter.device
+    needed = (n_layers + 1) * ids_shape[0] * ids_shape[1] * model.config.hidden_size * parameter.element_size()
+    free, _ = torch.cuda.mem_get_info(parameter.device)
+    return parameter.device if needed <= free / 2 else torch.device("cpu")
+
+
 @torch.no_grad()
 def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                        kinds: tuple[str, ...] = DEFAULT_SENSITIVITY_KINDS, channel_group_size: int = 64,
-                       batch_size: int = 8, removals_per_pass: int = 4, progress: bool = True) -> Scores:
+                       batch_size: int = 8, removals_per_pass: int = 4, fine_tokens: int = DEFAULT_FINE_TOKENS,
+                       progress: bool = True) -> Scores:
     """Loss increase (mean next-token NLL, nats) when each component is removed alone.
 
     `labels` with -100 restricts the loss to the tokens a task cares about (task data).
     Channel scores are per channel group of `channel_group_size` (each channel of a group gets
-    the group's value divided by the group size).
+    the group's value divided by the group size). KV groups, heads and channel groups are measured
+    on the first rows that hold `fine_tokens` tokens (at least one row; 0: every row), against the
+    baseline loss of those same rows.
     """
     unknown = set(kinds) - set(SENSITIVITY_KINDS)
     if unknown:
         raise ValueError(f"unknown sensitivity kinds {sorted(unknown)}; choose from {list(SENSITIVITY_KINDS)}")
+    if fine_tokens < 0:
+        raise ValueError(f"fine_tokens must be 0 (every row) or a positive token count, got {fine_tokens}")
     started = time.perf_counter()
     arch, layers, head_dim = layers_of(model)
     device = next(model.parameters()).device
     labels = (input_ids if labels is None else labels).to(device)
-    counted = (labels[:, 1:] != -100).sum().item()
+    n = len(input_ids)
+    fine_rows = n if fine_tokens == 0 else min(n, max(1, fine_tokens // input_ids.shape[1]))
+    counted_in = {n: (labels[:, 1:] != -100).sum().item(), fine_rows: (labels[:fine_rows, 1:] != -100).sum().item()}
+    store = cache_device(model, input_ids.shape, len(layers))
     cached, layer_kwargs = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, progress=progress,
-                                                desc="sensitivity: caching layer inputs")
+                                                desc="sensitivity: caching layer inputs", store=store)
     nll_sums = _output_head(model)
 
     def run_from(start: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -158,39 +184,48 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
             hidden = first_output(layers[i](hidden, **layer_kwargs[i]))
         return hidden
 
-    n = len(input_ids)
     rows = max(1, batch_size // removals_per_pass)  # sequences per pass; times K replicas
-    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows]), labels[s:s + rows]) for s in range(0, n, rows)])
-    baseline_loss = baseline.sum().item() / counted
+    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows].to(device)), labels[s:s + rows])
+                          for s in range(0, n, rows)])
+    baseline_loss = {r: baseline[:r].sum().item() / max(counted_in[r], 1) for r in counted_in}
 
-    plan = [(i, _candidates(layer, arch, head_dim, kinds, channel_group_size)) for i, layer in enumerate(layers)]
-    total_passes = sum(((len(c) + removals_per_pass - 1) // removals_per_pass) * ((n + rows - 1) // rows) for _, c in plan)
+    def rows_for(kind: str) -> int:
+        return fine_rows if kind in FINE_KINDS else n
+
+    # Removals that see the same rows share passes: coarse ones first, then fine ones, per layer.
+    plan = []
+    for i, layer in enumerate(layers):
+        candidates = _candidates(layer, arch, head_dim, kinds, channel_group_size)
+        for r in sorted({rows_for(c.kind) for c in candidates}, reverse=True):
+            plan.append((i, r, [c for c in candidates if rows_for(c.kind) == r]))
+    total_passes = sum(((len(c) + removals_per_pass - 1) // removals_per_pass) * ((r + rows - 1) // rows)
+                       for _, r, c in plan)
     layer_forwards = 0
     increases: dict[tuple[int, Removal], float] = {}
     bar = tqdm(total=total_passes, desc="sensitivity: removals", unit="pass", disable=not progress)
-    for i, candidates in plan:
+    for i, used_rows, candidates in plan:
         for c0 in range(0, len(candidates), removals_per_pass):
             chunk = candidates[c0:c0 + removals_per_pass]
             totals = torch.zeros(len(chunk), dtype=torch.float64, device=device)  # read once per chunk, not per pass
-            for s in range(0, n, rows):
-                states = cached[i][s:s + rows]
+            for s in range(0, used_rows, rows):
+                states = cached[i][s:min(s + rows, used_rows)].to(device)
                 handles = _install_removals(layers[i], arch, head_dim, chunk, len(states), channel_group_size)
                 try:
                     out = run_from(i, states.repeat(len(chunk), 1, 1))
                 finally:
                     for h in handles:
                         h.remove()
-                layer_rows = labels[s:s + rows].repeat(len(chunk), 1)
+                layer_rows = labels[s:s + len(states)].repeat(len(chunk), 1)
                 totals += nll_sums(out, layer_rows).reshape(len(chunk), -1).sum(1).double()
                 layer_forwards += (len(layers) - i) * len(chunk) * len(states)
                 bar.update(1)
             for rm, total in zip(chunk, totals.tolist()):
-                increases[(i, rm)] = total / counted - baseline_loss
+                increases[(i, rm)] = total / max(counted_in[used_rows], 1) - baseline_loss[used_rows]
     bar.close()
 
     values: dict[str, list] = {k: [] for k in kinds}
     for i, layer in enumerate(layers):
-        candidates = plan[i][1]
+        candidates = [c for layer_index, _, chunk in plan if layer_index == i for c in chunk]
         for kind in kinds:
             found = [increases[(i, rm)] for rm in candidates if rm.kind == kind]
             if kind == "channel" and found:
@@ -208,11 +243,12 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     seconds = time.perf_counter() - started
     meta = {
         "unit": "loss increase (nats/token)",
-        "baseline_loss": baseline_loss,
+        "baseline_loss": baseline_loss[n],
         "kinds": list(kinds),
         "channel_group_size": channel_group_size,
+        "rows": {kind: rows_for(kind) for kind in kinds},
         "cost": {"seconds": round(seconds, 1), "removals": len(increases), "sequences": n,
-                 "seq_len": int(input_ids.shape[1]), "layer_forwards_per_sequence": layer_forwards / max(n, 1),
+                 "seq_len": int(input_ids.shape[1]), "cache": str(store), "layer_forwards_per_sequence": layer_forwards / max(n, 1),
                  "full_forward_equivalents": round(layer_forwards / max(n, 1) / len(layers), 1)},
     }
     return Scores("sensitivity", values, meta)

@@ -1,0 +1,47 @@
+"""The benchmark scripts refuse bad arguments with one sentence, before loading any model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    # A model name that cannot load: reaching the load would fail differently from the refusals below.
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("distill:lr", "'lr' is not KEY=VALUE"),
+    ("distill:learning_rate=1e-4", "'learning_rate=1e-4' is not KEY=VALUE with KEY one of"),
+    ("distill:batch_size=two", "batch_size takes a int, got 'two'"),
+    ("distill:lora_targets=q_proj", "lora_targets cannot be set from the command line"),
+    ("distill:temperature=0", "temperature must be positive"),
+    ("lora:ce_weight=0.5", "ce_weight, hidden_weight and teacher_cache apply to distillation"),
+    ("distil", "unknown recovery method 'distil'"),
+])
+def test_recovery_variants_are_checked_before_any_model_loads(tmp_path, methods, message):
+    result = run("recovery.py", "--teacher", str(tmp_path / "no-model"), "--methods", methods,
+                 "--out", str(tmp_path / "r.json"))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-1500:]
+    assert "Traceback" not in result.stderr
+
+
+def test_recovery_keep_needs_an_earlier_record(tmp_path):
+    result = run("recovery.py", "--teacher", str(tmp_path / "no-model"), "--keep", "--out", str(tmp_path / "none.json"))
+    assert result.returncode != 0
+    assert "--keep adds to the record at" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_multi_gpu_recovery_benchmark_refuses_without_a_gpu(tmp_path):
+    result = run("gpu_recovery_scale.py", "--student", str(tmp_path), "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2
+    assert "needs CUDA GPUs; none is visible here" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
