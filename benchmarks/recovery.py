@@ -68,9 +68,17 @@ def hf_trainer_seconds(model, ids: torch.Tensor, settings: RecoverySettings, ste
 
 
 def split_variants(text: str) -> list[str]:
-    """'lora,distill:lr=2e-4' -> two variants; with ';' present, ';' separates them (a variant's
-    settings are separated by commas)."""
-    return [v for v in (text.split(";") if ";" in text else text.split(",")) if v]
+    """'lora,distill:lr=2e-4,temperature=2' -> ['lora', 'distill:lr=2e-4,temperature=2']: a comma
+    starts a new variant unless what follows is another KEY=VALUE (method names hold no '=');
+    ';' always separates variants."""
+    variants: list[str] = []
+    for group in text.split(";"):
+        for position, item in enumerate(filter(None, group.split(","))):
+            if position and "=" in item and ":" not in item:
+                variants[-1] += "," + item
+            else:
+                variants.append(item)
+    return variants
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
@@ -124,8 +132,7 @@ def main() -> int:
     parser.add_argument("--pruned", default="runs/pruned35")
     parser.add_argument("--teacher", default="smollm2-135m")
     parser.add_argument("--methods", default="lora,lora+distill,distill,full",
-                        help="methods, each optionally with settings: distill:lr=2e-4,temperature=2 (separate them with ';' "
-                             "when a variant has several settings)")
+                        help="methods, each optionally with settings: lora,distill:lr=2e-4,temperature=2")
     parser.add_argument("--keep", action="store_true",
                         help="keep the methods already in the record at --out (its dense and pruned figures too)")
     parser.add_argument("--tokens", type=int, default=200_000)

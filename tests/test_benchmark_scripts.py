@@ -33,6 +33,20 @@ def test_recovery_variants_are_checked_before_any_model_loads(tmp_path, methods,
     assert "Traceback" not in result.stderr
 
 
+def test_recovery_variants_split_on_commas_that_start_a_method():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_benchmark", BENCHMARKS / "recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.split_variants("lora,distill:lr=2e-4,temperature=2,full") == [
+        "lora", "distill:lr=2e-4,temperature=2", "full"]
+    assert module.split_variants("distill:lr=5e-4,ce_weight=0.5") == ["distill:lr=5e-4,ce_weight=0.5"]
+    assert module.split_variants("distill:lr=1e-3;distill:lr=2e-4,temperature=2;") == [
+        "distill:lr=1e-3", "distill:lr=2e-4,temperature=2"]
+    assert module.parse_variant("distill:batch_size=8,precision=fp32") == ("distill", {"batch_size": 8, "precision": "fp32"})
+
+
 def test_recovery_keep_needs_an_earlier_record(tmp_path):
     result = run("recovery.py", "--teacher", str(tmp_path / "no-model"), "--keep", "--out", str(tmp_path / "none.json"))
     assert result.returncode != 0
