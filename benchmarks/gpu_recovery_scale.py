@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit.data.sources import read_jsonl_field
 from prunekit.export.files import atomic_write_text
 from prunekit.export.huggingface import versions
 
@@ -52,7 +53,7 @@ def random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
 def text_file(jsonl: str, copies: int, out: Path) -> Path:
     """The documents of a .jsonl `text` field, `copies` times over: enough tokens for any budget
     (repeated text trains no worse for a speed measurement)."""
-    texts = [json.loads(line)["text"] for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    texts = read_jsonl_field(jsonl, "text")
     out.write_text("\n\n".join(texts * copies))
     return out
 

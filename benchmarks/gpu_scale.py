@@ -31,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from random_llama import random_weights
+from random_llama import LLAMA3_8B, random_weights
 
 SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "llama3-8b": LLAMA3_8B,
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }

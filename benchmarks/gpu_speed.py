@@ -36,14 +36,12 @@ import torch
 import warnings
 from torch import nn
 
-from random_llama import random_weights
+from random_llama import LLAMA3_8B, random_weights
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
 
 SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
-                      max_position_embeddings=8192),
+    "llama3-8b": dict(LLAMA3_8B, rope_theta=500000.0, max_position_embeddings=8192),
     "tiny": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, head_dim=32, vocab_size=1024, max_position_embeddings=1024),
 }

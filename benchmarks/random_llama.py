@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Llama-3-8B's shape (LlamaConfig keys): what the GPU benchmarks prune and time.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+
 
 def random_weights(model: nn.Module, home: torch.device | str, fill_device: torch.device | str | None = None,
                    seed: int = 0) -> nn.Module:

@@ -384,12 +384,9 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-from prunekit.export.gguf import GGUFExportError  # noqa: E402
-
-USER_ERRORS += (GGUFExportError,)
-
 from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402  (after the helpers they reuse)
 from prunekit.evaluate.tasks import EvalError  # noqa: E402
+from prunekit.export.gguf import GGUFExportError  # noqa: E402
 from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
 
 from prunekit.recover.train import RecoveryError  # noqa: E402
@@ -398,7 +395,8 @@ from prunekit.models.loading import DeviceError  # noqa: E402
 from prunekit.score import ScoreError  # noqa: E402
 from prunekit.runner.recipe import RecipeError  # noqa: E402
 
-USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError, DeviceError, ScoreError)
+USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError, DeviceError, ScoreError,
+                GGUFExportError)
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),

@@ -152,9 +152,10 @@ def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple
     return scores, stats
 
 
-def _place(model: nn.Module, settings: PruneSettings) -> None:
-    """Whole-model mode runs on the work device, so the model goes there; layer-by-layer mode
-    leaves it where it is (CPU memory) and moves one layer at a time."""
+def _check_and_place(model: nn.Module, settings: PruneSettings) -> None:
+    """Refuse NaN/inf weights; then, in whole-model mode, move the model to the work device
+    (layer-by-layer mode leaves it where it is, CPU memory, and moves one layer at a time)."""
+    check_finite_weights(model, getattr(model.config, "_name_or_path", "") or "the model")
     if settings.device is not None and not settings.layer_by_layer:
         model.to(settings.device)
 
@@ -171,8 +172,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     original = model_structure(model)
     if plan is not None:
         predicted_structure(plan, original)  # a plan made for another model fails here, before any work
-    check_finite_weights(model, getattr(model.config, "_name_or_path", "") or "the model")
-    _place(model, settings)
+    _check_and_place(model, settings)
     ids, labels = calibration if calibration is not None else (None, None)
     needs_scores = plan is None and get_criterion(settings.criterion).needs_data
     if ids is None and (needs_scores or settings.compensation != "none"):
@@ -223,8 +223,7 @@ def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progres
         raise PlanError(f"iterative pruning (steps={settings.steps}) scores again after each cut, so it cannot be "
                         "planned ahead; plan with steps=1, or prune without a separate plan")
     needs_data = get_criterion(settings.criterion).needs_data
-    check_finite_weights(model, getattr(model.config, "_name_or_path", "") or "the model")
-    _place(model, settings)
+    _check_and_place(model, settings)
     ids, labels = calibration_batch(model, tokenizer, settings.calibration) if needs_data else (None, None)
     scores, _ = _score(model, ids, labels, replace(settings, compensation="none"), progress)
     plan = make_plan(model_structure(model), scores, settings.planner_settings(),

@@ -32,27 +32,20 @@ from prunekit.models.layerwise import embed_calibration, layer_on, run_layer
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
 from prunekit.models.structure import model_structure
 from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
-
-_CHUNK_ELEMENTS = 2**24  # float64 elements converted at once: 128 MiB
+from prunekit.score.statistics import FeatureStats
 
 
 def _input_gram(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, layer_kwargs: dict,
                 batch_size: int) -> torch.Tensor:
     """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64, on the layer's device)."""
-    gram = torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
-    seen: list[torch.Tensor] = []
-    handle = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    inputs = FeatureStats.empty(projection.in_features, with_gram=True, device=projection.weight.device)
+    handle = projection.register_forward_pre_hook(lambda module, args: inputs.add(args[0]))
     try:
         for start in range(0, len(stream), batch_size):
             layer(stream[start:start + batch_size], **layer_kwargs)
-            x = seen.pop().reshape(-1, projection.in_features)
-            # float64 a few thousand tokens at a time: a whole batch of FFN inputs is gigabytes at 8B scale.
-            for chunk in x.split(max(1, _CHUNK_ELEMENTS // projection.in_features)):
-                chunk = chunk.to(torch.float64)
-                gram.addmm_(chunk.T, chunk)
     finally:
         handle.remove()
-    return gram
+    return inputs.gram
 
 
 def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor:
