@@ -97,13 +97,17 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-recovery-scale"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    counts = [int(c) for c in args.gpus.split(",")]
+    try:
+        counts = [int(c) for c in args.gpus.split(",")]
+    except ValueError:
+        parser.error(f"--gpus takes process counts such as 1,2; got {args.gpus!r}")
+    if min(counts) < 1:
+        parser.error(f"--gpus takes process counts of at least 1; got {args.gpus!r}")
+    if (args.student is None) == (args.random_shape is None) or (args.random_shape and not args.tokenizer):
+        parser.error("name either --student, or --random-shape with --tokenizer")
     if not torch.cuda.is_available():
         print("gpu_recovery_scale.py measures multi-GPU training and needs CUDA GPUs; none is visible here",
               file=sys.stderr)
-        return 2
-    if (args.student is None) == (args.random_shape is None) or (args.random_shape and not args.tokenizer):
-        print("name either --student, or --random-shape with --tokenizer", file=sys.stderr)
         return 2
     if max(counts) > torch.cuda.device_count():
         print(f"--gpus asks for {max(counts)} GPUs and {torch.cuda.device_count()} are visible; lower --gpus",

@@ -61,7 +61,13 @@ def main() -> int:
     parser.add_argument("--removals-per-pass", type=int, default=8)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    ends = [e for e in map(int, args.prefixes.split(",")) if e < args.rows] + [args.rows]
+    try:
+        prefixes = [int(e) for e in args.prefixes.split(",")]
+    except ValueError:
+        parser.error(f"--prefixes takes row counts such as 8,16,32; got {args.prefixes!r}")
+    if min(prefixes + [args.rows]) < 1:
+        parser.error(f"--prefixes and --rows take counts of at least 1; got {args.prefixes!r} and {args.rows}")
+    ends = [e for e in prefixes if e < args.rows] + [args.rows]
 
     torch.backends.cuda.matmul.allow_tf32 = True
     started = time.perf_counter()

@@ -59,3 +59,29 @@ def test_multi_gpu_recovery_benchmark_refuses_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert "needs CUDA GPUs; none is visible here" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--student", "x", "--gpus", "one,two"], "--gpus takes process counts such as 1,2; got 'one,two'"),
+    (["--student", "x", "--gpus", "0,2"], "--gpus takes process counts of at least 1"),
+    (["--gpus", "1,2"], "name either --student, or --random-shape with --tokenizer"),
+    (["--student", "x", "--random-shape", "llama-1b", "--tokenizer", "t"], "name either --student, or --random-shape"),
+    (["--random-shape", "llama-1b"], "name either --student, or --random-shape with --tokenizer"),
+])
+def test_multi_gpu_recovery_benchmark_checks_its_arguments_first(tmp_path, args, message):
+    result = run("gpu_recovery_scale.py", *args, "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prefixes", "8,x"], "--prefixes takes row counts such as 8,16,32; got '8,x'"),
+    (["--prefixes", "0,8"], "--prefixes and --rows take counts of at least 1"),
+    (["--rows", "0"], "--prefixes and --rows take counts of at least 1"),
+])
+def test_sensitivity_rows_benchmark_checks_its_arguments_before_loading(tmp_path, args, message):
+    result = run("sensitivity_rows.py", "--model", str(tmp_path / "no-model"), *args, "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
