@@ -21,6 +21,7 @@ import datetime
 import gc
 import json
 import platform
+import resource
 import signal
 import sys
 import time
@@ -151,16 +152,19 @@ def measure_taylor(args, ids) -> dict:
 def _sensitivity(args, ids, kinds: tuple[str, ...], rows: int, fine_tokens: int = 0) -> dict:
     from prunekit.score import score_model
 
+    from prunekit.score.sensitivity import cache_device
+
     model = build_model(args, home=args.device)
     _reset_peak(args.device)
     rows = min(rows, len(ids))
+    held = cache_device(model, ids[:rows].shape, model.config.num_hidden_layers)
     started = time.perf_counter()
     scores = score_model(model, "sensitivity", ids[:rows], batch_size=args.batch_size, progress=False, kinds=kinds,
                          removals_per_pass=args.removals_per_pass, fine_tokens=fine_tokens)
     _sync(args.device)
     seconds = time.perf_counter() - started
     return {"kinds": list(kinds), "rows": rows, "rows_per_kind": scores.meta["rows"], "fine_tokens": fine_tokens,
-            "seconds": round(seconds, 2), "cost": scores.meta["cost"],
+            "layer_inputs_held_on": held.type, "seconds": round(seconds, 2), "cost": scores.meta["cost"],
             # every removal runs every row through the rest of the model: linear in the rows
             f"seconds_extrapolated_to_{args.rows}_rows": round(seconds * args.rows / rows, 1)}
 
@@ -293,6 +297,8 @@ def run_one(measurement: Measurement, args, ids) -> dict:
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(args.device)
         result["peak_gpu_gib"] = round(result["peak_gpu_bytes"] / 2**30, 2)
         result["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved(args.device) / 2**30, 2)
+    # the process's peak so far: the measurement's own when it runs alone (--only NAME)
+    result["peak_cpu_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     result["wall_seconds_with_build"] = round(time.perf_counter() - started, 1)
     _free(args.device)
     return result

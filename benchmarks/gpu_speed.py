@@ -485,8 +485,7 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps(record, indent=1))
 
     if args.compile and device.type == "cuda":
-        record["compile"] = compiled_prefill(config, planned, dense_model, ids, args, device, dtype)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        compiled_prefill(config, planned, dense_model, ids, args, device, dtype, record)
     for step in dense["decode"].values():
         step.release()
     dense_model = dense = None
@@ -528,9 +527,10 @@ def speedups(dense: dict, entry: dict) -> dict:
     return out
 
 
-def compiled_prefill(config, planned, dense_model, ids, args, device, dtype) -> dict:
-    """Prefill under torch.compile for the dense model and the aligned/unaligned FFN plans."""
-    out = {}
+def compiled_prefill(config, planned, dense_model, ids, args, device, dtype, record: dict) -> None:
+    """Prefill under torch.compile for the dense model and the aligned/unaligned FFN plans, into
+    record["compile"], written out after each model (a run cut short keeps what it measured)."""
+    out = record["compile"] = {}
     batch, length = args.prefill
     dense_call = Prefill(dense_model, ids, torch.compile(dense_model))
     for name, way, target, plan, _ in planned:
@@ -543,13 +543,14 @@ def compiled_prefill(config, planned, dense_model, ids, args, device, dtype) -> 
             times = interleaved({"dense": dense_call, "pruned": call}, args.repeats, device, warmup=2)
             out[name] = {k: summary(v, batch * length) for k, v in times.items()}
             out[name]["speedup"] = out[name]["pruned"]["median"] / out[name]["dense"]["median"]
-            log(f"compiled {name}: {out[name]['speedup']:.3f} ({time.time() - t0:.0f} s)")
+            log(f"compiled {name}: {out[name]['speedup']:.3f}, tokens/s dense {out[name]['dense']['median']:,.0f} "
+                f"pruned {out[name]['pruned']['median']:,.0f} ({time.time() - t0:.0f} s)")
         except Exception as error:  # noqa: BLE001
             out[name] = {"error": f"{type(error).__name__}: {error}"[:1000]}
         model = None
         gc.collect()
         torch.cuda.empty_cache()
-    return out
+        Path(args.out).write_text(json.dumps(record, indent=1))
 
 
 # ----------------------------------------------------------------------------- tables

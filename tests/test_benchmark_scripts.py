@@ -67,6 +67,8 @@ def test_multi_gpu_recovery_benchmark_refuses_without_a_gpu(tmp_path):
     (["--gpus", "1,2"], "name either --student, or --random-shape with --tokenizer"),
     (["--student", "x", "--random-shape", "llama-1b", "--tokenizer", "t"], "name either --student, or --random-shape"),
     (["--random-shape", "llama-1b"], "name either --student, or --random-shape with --tokenizer"),
+    (["--student", "x", "--gpus", "1", "--shard"], "--shard needs at least 2 processes"),
+    (["--student", "x", "--gpus", ""], "nothing to run: give --gpus counts, --shard N, or both"),
 ])
 def test_multi_gpu_recovery_benchmark_checks_its_arguments_first(tmp_path, args, message):
     result = run("gpu_recovery_scale.py", *args, "--out", str(tmp_path / "r.json"))
@@ -84,4 +86,12 @@ def test_sensitivity_rows_benchmark_checks_its_arguments_before_loading(tmp_path
     result = run("sensitivity_rows.py", "--model", str(tmp_path / "no-model"), *args, "--out", str(tmp_path / "r.json"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_self_text_speed_refuses_without_a_gpu(tmp_path):
+    result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2
+    assert "needs a CUDA GPU; none is visible here" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()

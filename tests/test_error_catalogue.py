@@ -134,6 +134,8 @@ CASES: list[tuple[str, str, str]] = [
      "fewer than one window"),
     ("recovery options that need distillation",
      "recover {pruned} --method lora --out {root}/r5 --data {text.txt} --ce-weight 0.5", "apply to distillation"),
+    ("sharded recovery without a launcher",
+     "recover {pruned} --method lora --out {root}/r6 --data {text.txt} --shard", "run it under `accelerate launch"),
     ("recipe file that does not exist", "run {root}/nothing.yaml --out {root}/run1", "does not exist"),
     ("unknown recipe key", "run {recipe_key.yaml} --out {root}/run2", "unknown key recipe.prune.taget"),
     ("recipe value of the wrong type", "run {recipe_type.yaml} --out {root}/run3", "must be float"),

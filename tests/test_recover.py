@@ -179,8 +179,8 @@ def test_a_killed_run_resumes_to_the_same_weights(text_file, tmp_path, monkeypat
 
     save = train_module._save_checkpoint
 
-    def save_then_die(accelerator, directory, state):
-        save(accelerator, directory, state)
+    def save_then_die(accelerator, directory, state, sharded=None):
+        save(accelerator, directory, state, sharded)
         if state["step"] == 4:
             raise KeyboardInterrupt  # killed right after the second checkpoint
 
@@ -294,40 +294,96 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from tests.conftest import byte_tokenizer, tiny_model
 from tests.test_recover import _pruned
+from prunekit.recover import train as train_module
 from prunekit.recover import RecoveryData, RecoverySettings, recover_loaded
 torch.set_num_threads(1)
 data = RecoveryData(source={text!r}, seq_len=32, held_out=2)
-settings = RecoverySettings(method="lora", tokens=32 * 4 * 3, batch_size={batch}, lr=1e-2, eval_every=0,
-                            checkpoint_every=0, data=data)
-model, record = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, progress=False)
+settings = RecoverySettings(method={method!r}, tokens=32 * 4 * 3, batch_size={batch}, grad_accum={grad_accum},
+                            lr=1e-2, eval_every=0, checkpoint_every={checkpoint_every}, shard={shard}, data=data)
+if {die_at}:
+    save = train_module._save_checkpoint
+    def save_then_die(accelerator, directory, state, sharded=None):
+        save(accelerator, directory, state, sharded)
+        if state["step"] == {die_at}:
+            sys.exit(3)  # killed right after this checkpoint
+    train_module._save_checkpoint = save_then_die
+teacher = tiny_model("llama", seed=1) if {method!r} != "lora" else None
+model, record = recover_loaded(_pruned(tiny_model("llama")), byte_tokenizer(), settings, teacher=teacher,
+                               checkpoint_dir={checkpoints!r}, resume={resume}, progress=False)
 if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    assert (model is None) == {shard}
     sys.exit(0)
-torch.save({{"state": model.state_dict(), "loss": record["loss"], "world": record["world_size"]}}, {out!r})
+torch.save({{"state": model.state_dict(), "loss": record["loss"], "world": record["world_size"],
+             "steps": record["steps"]}}, {out!r})
 """
 
 
-def test_two_processes_train_like_one_process_with_their_batches_together(text_file, tmp_path):
-    """Under DDP (torchrun, gloo on the CPU) each process takes its own rows of every step: two
-    processes of 2 rows give the weights of one process of 4 rows."""
+def _launched(tmp_path, name: str, world: int, text_file, **fields):
+    """Run DDP_SCRIPT in `world` CPU processes (torchrun and gloo when more than one); its record or None."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    results = {}
-    for world, batch in ((1, 4), (2, 2)):
-        script = tmp_path / f"ddp_{world}.py"
-        out = tmp_path / f"ddp_{world}.pt"
-        script.write_text(DDP_SCRIPT.format(root=root, text=str(text_file), batch=batch, out=str(out)))
-        command = [sys.executable, str(script)] if world == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[world] = torch.load(out)
-    assert results[2]["world"] == 2 and results[1]["world"] == 1
-    assert results[2]["loss"] == pytest.approx(results[1]["loss"], rel=1e-4)
-    for name, value in results[1]["state"].items():
-        torch.testing.assert_close(results[2]["state"][name], value, atol=1e-5, rtol=1e-4)
+    values = {**dict(method="lora", grad_accum=1, shard=False, checkpoint_every=0, die_at=0, resume=False,
+                     checkpoints=None), **fields}
+    values["batch"] = 4 // world // values["grad_accum"]  # 4 rows per optimizer step in every layout
+    script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.pt"
+    script.write_text(DDP_SCRIPT.format(root=root, text=str(text_file), out=str(out), **values))
+    command = [sys.executable, str(script)] if world == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
+    if values["die_at"]:
+        assert done.returncode != 0 and not out.exists(), done.stderr[-3000:]
+        return None
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out)
+
+
+def _assert_same_training(result, reference, atol: float = 1e-5):
+    assert result["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert result["state"].keys() == reference["state"].keys()
+    for name, value in reference["state"].items():
+        torch.testing.assert_close(result["state"][name], value, atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method,shard,grad_accum", [("lora", False, 1), ("distill", True, 1), ("lora", True, 1),
+                                                     ("distill", True, 2)],
+                         ids=["ddp-lora", "sharded-distill", "sharded-lora", "sharded-distill-accumulated"])
+def test_two_processes_train_like_one_process_with_their_batches_together(text_file, tmp_path, method, shard,
+                                                                          grad_accum):
+    """Under DDP or sharded (FSDP2), with torchrun and gloo on the CPU, each process takes its own
+    rows of every step: two processes of 2 rows (or of 2 micro-batches of 1) give the weights of
+    one process of 4 rows."""
+    one = _launched(tmp_path, "one", 1, text_file, method=method)
+    two = _launched(tmp_path, "two", 2, text_file, method=method, shard=shard, grad_accum=grad_accum)
+    assert two["world"] == 2 and one["world"] == 1
+    # Accumulating sums the gradient in another order; AdamW at lr 1e-2 turns that rounding into
+    # up to ~1e-4 on weights whose gradient is near zero. A missed synchronisation moves them by ~lr.
+    _assert_same_training(two, one, atol=1e-5 if grad_accum == 1 else 2e-4)
+
+
+def test_a_killed_sharded_run_resumes_to_the_same_weights(text_file, tmp_path):
+    """Sharded checkpoints (every process writes its slices) resume to the run that never stopped."""
+    common = dict(method="distill", shard=True, checkpoint_every=1)
+    straight = _launched(tmp_path, "straight", 2, text_file, checkpoints=str(tmp_path / "straight.ckpt"), **common)
+    _launched(tmp_path, "killed", 2, text_file, checkpoints=str(tmp_path / "killed.ckpt"), die_at=2, **common)
+    last = json.loads((tmp_path / "killed.ckpt" / "last" / "trainer_state.json").read_text())
+    assert last["step"] == 2
+    resumed = _launched(tmp_path, "resumed", 2, text_file, checkpoints=str(tmp_path / "killed.ckpt"), resume=True,
+                        **common)
+    assert resumed["steps"] == straight["steps"] == [1, 2, 3]
+    for name, value in straight["state"].items():
+        assert torch.equal(value, resumed["state"][name]), name
+
+
+def test_shard_without_a_launcher_is_refused_before_loading(saved_pair, text_file, tmp_path, monkeypatch):
+    dense, pruned = saved_pair
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(RecoveryError, match="shard splits the model over the processes of a launcher.*accelerate "
+                                            "launch --num_processes N"):
+        recover(pruned, tmp_path / "out", _settings(text_file, shard=True), progress=False)
 
 
 LAUNCHED_RECOVER_SCRIPT = """
@@ -337,14 +393,15 @@ from prunekit.recover import RecoveryData, RecoverySettings, recover
 torch.set_num_threads(1)
 data = RecoveryData(source={text!r}, seq_len=32, held_out=2)
 settings = RecoverySettings(method="lora", tokens=32 * 4 * 2, batch_size=2, lr=1e-2, eval_every=0,
-                            checkpoint_every=0, data=data)
+                            checkpoint_every=0, shard={shard}, data=data)
 saved = recover({pruned!r}, {out!r}, settings, progress=False)
 rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 print(f"rank {{rank}} returned {{'a model' if saved is not None else 'None'}}")
 """
 
 
-def test_under_a_launcher_the_main_process_alone_saves(saved_pair, text_file, tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "sharded"])
+def test_under_a_launcher_the_main_process_alone_saves(saved_pair, text_file, tmp_path, shard):
     """`prunekit recover` under accelerate launch / torchrun: every process trains, one writes."""
     import subprocess
     import sys
@@ -353,7 +410,8 @@ def test_under_a_launcher_the_main_process_alone_saves(saved_pair, text_file, tm
     _, pruned = saved_pair
     root, out = str(Path(__file__).resolve().parents[1]), tmp_path / "recovered"
     script = tmp_path / "launched.py"
-    script.write_text(LAUNCHED_RECOVER_SCRIPT.format(root=root, text=str(text_file), pruned=str(pruned), out=str(out)))
+    script.write_text(LAUNCHED_RECOVER_SCRIPT.format(root=root, text=str(text_file), pruned=str(pruned), out=str(out),
+                                                    shard=shard))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script)], capture_output=True, text=True, timeout=300, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -376,3 +434,16 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
     settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
     with pytest.raises(memory.InsufficientMemoryError, match=r"pruning .* gradients .*bfloat16"):
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
+
+
+def test_sharding_divides_the_students_training_state_by_the_processes():
+    from prunekit.models.memory import recovery_estimate
+    from prunekit.models.structure import model_structure
+
+    structure = model_structure(tiny_model("llama"))
+    whole, split = (recovery_estimate(structure, structure, "float32", lora=False, batch_size=2, seq_len=16,
+                                      shards=n).parts for n in (1, 4))
+    for part in ("student weights", "gradients and AdamW state"):
+        assert split[part] == whole[part] // 4
+    for part in ("teacher weights", "logits of one batch", "activations of one batch"):  # each process holds its own
+        assert split[part] == whole[part]

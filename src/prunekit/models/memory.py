@@ -113,13 +113,14 @@ def weights_estimate(structure: ModelStructure, dtype: str) -> MemoryEstimate:
 
 
 def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,
-                      batch_size: int, seq_len: int) -> MemoryEstimate:
-    """Student weights, gradients and AdamW state (full training) or LoRA's (a few percent), the
-    teacher's weights, and the logits and activations of one micro-batch."""
+                      batch_size: int, seq_len: int, shards: int = 1) -> MemoryEstimate:
+    """Per process: student weights, gradients and AdamW state (full training) or LoRA's (a few
+    percent), each split `shards` ways when sharded, the whole teacher's weights, and the logits
+    and activations of one micro-batch."""
     trained = 0.02 * student.total_params if lora else student.total_params
     return MemoryEstimate({
-        "student weights": student.total_params * BYTES[dtype],
-        "gradients and AdamW state": int(trained * 4 * 3),
+        "student weights": student.total_params * BYTES[dtype] // shards,
+        "gradients and AdamW state": int(trained * 4 * 3) // shards,
         "teacher weights": teacher.total_params * BYTES[dtype] if teacher is not None else 0,
         "logits of one batch": _logits_bytes(student, batch_size, seq_len) * (2 if teacher is not None else 1),
         "activations of one batch": batch_size * seq_len * student.hidden_size * 4 * 12 * student.num_layers,

@@ -9,6 +9,7 @@ The output is the same kind of model directory that `prune` writes, LoRA merged.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from prunekit.models.loading import load, load_config, load_skeleton, load_token
 from prunekit.models.memory import check_fits, recovery_estimate
 from prunekit.models.structure import model_structure
 from prunekit.plan.plan import surviving_layers
-from prunekit.recover.train import RecoveryError, RecoverySettings, get_method, recover_loaded
+from prunekit.recover.train import SHARD_NEEDS_LAUNCHER, RecoveryError, RecoverySettings, get_method, recover_loaded
 
 CHECKPOINT_SUFFIX = ".checkpoints"
 # A short text that exercises ordinary words, digits, code and whitespace: two tokenizers that
@@ -63,6 +64,9 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     Under `accelerate launch` the main process saves and returns the SavedModel; the others
     return None once it is written."""
     settings.validate()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch and torchrun
+    if settings.shard and processes < 2:
+        raise RecoveryError(SHARD_NEEDS_LAUNCHER)
     out = Path(out)
     student_source = resolve_model_source(student)
     teacher_source = resolve_model_source(teacher) if teacher is not None else None
@@ -96,10 +100,12 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     student_structure = model_structure(load_skeleton(student_source))
     teacher_structure = model_structure(load_skeleton(teacher_source)) if teacher_source is not None else None
     needs = recovery_estimate(student_structure, teacher_structure, dtype, lora=get_method(settings.method).lora,
-                              batch_size=settings.batch_size, seq_len=settings.data.seq_len)
+                              batch_size=settings.batch_size, seq_len=settings.data.seq_len,
+                              shards=processes if settings.shard else 1)
     check_fits(f"recovering {student}", needs, "cuda" if torch.cuda.is_available() else "cpu",
                hints="train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
-               "(--teacher-cache 64), lower --batch-size or --seq-len, or spread it over GPUs with accelerate")
+               "(--teacher-cache 64), lower --batch-size or --seq-len, or split it over GPUs "
+               "(accelerate launch --num_processes N -m prunekit recover ... --shard)")
     model, tokenizer = load(student, dtype=dtype)
     teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None
     trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,

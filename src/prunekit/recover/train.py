@@ -9,9 +9,11 @@
 
 The loop is AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, bf16
 autocast on GPUs that have it. `accelerate` places it: one process on the CPU or a GPU, or the
-same code under `accelerate launch` for DDP / FSDP. Checkpoints hold the model, optimizer and
-random states; a run that is killed resumes from its last checkpoint to the same weights as a
-run that never stopped, since the data order and the learning rate are functions of the step.
+same code under `accelerate launch` for DDP; with `shard=True` each process holds a 1/N slice
+of every weight, gradient and AdamW state (FSDP2, one unit per decoder layer), for a model
+whose training fits no single GPU. Checkpoints hold the model, optimizer and random states; a
+run that is killed resumes from its last checkpoint to the same weights as a run that never
+stopped, since the data order and the learning rate are functions of the step.
 """
 from __future__ import annotations
 
@@ -30,12 +32,19 @@ from tqdm.auto import tqdm
 
 from prunekit.data.calibration import IGNORE_INDEX
 from prunekit.data.sources import SELF_SOURCE
+from prunekit.models.architecture import architecture_for
+from prunekit.models.modeling_prunekit import decoder_layers
 from prunekit.recover import losses
 from prunekit.recover.data import RecoveryData, recovery_rows
 
 
 class RecoveryError(ValueError):
     """Recovery cannot run as asked, or training diverged."""
+
+
+SHARD_NEEDS_LAUNCHER = ("shard splits the model over the processes of a launcher, and this is a single process; "
+                        "run it under `accelerate launch --num_processes N` or `torchrun --nproc_per_node N`, "
+                        "or drop shard")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,8 @@ class RecoverySettings:
     eval_every: int = 25                  # steps between held-out perplexity measurements (0: start and end only)
     checkpoint_every: int = 50            # steps between checkpoints (0: none)
     precision: str = "auto"               # auto: bf16 autocast on CUDA GPUs that support it, else fp32
+    shard: bool = False                   # under a launcher: split weights, gradients and AdamW state over the
+                                          # processes (FSDP2), for a model whose training state fits no one GPU
     seed: int = 0
     data: RecoveryData = field(default_factory=RecoveryData)
 
@@ -205,13 +216,24 @@ def held_out_perplexity(model: nn.Module, ids: torch.Tensor, labels: torch.Tenso
     return math.exp(total / max(count, 1))
 
 
-def _save_checkpoint(accelerator, directory: Path, state: dict) -> None:
-    """The accelerate state plus our own (step, history, settings) under directory/last, replaced in one rename."""
+def _save_checkpoint(accelerator, directory: Path, state: dict, sharded: tuple | None = None) -> None:
+    """The training state plus our own (step, history, settings) under directory/last, replaced in
+    one rename. `sharded` = (model, optimizer) of a sharded run: every process writes its slices
+    (torch.distributed.checkpoint) and its random state; else accelerate saves its prepared objects."""
     tmp, last, old = directory / "last.tmp", directory / "last", directory / "last.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)
+    if sharded is None:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(*sharded)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(tmp))
+        torch.save(_random_state(), tmp / f"random_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
         if last.exists():
@@ -219,6 +241,24 @@ def _save_checkpoint(accelerator, directory: Path, state: dict) -> None:
         os.replace(tmp, last)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _load_sharded_checkpoint(found: Path, model: nn.Module, optimizer, process_index: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(found))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    random_state = torch.load(found / f"random_state_{process_index}.pt", weights_only=False)
+    torch.set_rng_state(random_state["cpu"])
+    if random_state["cuda"] is not None:
+        torch.cuda.set_rng_state(random_state["cuda"])
+
+
+def _random_state() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -234,13 +274,61 @@ def _comparable(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k not in ("eval_every", "checkpoint_every")}
 
 
+# ----------------------------------------------------------------------------- sharded training (FSDP2)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # through a PEFT wrapper
+
+
+def shard_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """Split `model` over the processes: one FSDP2 unit per decoder layer, and the root unit for
+    the rest (embeddings, final norm, output head), which keeps tied input and output embeddings
+    in one unit. A layer's full weights exist only while it runs; with bf16 they are gathered in
+    bf16 and gradients are reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    base = _base_model(model)
+    for layer in decoder_layers(base, architecture_for(base.config.model_type).to_dict()):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def unsharded_copy(model: nn.Module, model_class: type, settings: RecoverySettings) -> nn.Module | None:
+    """The weights of a sharded `model` gathered into an ordinary `model_class` (its class before
+    sharding) in CPU memory on the first process; None on the others. Every process must call it
+    (the gathering is collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if torch.distributed.get_rank() != 0:
+        return None
+    with torch.device("meta"):
+        copy = model_class(_base_model(model).config)
+        if get_method(settings.method).lora:
+            copy = _with_lora(copy, settings)
+    copy.load_state_dict(state, assign=True)
+    # Buffers are not sharded, and computed ones (rotary frequencies) are not in the state dict.
+    for name, buffer in model.named_buffers():
+        owner, _, attribute = name.rpartition(".")
+        setattr(copy.get_submodule(owner), attribute, buffer.detach().cpu())
+    _base_model(copy).tie_weights()
+    return copy
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *, teacher: nn.Module | None = None,
                    layer_map: list[int] | None = None, checkpoint_dir: str | Path | None = None,
-                   resume: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
+                   resume: bool = False, progress: bool = True) -> tuple[nn.Module | None, dict]:
     """Train `student` as `settings` say and return (the trained model, LoRA merged; a record).
+    With `settings.shard` only the first process gets the model back (the others get None).
 
     `teacher` is the original model (distillation, and `self` data). `layer_map[i]` is the teacher
     layer that student layer i came from (hidden-state matching; identity when the depths agree).
@@ -260,6 +348,8 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    if settings.shard and not torch.distributed.is_initialized():
+        raise RecoveryError(SHARD_NEEDS_LAUNCHER)
     progress = progress and accelerator.is_local_main_process
 
     rows_per_step = settings.batch_size * settings.grad_accum * world
@@ -297,13 +387,19 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
     else:
         student.requires_grad_(True)
     student.train()
+    model_class = type(_base_model(student))  # sharding swaps in a subclass
+    if settings.shard:
+        student = shard_model(student, device, precision)
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    student, optimizer = accelerator.prepare(student, optimizer)
+    if not settings.shard:
+        student, optimizer = accelerator.prepare(student, optimizer)
+    sharded = (student, optimizer) if settings.shard else None
 
     record = {"steps": [], "loss": [], "lr": [], "eval": [], "total_steps": total_steps,
               "tokens_per_step": rows_per_step * settings.data.seq_len, "world_size": world, "precision": precision,
-              "trainable_params": sum(p.numel() for p in trainable), "train_seconds": 0.0}
+              "trainable_params": sum(p.numel() for p in trainable),  # a sharded one counts whole
+              "sharded": settings.shard, "train_seconds": 0.0}
     start_step = 0
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume and directory is not None and (found := latest_checkpoint(directory)) is not None:
@@ -313,7 +409,10 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
             differ = sorted(k for k in saved if saved[k] != current.get(k))
             raise RecoveryError(f"the checkpoint at {found} was made with other settings ({', '.join(differ)}); "
                                 "resume with the same settings, or start over without resume")
-        accelerator.load_state(str(found))
+        if sharded is not None:
+            _load_sharded_checkpoint(found, student, optimizer, rank)
+        else:
+            accelerator.load_state(str(found))
         start_step, record = state["step"], state["record"]
 
     def evaluate(step: int) -> None:
@@ -336,7 +435,9 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
             batch, target = train_ids[rows].to(device), next_tokens(train_labels[rows]).to(device)
             mask = target != IGNORE_INDEX
             sync = micro == settings.grad_accum - 1
-            with accelerator.no_sync(student) if not sync else contextlib.nullcontext():
+            if sharded is not None:
+                student.set_requires_gradient_sync(sync)
+            with accelerator.no_sync(student) if not sync and sharded is None else contextlib.nullcontext():
                 with accelerator.autocast():
                     output = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
                     logits = output.logits
@@ -378,12 +479,17 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
             evaluate(done)
         if directory is not None and settings.checkpoint_every and done % settings.checkpoint_every == 0 \
                 and done < total_steps:
-            _save_checkpoint(accelerator, directory, {"step": done, "record": record, "settings": settings.to_dict()})
+            _save_checkpoint(accelerator, directory, {"step": done, "record": record, "settings": settings.to_dict()},
+                             sharded)
     bar.close()
 
     record["tokens"] = total_steps * record["tokens_per_step"]
     record["tokens_per_second"] = round(record["tokens"] / record["train_seconds"], 1) if record["train_seconds"] else None
-    model = accelerator.unwrap_model(student)
+    if device.type == "cuda":  # this process's; under a launcher every process holds about as much
+        record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    model = unsharded_copy(student, model_class, settings) if sharded is not None else accelerator.unwrap_model(student)
+    if model is None:
+        return None, record
     if method.lora:
         model = model.merge_and_unload()
     model.requires_grad_(False)

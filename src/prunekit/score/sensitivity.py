@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.layerwise import capture_layer_inputs, first_output
+from prunekit.models.memory import InsufficientMemoryError, available_bytes
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
 from prunekit.score.parts import layers_of
 from prunekit.score.scores import Scores
@@ -138,15 +139,28 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
 
 
 def cache_device(model: nn.Module, ids_shape: torch.Size, n_layers: int) -> torch.device:
-    """Where the hidden states entering every layer are kept: on the model's device when they
-    take at most half of its free memory, else in CPU memory (each pass then copies its few rows
-    over, which costs little next to running them through the rest of the model)."""
+    """Where the hidden states entering every layer are kept (see `cache_home`)."""
     parameter = next(model.parameters())
     if parameter.device.type != "cuda":
         return parameter.device
     needed = (n_layers + 1) * ids_shape[0] * ids_shape[1] * model.config.hidden_size * parameter.element_size()
-    free, _ = torch.cuda.mem_get_info(parameter.device)
-    return parameter.device if needed <= free / 2 else torch.device("cpu")
+    home = cache_home(needed, torch.cuda.mem_get_info(parameter.device)[0], available_bytes("cpu"), ids_shape)
+    return parameter.device if home == "gpu" else torch.device("cpu")
+
+
+def cache_home(needed: int, gpu_free: int, cpu_free: int | None, ids_shape: torch.Size) -> str:
+    """"gpu" when the cached states take at most half of the GPU's free memory, else "cpu"
+    (pinned, so that each pass copies its few rows over while the GPU works); refused when CPU
+    memory cannot hold them either."""
+    if needed <= gpu_free / 2:
+        return "gpu"
+    if cpu_free is not None and needed > 0.8 * cpu_free:
+        raise InsufficientMemoryError(
+            f"sensitivity analysis caches the input of every layer for its {ids_shape[0]} rows of {ids_shape[1]} "
+            f"tokens: {needed / 2**30:.1f} GiB, more than half the GPU's free {gpu_free / 2**30:.1f} GiB and "
+            f"more than the CPU's {cpu_free / 2**30:.1f} GiB available; use fewer calibration rows (n_samples), "
+            "or score the fine kinds (kv_group, head, channel) alone, which cache only their first fine_tokens")
+    return "cpu"
 
 
 @torch.no_grad()
@@ -173,10 +187,17 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     labels = (input_ids if labels is None else labels).to(device)
     n = len(input_ids)
     fine_rows = n if fine_tokens == 0 else min(n, max(1, fine_tokens // input_ids.shape[1]))
-    counted_in = {n: (labels[:, 1:] != -100).sum().item(), fine_rows: (labels[:fine_rows, 1:] != -100).sum().item()}
+
+    def rows_for(kind: str) -> int:
+        return fine_rows if kind in FINE_KINDS else n
+
+    # Only the rows some kind is measured on are cached and run (fine kinds alone: their first rows).
+    used = max((rows_for(kind) for kind in kinds), default=n)
+    counted_in = {r: (labels[:r, 1:] != -100).sum().item() for r in {used, *map(rows_for, kinds)}}
+    input_ids, labels = input_ids[:used], labels[:used]
     store = cache_device(model, input_ids.shape, len(layers))
-    cached, layer_kwargs = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size, progress=progress,
-                                                desc="sensitivity: caching layer inputs", store=store)
+    cached, layer_kwargs = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size,
+                                                progress=progress, desc="sensitivity: caching layer inputs", store=store)
     nll_sums = _output_head(model)
 
     def run_from(start: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -185,12 +206,9 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
         return hidden
 
     rows = max(1, batch_size // removals_per_pass)  # sequences per pass; times K replicas
-    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows].to(device)), labels[s:s + rows])
-                          for s in range(0, n, rows)])
+    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows].to(device, non_blocking=True)), labels[s:s + rows])
+                          for s in range(0, used, rows)])
     baseline_loss = {r: baseline[:r].sum().item() / max(counted_in[r], 1) for r in counted_in}
-
-    def rows_for(kind: str) -> int:
-        return fine_rows if kind in FINE_KINDS else n
 
     # Removals that see the same rows share passes: coarse ones first, then fine ones, per layer.
     plan = []
@@ -208,7 +226,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
             chunk = candidates[c0:c0 + removals_per_pass]
             totals = torch.zeros(len(chunk), dtype=torch.float64, device=device)  # read once per chunk, not per pass
             for s in range(0, used_rows, rows):
-                states = cached[i][s:min(s + rows, used_rows)].to(device)
+                states = cached[i][s:min(s + rows, used_rows)].to(device, non_blocking=True)
                 handles = _install_removals(layers[i], arch, head_dim, chunk, len(states), channel_group_size)
                 try:
                     out = run_from(i, states.repeat(len(chunk), 1, 1))
@@ -243,7 +261,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     seconds = time.perf_counter() - started
     meta = {
         "unit": "loss increase (nats/token)",
-        "baseline_loss": baseline_loss[n],
+        "baseline_loss": baseline_loss[used],
         "kinds": list(kinds),
         "channel_group_size": channel_group_size,
         "rows": {kind: rows_for(kind) for kind in kinds},

@@ -1,0 +1,68 @@
+"""Speed of sampling `self` text (the teacher writes the training data) on a GPU, by precision.
+
+A SmolLM2-135M-shaped model with random weights (speed does not depend on the values) samples
+--rows rows of --seq-len tokens, --batch-size rows at a time, with prunekit's sampler: fp32 as
+loaded, fp32 with TF32 matrix products, and under bf16 autocast. One process, one after another.
+
+    python benchmarks/self_text_speed.py --tokenizer runs/pruned35 --out benchmarks/results/self_text_speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from prunekit.data.calibration import sample_self_tokens
+from prunekit.export.files import atomic_write_text
+from prunekit.export.huggingface import versions
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="a directory with SmolLM2's tokenizer")
+    parser.add_argument("--rows", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("self_text_speed.py times GPU sampling and needs a CUDA GPU; none is visible here", file=sys.stderr)
+        return 2
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).cuda().eval()
+    record = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
+              "gpu": torch.cuda.get_device_name(), "versions": versions(), "rows": args.rows,
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens_per_second": {}}
+    modes = {"fp32": (False, contextlib.nullcontext), "tf32": (True, contextlib.nullcontext),
+             "bf16_autocast": (False, lambda: torch.autocast("cuda", dtype=torch.bfloat16))}
+    sample_self_tokens(model, tokenizer, n_samples=args.batch_size, seq_len=16, seed=0, batch_size=args.batch_size,
+                       progress=False)  # warm-up
+    for name, (tf32, context) in modes.items():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with context():
+            sample_self_tokens(model, tokenizer, n_samples=args.rows, seq_len=args.seq_len, seed=0,
+                               batch_size=args.batch_size, progress=False)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        record["tokens_per_second"][name] = round(args.rows * args.seq_len / seconds)
+        print(name, record["tokens_per_second"][name], flush=True)
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
