@@ -49,6 +49,9 @@ SHAPES = {"llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)}
 
 
+WORK_MARK = ".gpu_recovery_scale"  # marks a --work folder as this script's scratch space
+
+
 def random_model(shape: str, tokenizer_dir: str, out: Path) -> Path:
     """A model directory with random bf16 weights of `shape` (filled on the GPU where there is
     one) and the tokenizer of `tokenizer_dir`."""
@@ -128,7 +131,8 @@ def main() -> int:
     parser.add_argument("--shard", nargs="?", type=int, const=0, default=None, metavar="N",
                         help="also run sharded (FSDP2) on N processes (default: the largest of --gpus)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-recovery-scale"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-recovery-scale"),
+                        help="scratch folder for the runs (replaced run by run; one this script did not make is refused)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
@@ -146,6 +150,9 @@ def main() -> int:
         parser.error("nothing to run: give --gpus counts, --shard N, or both")
     if (args.student is None) == (args.random_shape is None) or (args.random_shape and not args.tokenizer):
         parser.error("name either --student, or --random-shape with --tokenizer")
+    if args.work.exists() and any(args.work.iterdir()) and not (args.work / WORK_MARK).exists():
+        parser.error(f"--work {args.work} holds files this script did not write, and its runs would replace "
+                     "folders there; give an empty or new folder")
     if not torch.cuda.is_available():
         print("gpu_recovery_scale.py measures multi-GPU training and needs CUDA GPUs; none is visible here",
               file=sys.stderr)
@@ -156,6 +163,7 @@ def main() -> int:
         return 2
 
     args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / WORK_MARK).touch()
     if args.random_shape:
         started = time.perf_counter()
         args.student = args.teacher = str(random_model(args.random_shape, args.tokenizer, args.work / "random-model"))

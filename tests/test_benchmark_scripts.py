@@ -71,10 +71,21 @@ def test_multi_gpu_recovery_benchmark_refuses_without_a_gpu(tmp_path):
     (["--student", "x", "--gpus", ""], "nothing to run: give --gpus counts, --shard N, or both"),
 ])
 def test_multi_gpu_recovery_benchmark_checks_its_arguments_first(tmp_path, args, message):
+    (tmp_path / "work").mkdir()
+    args = args + ["--work", str(tmp_path / "work")]
     result = run("gpu_recovery_scale.py", *args, "--out", str(tmp_path / "r.json"))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_multi_gpu_recovery_benchmark_keeps_out_of_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "ddp-1").mkdir()
+    result = run("gpu_recovery_scale.py", "--student", "x", "--work", str(tmp_path / "mine"),
+                 "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2 and "holds files this script did not write" in result.stderr
+    assert (tmp_path / "mine" / "ddp-1").is_dir()
 
 
 @pytest.mark.parametrize("args, message", [

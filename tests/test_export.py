@@ -116,6 +116,11 @@ def test_output_inside_the_input_is_refused_even_with_force(tokenizer, tmp_path)
         save_model(model, tokenizer, tmp_path / "src", force=True, protected=(tmp_path / "src",))
     with pytest.raises(OutputExistsError, match="overlaps the input"):
         save_model(model, tokenizer, tmp_path / "src" / "sub", force=True, protected=(tmp_path / "src",))
+    from prunekit.export.gguf import check_output_file
+
+    with pytest.raises(OutputExistsError, match="is inside the input model at .*; write the .gguf elsewhere"):
+        check_output_file(tmp_path / "src" / "model.gguf", force=True, protected=(tmp_path / "src",))
+    check_output_file(tmp_path / "model.gguf", force=False, protected=(tmp_path / "src",))
 
 
 def test_failed_save_leaves_nothing_under_the_final_name(tokenizer, tmp_path, monkeypatch):

@@ -54,15 +54,22 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise translated from None
 
 
-def check_output_dir(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
-    """Refuse an output that exists (unless `force`) or that overlaps a protected input."""
+def overlapped_input(out: Path, protected: tuple[Path, ...]) -> Path | None:
+    """The protected input that `out` is, lies inside or contains; None when it is clear of all."""
     resolved = out.resolve()
     for path in protected:
         path = path.resolve()
         if resolved == path or path in resolved.parents or resolved in path.parents:
-            raise OutputExistsError(
-                f"output {out} overlaps the input model at {path}; choose an output directory outside it"
-            )
+            return path
+    return None
+
+
+def check_output_dir(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
+    """Refuse an output that exists (unless `force`) or that overlaps a protected input."""
+    if (overlapped := overlapped_input(out, protected)) is not None:
+        raise OutputExistsError(
+            f"output {out} overlaps the input model at {overlapped}; choose an output directory outside it"
+        )
     if out.exists() and not force:
         raise OutputExistsError(f"output {out} already exists; choose another path or pass --force to replace it")
     if out.exists() and not out.is_dir():

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 # The same permissions and disk-full message as every other output.
-from prunekit.export.files import OutputExistsError, default_mode, disk_full
+from prunekit.export.files import OutputExistsError, default_mode, disk_full, overlapped_input
 from prunekit.models.architecture import architecture_for
 from prunekit.models.modeling_prunekit import decoder_layers, head_dim_of
 from prunekit.models.structure import LayerShape, model_structure
@@ -188,11 +188,8 @@ def check_config(config) -> GGUFFamily:
 def check_output_file(out: Path, *, force: bool, protected: tuple[Path, ...] = ()) -> None:
     if out.suffix.lower() != ".gguf":
         raise GGUFExportError(f"output {out} must be a file name ending in .gguf")
-    resolved = out.resolve()
-    for path in protected:
-        path = path.resolve()
-        if resolved == path or path in resolved.parents:
-            raise OutputExistsError(f"output {out} is inside the input model at {path}; write the .gguf elsewhere")
+    if (overlapped := overlapped_input(out, protected)) is not None:
+        raise OutputExistsError(f"output {out} is inside the input model at {overlapped}; write the .gguf elsewhere")
     if out.is_dir():
         raise OutputExistsError(f"output {out} is a directory; name a .gguf file")
     if out.exists() and not force:
