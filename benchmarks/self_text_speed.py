@@ -2,7 +2,9 @@
 
 A SmolLM2-135M-shaped model with random weights (speed does not depend on the values) samples
 --rows rows of --seq-len tokens, --batch-size rows at a time, with prunekit's sampler: fp32 as
-loaded, fp32 with TF32 matrix products, and under bf16 autocast. One process, one after another.
+loaded, fp32 with TF32 matrix products, and under bf16 autocast; then, with --batch-sizes, fp32 at
+other numbers of rows per step (one batch each), with peak GPU memory. One process, one after
+another.
 
     python benchmarks/self_text_speed.py --tokenizer runs/pruned35 --out benchmarks/results/self_text_speed.json
 """
@@ -32,8 +34,13 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--batch-sizes", default="", help="also fp32 at these rows per step, e.g. 2048,4096")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch-sizes takes row counts such as 2048,4096; got {args.batch_sizes!r}")
     if not torch.cuda.is_available():
         print("self_text_speed.py times GPU sampling and needs a CUDA GPU; none is visible here", file=sys.stderr)
         return 2
@@ -60,6 +67,24 @@ def main() -> int:
         seconds = time.perf_counter() - started
         record["tokens_per_second"][name] = round(args.rows * args.seq_len / seconds)
         print(name, record["tokens_per_second"][name], flush=True)
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for batch in batch_sizes:
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            sample_self_tokens(model, tokenizer, n_samples=batch, seq_len=args.seq_len, seed=0, batch_size=batch,
+                               progress=False)
+        except torch.OutOfMemoryError as error:
+            record.setdefault("fp32_by_batch_size", {})[str(batch)] = {"error": str(error).splitlines()[0][:300]}
+            continue
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        record.setdefault("fp32_by_batch_size", {})[str(batch)] = {
+            "tokens_per_second": round(batch * args.seq_len / seconds),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        print(batch, record["fp32_by_batch_size"][str(batch)], flush=True)
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -106,3 +106,11 @@ def test_self_text_speed_refuses_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert "needs a CUDA GPU; none is visible here" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_self_text_speed_checks_its_batch_sizes_first(tmp_path):
+    result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--batch-sizes", "2048,many",
+                 "--out", str(tmp_path / "r.json"))
+    assert result.returncode == 2
+    assert "--batch-sizes takes row counts such as 2048,4096; got '2048,many'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r.json").exists()
