@@ -146,6 +146,25 @@ def test_every_method_learns(text_file, method):
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
+@pytest.mark.parametrize("method", ["distill", "lora"])
+def test_activation_checkpointing_trains_to_the_same_weights(text_file, method):
+    """Recomputing each layer's activations in the backward pass changes memory, not the result."""
+    results, forwards = [], []
+    for checkpointing in (False, True):
+        settings = _settings(text_file, method=method, lr=1e-2, activation_checkpointing=checkpointing)
+        student, calls = _pruned(tiny_model("llama")), []
+        student.model.layers[0].mlp.register_forward_pre_hook(lambda *_: calls.append(1))
+        model, record = recover_loaded(student, byte_tokenizer(), settings, teacher=tiny_model("llama", seed=1),
+                                       progress=False)
+        assert not model.is_gradient_checkpointing
+        results.append((model.state_dict(), record["loss"]))
+        forwards.append(len(calls))
+    assert forwards[1] == forwards[0] + 6  # each of the 6 steps ran the layer's MLP again in its backward pass
+    assert results[1][1] == pytest.approx(results[0][1], rel=1e-5)
+    for name, value in results[0][0].items():
+        torch.testing.assert_close(results[1][0][name], value, atol=1e-5, rtol=1e-4)
+
+
 def test_teacher_top_k_cache_matches_the_teacher_on_the_fly(text_file):
     runs = []
     for cache in (0, VOCAB):
@@ -299,7 +318,8 @@ from prunekit.recover import RecoveryData, RecoverySettings, recover_loaded
 torch.set_num_threads(1)
 data = RecoveryData(source={text!r}, seq_len=32, held_out=2)
 settings = RecoverySettings(method={method!r}, tokens=32 * 4 * 3, batch_size={batch}, grad_accum={grad_accum},
-                            lr=1e-2, eval_every=0, checkpoint_every={checkpoint_every}, shard={shard}, data=data)
+                            lr=1e-2, eval_every=0, checkpoint_every={checkpoint_every}, shard={shard},
+                            activation_checkpointing={recompute}, data=data)
 if {die_at}:
     save = train_module._save_checkpoint
     def save_then_die(accelerator, directory, state, sharded=None):
@@ -325,8 +345,8 @@ def _launched(tmp_path, name: str, world: int, text_file, **fields):
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    values = {**dict(method="lora", grad_accum=1, shard=False, checkpoint_every=0, die_at=0, resume=False,
-                     checkpoints=None), **fields}
+    values = {**dict(method="lora", grad_accum=1, shard=False, recompute=False, checkpoint_every=0, die_at=0,
+                     resume=False, checkpoints=None), **fields}
     values["batch"] = 4 // world // values["grad_accum"]  # 4 rows per optimizer step in every layout
     script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.pt"
     script.write_text(DDP_SCRIPT.format(root=root, text=str(text_file), out=str(out), **values))
@@ -347,16 +367,17 @@ def _assert_same_training(result, reference, atol: float = 1e-5):
         torch.testing.assert_close(result["state"][name], value, atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method,shard,grad_accum", [("lora", False, 1), ("distill", True, 1), ("lora", True, 1),
-                                                     ("distill", True, 2)],
-                         ids=["ddp-lora", "sharded-distill", "sharded-lora", "sharded-distill-accumulated"])
+@pytest.mark.parametrize("method,shard,grad_accum,recompute", [
+    ("lora", False, 1, False), ("distill", True, 1, False), ("lora", True, 1, True), ("distill", True, 2, False)],
+    ids=["ddp-lora", "sharded-distill", "sharded-lora-recomputed", "sharded-distill-accumulated"])
 def test_two_processes_train_like_one_process_with_their_batches_together(text_file, tmp_path, method, shard,
-                                                                          grad_accum):
+                                                                          grad_accum, recompute):
     """Under DDP or sharded (FSDP2), with torchrun and gloo on the CPU, each process takes its own
     rows of every step: two processes of 2 rows (or of 2 micro-batches of 1) give the weights of
     one process of 4 rows."""
     one = _launched(tmp_path, "one", 1, text_file, method=method)
-    two = _launched(tmp_path, "two", 2, text_file, method=method, shard=shard, grad_accum=grad_accum)
+    two = _launched(tmp_path, "two", 2, text_file, method=method, shard=shard, grad_accum=grad_accum,
+                    recompute=recompute)
     assert two["world"] == 2 and one["world"] == 1
     # Accumulating sums the gradient in another order; AdamW at lr 1e-2 turns that rounding into
     # up to ~1e-4 on weights whose gradient is near zero. A missed synchronisation moves them by ~lr.
@@ -434,6 +455,18 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
     settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
     with pytest.raises(memory.InsufficientMemoryError, match=r"pruning .* gradients .*bfloat16"):
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
+
+
+def test_activation_checkpointing_keeps_layer_inputs_and_one_layer_in_the_estimate():
+    from prunekit.models.memory import recovery_estimate
+    from prunekit.models.structure import model_structure
+
+    structure = model_structure(tiny_model("llama"))
+    whole, kept = (recovery_estimate(structure, None, "float32", lora=False, batch_size=2, seq_len=16,
+                                     activation_checkpointing=c).parts["activations of one batch"] for c in (False, True))
+    per_layer_input = 2 * 16 * structure.hidden_size * 4
+    assert whole == 12 * per_layer_input * structure.num_layers
+    assert kept == per_layer_input * structure.num_layers + 12 * per_layer_input
 
 
 def test_sharding_divides_the_students_training_state_by_the_processes():

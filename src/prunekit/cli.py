@@ -262,6 +262,9 @@ def _add_recover(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", action="store_true",
                         help="under accelerate launch / torchrun: split weights, gradients and optimizer state over "
                              "the processes (FSDP2), for a model whose training does not fit one GPU")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="keep only each layer's input and recompute the rest in the backward pass "
+                             "(about a third more compute, much less activation memory)")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--data-dir", default=None, help="local data sets (default: $PRUNEKIT_DATA_DIR)")
     parser.add_argument("--force", action="store_true", help="replace --out (and old checkpoints) if they exist")
@@ -277,7 +280,8 @@ def _run_recover(args: argparse.Namespace) -> int:
         warmup=args.warmup, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=_csv(args.lora_targets),
         temperature=args.temperature, ce_weight=args.ce_weight, hidden_weight=args.hidden_weight,
         teacher_cache=args.teacher_cache, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        precision=args.precision, shard=args.shard, seed=args.seed, data=data,
+        precision=args.precision, shard=args.shard, activation_checkpointing=args.activation_checkpointing,
+        seed=args.seed, data=data,
     )
     saved = recover(args.model, args.out, settings, teacher=args.teacher, force=args.force, resume=args.resume,
                     keep_checkpoints=args.keep_checkpoints)

@@ -113,17 +113,22 @@ def weights_estimate(structure: ModelStructure, dtype: str) -> MemoryEstimate:
 
 
 def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,
-                      batch_size: int, seq_len: int, shards: int = 1) -> MemoryEstimate:
+                      batch_size: int, seq_len: int, shards: int = 1,
+                      activation_checkpointing: bool = False) -> MemoryEstimate:
     """Per process: student weights, gradients and AdamW state (full training) or LoRA's (a few
     percent), each split `shards` ways when sharded, the whole teacher's weights, and the logits
-    and activations of one micro-batch."""
+    and activations of one micro-batch (with activation checkpointing: every layer's input and
+    one layer's internals)."""
     trained = 0.02 * student.total_params if lora else student.total_params
+    one_layer = batch_size * seq_len * student.hidden_size * 4 * 12
+    activations = (student.num_layers * one_layer // 12 + one_layer) if activation_checkpointing \
+        else one_layer * student.num_layers
     return MemoryEstimate({
         "student weights": student.total_params * BYTES[dtype] // shards,
         "gradients and AdamW state": int(trained * 4 * 3) // shards,
         "teacher weights": teacher.total_params * BYTES[dtype] if teacher is not None else 0,
         "logits of one batch": _logits_bytes(student, batch_size, seq_len) * (2 if teacher is not None else 1),
-        "activations of one batch": batch_size * seq_len * student.hidden_size * 4 * 12 * student.num_layers,
+        "activations of one batch": activations,
     })
 
 

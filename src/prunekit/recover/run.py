@@ -101,10 +101,12 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     teacher_structure = model_structure(load_skeleton(teacher_source)) if teacher_source is not None else None
     needs = recovery_estimate(student_structure, teacher_structure, dtype, lora=get_method(settings.method).lora,
                               batch_size=settings.batch_size, seq_len=settings.data.seq_len,
-                              shards=processes if settings.shard else 1)
+                              shards=processes if settings.shard else 1,
+                              activation_checkpointing=settings.activation_checkpointing)
     check_fits(f"recovering {student}", needs, "cuda" if torch.cuda.is_available() else "cpu",
                hints="train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
-               "(--teacher-cache 64), lower --batch-size or --seq-len, or split it over GPUs "
+               "(--teacher-cache 64), recompute activations (--activation-checkpointing), lower --batch-size or "
+               "--seq-len, or split it over GPUs "
                "(accelerate launch --num_processes N -m prunekit recover ... --shard)")
     model, tokenizer = load(student, dtype=dtype)
     teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None

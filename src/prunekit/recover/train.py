@@ -93,6 +93,8 @@ class RecoverySettings:
     precision: str = "auto"               # auto: bf16 autocast on CUDA GPUs that support it, else fp32
     shard: bool = False                   # under a launcher: split weights, gradients and AdamW state over the
                                           # processes (FSDP2), for a model whose training state fits no one GPU
+    activation_checkpointing: bool = False  # keep only each layer's input and recompute the rest in the
+                                            # backward pass: about a third more compute, far less memory
     seed: int = 0
     data: RecoveryData = field(default_factory=RecoveryData)
 
@@ -170,6 +172,15 @@ def _with_lora(model: nn.Module, settings: RecoverySettings) -> nn.Module:
     except ValueError as error:  # PEFT names the targets it could not find
         raise RecoveryError(f"LoRA targets {list(targets)} do not fit this model ({error}); "
                             "pass module names such as q_proj,v_proj or all-linear") from None
+
+
+def _set_activation_checkpointing(model: nn.Module, enable: bool) -> None:
+    # transformers 5.2x renamed gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first.
+    prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if enable:
+        getattr(model, f"{prefix}_checkpointing_enable")({"use_reentrant": False})
+    else:
+        getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def next_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -382,6 +393,8 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
             teacher = None  # the cache replaces it: its memory is free for training
 
     torch.manual_seed(settings.seed)
+    if settings.activation_checkpointing:
+        _set_activation_checkpointing(student, True)
     if method.lora:
         student = _with_lora(student, settings)
     else:
@@ -492,6 +505,8 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
         return None, record
     if method.lora:
         model = model.merge_and_unload()
+    if settings.activation_checkpointing:
+        _set_activation_checkpointing(model, False)
     model.requires_grad_(False)
     model.eval()
     return model, record
