@@ -152,19 +152,16 @@ def measure_taylor(args, ids) -> dict:
 def _sensitivity(args, ids, kinds: tuple[str, ...], rows: int, fine_tokens: int = 0) -> dict:
     from prunekit.score import score_model
 
-    from prunekit.score.sensitivity import cache_device
-
     model = build_model(args, home=args.device)
     _reset_peak(args.device)
     rows = min(rows, len(ids))
-    held = cache_device(model, ids[:rows].shape, model.config.num_hidden_layers)
     started = time.perf_counter()
     scores = score_model(model, "sensitivity", ids[:rows], batch_size=args.batch_size, progress=False, kinds=kinds,
                          removals_per_pass=args.removals_per_pass, fine_tokens=fine_tokens)
     _sync(args.device)
     seconds = time.perf_counter() - started
     return {"kinds": list(kinds), "rows": rows, "rows_per_kind": scores.meta["rows"], "fine_tokens": fine_tokens,
-            "layer_inputs_held_on": held.type, "seconds": round(seconds, 2), "cost": scores.meta["cost"],
+            "seconds": round(seconds, 2), "cost": scores.meta["cost"],
             # every removal runs every row through the rest of the model: linear in the rows
             f"seconds_extrapolated_to_{args.rows}_rows": round(seconds * args.rows / rows, 1)}
 

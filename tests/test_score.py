@@ -68,37 +68,23 @@ def test_fine_removals_are_measured_on_the_first_rows_and_coarse_ones_on_all():
     assert sensitivity_scores(model, IDS, kinds=("head",), fine_tokens=0, progress=False).meta["rows"] == {"head": 6}
 
 
-def test_fine_kinds_alone_cache_and_run_only_their_rows(monkeypatch):
-    """Heads alone on 2 of 6 rows: only those rows are cached (the GPU analysis of an 8B model runs
-    its fine half apart, and caching every row there took 66 GiB), with the same scores."""
+def test_fine_kinds_alone_embed_and_run_only_their_rows(monkeypatch):
+    """Heads alone on 2 of 6 rows: only those rows are kept and run, with the same scores."""
     import prunekit.score.sensitivity as sensitivity
 
     model, cached_rows = tiny_model("llama"), []
-    capture = sensitivity.capture_layer_inputs
+    embed = sensitivity.embed_calibration
 
     def recording(model, layers, input_ids, **kwargs):
         cached_rows.append(len(input_ids))
-        return capture(model, layers, input_ids, **kwargs)
+        return embed(model, layers, input_ids, **kwargs)
 
-    monkeypatch.setattr(sensitivity, "capture_layer_inputs", recording)
+    monkeypatch.setattr(sensitivity, "embed_calibration", recording)
     alone = sensitivity_scores(model, IDS, kinds=("head",), fine_tokens=2 * IDS.shape[1], progress=False)
     mixed = sensitivity_scores(model, IDS, kinds=("layer", "head"), fine_tokens=2 * IDS.shape[1], progress=False)
     assert cached_rows == [2, 6]
     torch.testing.assert_close(torch.stack(alone.values["head"]), torch.stack(mixed.values["head"]))
     assert alone.meta["baseline_loss"] == pytest.approx(_loss(model, IDS[:2]), abs=1e-5)
-
-
-def test_layer_inputs_go_to_cpu_memory_when_the_gpu_would_fill_and_are_refused_when_neither_holds_them():
-    from prunekit.models.memory import InsufficientMemoryError
-    from prunekit.score.sensitivity import cache_home
-
-    gib, shape = 2**30, torch.Size([128, 2048])
-    assert cache_home(10 * gib, 100 * gib, 200 * gib, shape) == "gpu"
-    assert cache_home(66 * gib, 100 * gib, 200 * gib, shape) == "cpu"  # the 8B analysis on one H200
-    assert cache_home(66 * gib, 100 * gib, None, shape) == "cpu"
-    with pytest.raises(InsufficientMemoryError, match=r"66.0 GiB, more than half the GPU's free 100.0 GiB and more "
-                                                      r"than the CPU's 70.0 GiB available; use fewer calibration rows"):
-        cache_home(66 * gib, 100 * gib, 70 * gib, shape)
 
 
 def test_negative_criterion_options_are_refused_before_any_work():

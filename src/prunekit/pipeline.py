@@ -287,11 +287,8 @@ def check_memory(what: str, structure: ModelStructure, dtype: str, settings: Pru
             check_fits(f"{what} layer by layer", weights_estimate(structure, dtype), "cpu",
                        hints="the model is held in CPU memory in this mode; load it in bfloat16 (--dtype bfloat16)")
         return
-    # sensitivity caches every layer's input (in CPU memory when that would fill a GPU: see
-    # score.sensitivity.cache_device); sequential compensation keeps one stream
-    cached_layers = int(settings.compensation == "sequential")
-    if criterion.name == "sensitivity":
-        cached_layers = 1 if str(device).startswith("cuda") else structure.num_layers
+    # sensitivity and sequential compensation each keep one layer's states for every row
+    cached_layers = int(settings.compensation == "sequential" or criterion.name == "sensitivity")
     needs = pruning_estimate(structure, dtype, gradients=criterion.needs_gradients, batch_size=settings.batch_size,
                              seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
                              n_samples=settings.calibration.n_samples, cached_layers=cached_layers)

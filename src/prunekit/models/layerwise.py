@@ -8,7 +8,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 _NOT_FORWARDED = ("hidden_states", "past_key_values", "cache", "use_cache")
 
@@ -16,49 +15,6 @@ _NOT_FORWARDED = ("hidden_states", "past_key_values", "cache", "use_cache")
 def first_output(output):
     """Decoder layers return a tensor in recent transformers and a tuple in older ones."""
     return output[0] if isinstance(output, tuple) else output
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, *, batch_size: int,
-                         keep: set[int] | None = None, progress: bool = True, desc: str = "caching layer inputs",
-                         store: torch.device | str | None = None):
-    """(inputs, kwargs): the hidden states entering each layer in `keep` (all layers by
-    default), concatenated over `input_ids`, and every layer's call kwargs. The kwargs are
-    captured at batch size 1 so that they broadcast to any batch. The inputs are kept on
-    `store` (default: the model's device), each written into one tensor allocated at the first
-    batch (gathering batches and concatenating them would hold every state twice at the end);
-    pinned when a GPU model's states are kept in CPU memory, for fast copies back."""
-    keep = set(range(len(layers))) if keep is None else keep
-    inputs: dict[int, torch.Tensor] = {}
-    kwargs_of: list[dict] = [{} for _ in layers]
-    capturing_kwargs = [True]
-    batch_start = [0]
-    device = next(model.parameters()).device
-
-    def make_hook(i):
-        def hook(module, args, kwargs):
-            if capturing_kwargs[0]:
-                kwargs_of[i] = {k: v for k, v in kwargs.items() if k not in _NOT_FORWARDED}
-            elif i in keep:
-                states = (args[0] if args else kwargs["hidden_states"]).detach()
-                if i not in inputs:
-                    home = torch.device(store or device)
-                    inputs[i] = torch.empty((len(input_ids), *states.shape[1:]), dtype=states.dtype, device=home,
-                                            pin_memory=home.type == "cpu" and device.type == "cuda")
-                inputs[i][batch_start[0]:batch_start[0] + len(states)] = states
-        return hook
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        model.base_model(input_ids[:1].to(device), use_cache=False)
-        capturing_kwargs[0] = False
-        for start in tqdm(range(0, len(input_ids), batch_size), desc=desc, unit="batch", disable=not progress):
-            batch_start[0] = start
-            model.base_model(input_ids[start:start + batch_size].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs, kwargs_of
 
 
 class _Captured(Exception):

@@ -68,8 +68,8 @@ def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, 
                      seq_len: int, with_gram: bool = False, n_samples: int = 0, cached_layers: int = 0) -> MemoryEstimate:
     """Scoring with a criterion (gradients for Taylor), one batch at a time, and the cut copy;
     with the Gram matrices of every layer for one-shot compensation, and the hidden states of
-    `n_samples` calibration rows kept at `cached_layers` layers (every layer for sensitivity,
-    one stream for sequential compensation)."""
+    `n_samples` calibration rows kept at `cached_layers` layers (one for sensitivity, which
+    moves them layer by layer, and one for sequential compensation)."""
     weights = structure.total_params * BYTES[dtype]
     return MemoryEstimate({
         "cached calibration states": n_samples * seq_len * structure.hidden_size * BYTES[dtype] * cached_layers,

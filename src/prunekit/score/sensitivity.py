@@ -2,9 +2,11 @@
 
 Exact, not estimated: each removal is a real forward pass with that component's contribution
 zeroed (which equals removing it; the surgery tests prove that). Made affordable by
-- caching the hidden states that enter every layer, so a removal in layer l runs layers l..L-1
-  only, and
-- evaluating K removals in one batched pass: the cached states are repeated K times and a
+- keeping the hidden states that enter the layer being measured, for every row, so a removal
+  in layer l runs layers l..L-1 only; the states then advance through layer l to serve layer
+  l+1 (one layer's states in memory, not every layer's: 2 GiB instead of 66 for an 8B model on
+  128 x 2048 tokens), and
+- evaluating K removals in one batched pass: the kept states are repeated K times and a
   per-replica mask removes a different component from each copy, and
 - measuring the many small removals (KV groups, heads, channel groups) on the first calibration
   rows only (`fine_tokens`): there are tens of them per layer, each moves the loss little, and
@@ -20,8 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.models.layerwise import capture_layer_inputs, first_output
-from prunekit.models.memory import InsufficientMemoryError, available_bytes
+from prunekit.models.layerwise import embed_calibration, first_output
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
 from prunekit.score.parts import layers_of
 from prunekit.score.scores import Scores
@@ -138,31 +139,6 @@ def _install_removals(layer, arch, head_dim, removals: list[Removal], rows_per_r
     return handles
 
 
-def cache_device(model: nn.Module, ids_shape: torch.Size, n_layers: int) -> torch.device:
-    """Where the hidden states entering every layer are kept (see `cache_home`)."""
-    parameter = next(model.parameters())
-    if parameter.device.type != "cuda":
-        return parameter.device
-    needed = (n_layers + 1) * ids_shape[0] * ids_shape[1] * model.config.hidden_size * parameter.element_size()
-    home = cache_home(needed, torch.cuda.mem_get_info(parameter.device)[0], available_bytes("cpu"), ids_shape)
-    return parameter.device if home == "gpu" else torch.device("cpu")
-
-
-def cache_home(needed: int, gpu_free: int, cpu_free: int | None, ids_shape: torch.Size) -> str:
-    """"gpu" when the cached states take at most half of the GPU's free memory, else "cpu"
-    (pinned, so that each pass copies its few rows over while the GPU works); refused when CPU
-    memory cannot hold them either."""
-    if needed <= gpu_free / 2:
-        return "gpu"
-    if cpu_free is not None and needed > 0.8 * cpu_free:
-        raise InsufficientMemoryError(
-            f"sensitivity analysis caches the input of every layer for its {ids_shape[0]} rows of {ids_shape[1]} "
-            f"tokens: {needed / 2**30:.1f} GiB, more than half the GPU's free {gpu_free / 2**30:.1f} GiB and "
-            f"more than the CPU's {cpu_free / 2**30:.1f} GiB available; use fewer calibration rows (n_samples), "
-            "or score the fine kinds (kv_group, head, channel) alone, which cache only their first fine_tokens")
-    return "cpu"
-
-
 @torch.no_grad()
 def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                        kinds: tuple[str, ...] = DEFAULT_SENSITIVITY_KINDS, channel_group_size: int = 64,
@@ -191,13 +167,12 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     def rows_for(kind: str) -> int:
         return fine_rows if kind in FINE_KINDS else n
 
-    # Only the rows some kind is measured on are cached and run (fine kinds alone: their first rows).
+    # Only the rows some kind is measured on are kept and run (fine kinds alone: their first rows).
     used = max((rows_for(kind) for kind in kinds), default=n)
     counted_in = {r: (labels[:r, 1:] != -100).sum().item() for r in {used, *map(rows_for, kinds)}}
     input_ids, labels = input_ids[:used], labels[:used]
-    store = cache_device(model, input_ids.shape, len(layers))
-    cached, layer_kwargs = capture_layer_inputs(model, layers, input_ids, batch_size=batch_size,
-                                                progress=progress, desc="sensitivity: caching layer inputs", store=store)
+    states, layer_kwargs = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
+    at = 0  # states holds the input of layer `at` for every kept row
     nll_sums = _output_head(model)
 
     def run_from(start: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -206,8 +181,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
         return hidden
 
     rows = max(1, batch_size // removals_per_pass)  # sequences per pass; times K replicas
-    baseline = torch.cat([nll_sums(run_from(0, cached[0][s:s + rows].to(device, non_blocking=True)), labels[s:s + rows])
-                          for s in range(0, used, rows)])
+    baseline = torch.cat([nll_sums(run_from(0, states[s:s + rows]), labels[s:s + rows]) for s in range(0, used, rows)])
     baseline_loss = {r: baseline[:r].sum().item() / max(counted_in[r], 1) for r in counted_in}
 
     # Removals that see the same rows share passes: coarse ones first, then fine ones, per layer.
@@ -222,20 +196,25 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     increases: dict[tuple[int, Removal], float] = {}
     bar = tqdm(total=total_passes, desc="sensitivity: removals", unit="pass", disable=not progress)
     for i, used_rows, candidates in plan:
+        while at < i:  # the plan goes layer by layer: move the states on to layer i's input
+            for s in range(0, used, batch_size):
+                states[s:s + batch_size] = first_output(layers[at](states[s:s + batch_size], **layer_kwargs[at]))
+            layer_forwards += used
+            at += 1
         for c0 in range(0, len(candidates), removals_per_pass):
             chunk = candidates[c0:c0 + removals_per_pass]
             totals = torch.zeros(len(chunk), dtype=torch.float64, device=device)  # read once per chunk, not per pass
             for s in range(0, used_rows, rows):
-                states = cached[i][s:min(s + rows, used_rows)].to(device, non_blocking=True)
-                handles = _install_removals(layers[i], arch, head_dim, chunk, len(states), channel_group_size)
+                block = states[s:min(s + rows, used_rows)]
+                handles = _install_removals(layers[i], arch, head_dim, chunk, len(block), channel_group_size)
                 try:
-                    out = run_from(i, states.repeat(len(chunk), 1, 1))
+                    out = run_from(i, block.repeat(len(chunk), 1, 1))
                 finally:
                     for h in handles:
                         h.remove()
-                layer_rows = labels[s:s + len(states)].repeat(len(chunk), 1)
+                layer_rows = labels[s:s + len(block)].repeat(len(chunk), 1)
                 totals += nll_sums(out, layer_rows).reshape(len(chunk), -1).sum(1).double()
-                layer_forwards += (len(layers) - i) * len(chunk) * len(states)
+                layer_forwards += (len(layers) - i) * len(chunk) * len(block)
                 bar.update(1)
             for rm, total in zip(chunk, totals.tolist()):
                 increases[(i, rm)] = total / max(counted_in[used_rows], 1) - baseline_loss[used_rows]
@@ -266,7 +245,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
         "channel_group_size": channel_group_size,
         "rows": {kind: rows_for(kind) for kind in kinds},
         "cost": {"seconds": round(seconds, 1), "removals": len(increases), "sequences": n,
-                 "seq_len": int(input_ids.shape[1]), "cache": str(store), "layer_forwards_per_sequence": layer_forwards / max(n, 1),
+                 "seq_len": int(input_ids.shape[1]), "layer_forwards_per_sequence": layer_forwards / max(n, 1),
                  "full_forward_equivalents": round(layer_forwards / max(n, 1) / len(layers), 1)},
     }
     return Scores("sensitivity", values, meta)
