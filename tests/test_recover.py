@@ -457,6 +457,21 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
 
 
+def test_under_a_launcher_each_process_checks_the_memory_of_its_own_gpu(saved_pair, text_file, tmp_path,
+                                                                        monkeypatch):
+    import prunekit.models.memory as memory
+
+    dense, pruned = saved_pair
+    asked = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": asked.append(device) or 1000)
+    monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(memory.InsufficientMemoryError, match="but the cuda:1 has 0.0 GiB free"):
+        recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
+    assert asked == ["cuda:1"]
+
+
 def test_activation_checkpointing_keeps_layer_inputs_and_one_layer_in_the_estimate():
     from prunekit.models.memory import recovery_estimate
     from prunekit.models.structure import model_structure

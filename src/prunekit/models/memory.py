@@ -38,7 +38,8 @@ def _gib(size: float) -> str:
 
 
 def available_bytes(device: str = "cpu") -> int | None:
-    """Free memory of the device: MemAvailable on Linux for the CPU, free memory of GPU 0 for cuda."""
+    """Free memory of the device: MemAvailable on Linux for the CPU; for "cuda:N" that GPU's
+    free memory ("cuda": the current GPU's)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
     try:

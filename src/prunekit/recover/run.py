@@ -103,7 +103,9 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
                               batch_size=settings.batch_size, seq_len=settings.data.seq_len,
                               shards=processes if settings.shard else 1,
                               activation_checkpointing=settings.activation_checkpointing)
-    check_fits(f"recovering {student}", needs, "cuda" if torch.cuda.is_available() else "cpu",
+    # Under a launcher each process trains on the GPU of its local rank, and checks that one.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    check_fits(f"recovering {student}", needs, device,
                hints="train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
                "(--teacher-cache 64), recompute activations (--activation-checkpointing), lower --batch-size or "
                "--seq-len, or split it over GPUs "
