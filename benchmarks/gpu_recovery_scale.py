@@ -80,7 +80,8 @@ def recover_arguments(args, out: Path) -> list[str]:
     return ["-m", "prunekit", "recover", args.student, "--teacher", args.teacher, "--method", args.method,
             "--data", args.data, "--tokens", str(args.tokens), "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--eval-every", "0", "--checkpoint-every", "0",
-            "--held-out", "0", "--out", str(out), "--force"] + (["--data-dir", args.data_dir] if args.data_dir else [])
+            "--held-out", "0", "--out", str(out), "--force"] + (["--data-dir", args.data_dir] if args.data_dir else []) + (
+        ["--activation-checkpointing"] if args.activation_checkpointing else [])
 
 
 def launch_command(args, processes: int, shard: bool, out: Path) -> list[str]:
@@ -130,6 +131,8 @@ def main() -> int:
     parser.add_argument("--gpus", default="1,2", help="process counts to run with DDP (one process per GPU; '' for none)")
     parser.add_argument("--shard", nargs="?", type=int, const=0, default=None, metavar="N",
                         help="also run sharded (FSDP2) on N processes (default: the largest of --gpus)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="every run recomputes activations in the backward pass (for larger batches)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--work", type=Path, default=Path("/tmp/prunekit-recovery-scale"),
                         help="scratch folder for the runs (replaced run by run; one this script did not make is refused)")
@@ -174,7 +177,8 @@ def main() -> int:
     record = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "gpu": torch.cuda.get_device_name(), "gpus_visible": torch.cuda.device_count(), "versions": versions(),
               "job": {"student": args.random_shape or args.student, "teacher": args.teacher, "method": args.method, "tokens": args.tokens,
-                      "seq_len": args.seq_len, "batch_per_process": args.batch_size, "precision": "bf16 autocast"},
+                      "seq_len": args.seq_len, "batch_per_process": args.batch_size, "precision": "bf16 autocast",
+                      "activation_checkpointing": args.activation_checkpointing},
               "one_gpu_unsharded_memory_check": one_gpu_check(args),
               "runs": {}}
     print("one GPU, unsharded:", record["one_gpu_unsharded_memory_check"], flush=True)

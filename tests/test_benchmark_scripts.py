@@ -114,3 +114,21 @@ def test_self_text_speed_checks_its_batch_sizes_first(tmp_path):
     assert result.returncode == 2
     assert "--batch-sizes takes row counts such as 2048,4096; got '2048,many'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "r.json").exists()
+
+
+def test_multi_gpu_recovery_benchmark_launches_the_recover_command_it_describes(tmp_path):
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_recovery_scale
+
+    args = argparse.Namespace(student="s", teacher="t", method="distill", data="d.txt", tokens=1000, seq_len=64,
+                              batch_size=2, data_dir=None, activation_checkpointing=True)
+    sharded = gpu_recovery_scale.launch_command(args, 2, True, tmp_path / "out")
+    assert sharded[sharded.index("--num_processes") + 1] == "2" and "--multi_gpu" in sharded
+    assert sharded[-2:] == ["--activation-checkpointing", "--shard"]
+    single = gpu_recovery_scale.launch_command(argparse.Namespace(**{**vars(args), "activation_checkpointing": False}),
+                                               1, False, tmp_path / "out")
+    assert "--multi_gpu" not in single and "--shard" not in single and "--activation-checkpointing" not in single
