@@ -16,6 +16,24 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=120)
 
 
+def assert_refused(result: subprocess.CompletedProcess, message: str, record: Path) -> None:
+    """Exit code 2, the message, no traceback, and no record written."""
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not record.exists()
+
+
+def script_module(script: str, monkeypatch):
+    """A benchmark script imported as a module (its sibling imports resolve)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_benchmark", BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("methods, message", [
     ("distill:lr", "'lr' is not KEY=VALUE"),
     ("distill:learning_rate=1e-4", "'learning_rate=1e-4' is not KEY=VALUE with KEY one of"),
@@ -33,12 +51,8 @@ def test_recovery_variants_are_checked_before_any_model_loads(tmp_path, methods,
     assert "Traceback" not in result.stderr
 
 
-def test_recovery_variants_split_on_commas_that_start_a_method():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("recovery_benchmark", BENCHMARKS / "recovery.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_recovery_variants_split_on_commas_that_start_a_method(monkeypatch):
+    module = script_module("recovery.py", monkeypatch)
     assert module.split_variants("lora,distill:lr=2e-4,temperature=2,full") == [
         "lora", "distill:lr=2e-4,temperature=2", "full"]
     assert module.split_variants("distill:lr=5e-4,ce_weight=0.5") == ["distill:lr=5e-4,ce_weight=0.5"]
@@ -56,9 +70,7 @@ def test_recovery_keep_needs_an_earlier_record(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_multi_gpu_recovery_benchmark_refuses_without_a_gpu(tmp_path):
     result = run("gpu_recovery_scale.py", "--student", str(tmp_path), "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2
-    assert "needs CUDA GPUs; none is visible here" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert_refused(result, "needs CUDA GPUs; none is visible here", tmp_path / "r.json")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -74,9 +86,7 @@ def test_multi_gpu_recovery_benchmark_checks_its_arguments_first(tmp_path, args,
     (tmp_path / "work").mkdir()
     args = args + ["--work", str(tmp_path / "work")]
     result = run("gpu_recovery_scale.py", *args, "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert_refused(result, message, tmp_path / "r.json")
 
 
 def test_multi_gpu_recovery_benchmark_keeps_out_of_a_folder_it_did_not_make(tmp_path):
@@ -84,7 +94,7 @@ def test_multi_gpu_recovery_benchmark_keeps_out_of_a_folder_it_did_not_make(tmp_
     (tmp_path / "mine" / "ddp-1").mkdir()
     result = run("gpu_recovery_scale.py", "--student", "x", "--work", str(tmp_path / "mine"),
                  "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2 and "holds files this script did not write" in result.stderr
+    assert_refused(result, "holds files this script did not write", tmp_path / "r.json")
     assert (tmp_path / "mine" / "ddp-1").is_dir()
 
 
@@ -95,34 +105,25 @@ def test_multi_gpu_recovery_benchmark_keeps_out_of_a_folder_it_did_not_make(tmp_
 ])
 def test_sensitivity_rows_benchmark_checks_its_arguments_before_loading(tmp_path, args, message):
     result = run("sensitivity_rows.py", "--model", str(tmp_path / "no-model"), *args, "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert_refused(result, message, tmp_path / "r.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_self_text_speed_refuses_without_a_gpu(tmp_path):
     result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2
-    assert "needs a CUDA GPU; none is visible here" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "r.json").exists()
+    assert_refused(result, "needs a CUDA GPU; none is visible here", tmp_path / "r.json")
 
 
 def test_self_text_speed_checks_its_batch_sizes_first(tmp_path):
     result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--batch-sizes", "2048,many",
                  "--out", str(tmp_path / "r.json"))
-    assert result.returncode == 2
-    assert "--batch-sizes takes row counts such as 2048,4096; got '2048,many'" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "r.json").exists()
+    assert_refused(result, "--batch-sizes takes row counts such as 2048,4096; got '2048,many'", tmp_path / "r.json")
 
 
-def test_multi_gpu_recovery_benchmark_launches_the_recover_command_it_describes(tmp_path):
+def test_multi_gpu_recovery_benchmark_launches_the_recover_command_it_describes(tmp_path, monkeypatch):
     import argparse
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import gpu_recovery_scale
+    gpu_recovery_scale = script_module("gpu_recovery_scale.py", monkeypatch)
 
     args = argparse.Namespace(student="s", teacher="t", method="distill", data="d.txt", tokens=1000, seq_len=64,
                               batch_size=2, data_dir=None, activation_checkpointing=True)

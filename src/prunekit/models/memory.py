@@ -121,8 +121,9 @@ def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, d
     and activations of one micro-batch (with activation checkpointing: every layer's input and
     one layer's internals)."""
     trained = 0.02 * student.total_params if lora else student.total_params
-    one_layer = batch_size * seq_len * student.hidden_size * 4 * 12
-    activations = (student.num_layers * one_layer // 12 + one_layer) if activation_checkpointing \
+    layer_input = batch_size * seq_len * student.hidden_size * 4
+    one_layer = 12 * layer_input  # what a layer's backward pass needs kept
+    activations = layer_input * student.num_layers + one_layer if activation_checkpointing \
         else one_layer * student.num_layers
     return MemoryEstimate({
         "student weights": student.total_params * BYTES[dtype] // shards,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prunekit.models.layerwise import embed_calibration, first_output
+from prunekit.models.layerwise import embed_calibration, first_output, run_layer
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
 from prunekit.score.parts import layers_of
 from prunekit.score.scores import Scores
@@ -197,8 +197,7 @@ def sensitivity_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.
     bar = tqdm(total=total_passes, desc="sensitivity: removals", unit="pass", disable=not progress)
     for i, used_rows, candidates in plan:
         while at < i:  # the plan goes layer by layer: move the states on to layer i's input
-            for s in range(0, used, batch_size):
-                states[s:s + batch_size] = first_output(layers[at](states[s:s + batch_size], **layer_kwargs[at]))
+            run_layer(layers[at], states, layer_kwargs[at], batch_size=batch_size)
             layer_forwards += used
             at += 1
         for c0 in range(0, len(candidates), removals_per_pass):
