@@ -102,7 +102,7 @@ def one_gpu_check(args) -> str:
 
     structures = [model_structure(load_skeleton(resolve_model_source(m))) for m in (args.student, args.teacher)]
     needs = recovery_estimate(*structures, "float32", lora=get_method(args.method).lora, batch_size=args.batch_size,
-                              seq_len=args.seq_len)
+                              seq_len=args.seq_len, activation_checkpointing=args.activation_checkpointing)
     try:
         check_fits(f"recovering {args.random_shape or args.student}", needs, "cuda", hints="shard it over GPUs")
     except InsufficientMemoryError as error:

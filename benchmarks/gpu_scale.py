@@ -301,7 +301,7 @@ def run_one(measurement: Measurement, args, ids) -> dict:
     return result
 
 
-def full_sensitivity(measured: dict, args) -> dict | None:
+def full_sensitivity(measured: dict, rows: int, shape: str) -> dict | None:
     """The default analysis (layer, attention, mlp, kv_group, head) at --rows: measured as its
     coarse and fine halves where both ran, else extrapolated from the three row-subset
     measurements (KV groups cost what heads do per removal, and a layer has a quarter as many
@@ -309,17 +309,16 @@ def full_sensitivity(measured: dict, args) -> dict | None:
     halves = [measured.get(name, {}) for name in ("sensitivity_coarse", "sensitivity_fine")]
     if all(half.get("status") == "ok" for half in halves):
         seconds = halves[0]["seconds"] + halves[1]["seconds"]
-        return {"rows": args.rows, "seconds": round(seconds), "minutes": round(seconds / 60, 1),
-                "formula": f"measured: layers and sublayers on all {args.rows} rows, KV groups and heads on "
+        return {"rows": rows, "seconds": round(seconds), "minutes": round(seconds / 60, 1),
+                "formula": f"measured: layers and sublayers on all {rows} rows, KV groups and heads on "
                            f"{halves[1]['rows_per_kind']['head']} rows (fine_tokens {halves[1]['fine_tokens']})"}
     parts = [measured.get(name, {}) for name in ("sensitivity_layers", "sensitivity_sublayers", "sensitivity_heads")]
     if not all(part.get("status") == "ok" for part in parts):
         return None
-    key = f"seconds_extrapolated_to_{args.rows}_rows"
-    shape = SHAPES[args.shape]
-    groups_per_head = shape["num_key_value_heads"] / shape["num_attention_heads"]
+    key = f"seconds_extrapolated_to_{rows}_rows"
+    groups_per_head = SHAPES[shape]["num_key_value_heads"] / SHAPES[shape]["num_attention_heads"]
     seconds = parts[0][key] + parts[1][key] + parts[2][key] * (1 + groups_per_head)
-    return {"rows": args.rows, "seconds": round(seconds), "minutes": round(seconds / 60, 1),
+    return {"rows": rows, "seconds": round(seconds), "minutes": round(seconds / 60, 1),
             "formula": "layers + sublayers + heads x (1 + kv_groups/heads), each extrapolated linearly in rows"}
 
 
@@ -340,19 +339,22 @@ def markdown(records: list[dict]) -> str:
                 "layer_by_layer_sequential": "the same with sequential compensation"}.get(name)
         note = ""
         if name.startswith("sensitivity_"):
-            what = f"sensitivity of {', '.join(r['kinds'])} ({r['cost']['removals']} removals) on {r['rows']} rows"
+            used = sorted(set((r.get("rows_per_kind") or {}).values()) or {r["rows"]})
+            what = (f"sensitivity of {', '.join(r['kinds'])} ({r['cost']['removals']} removals) on "
+                    f"{'/'.join(map(str, used))} rows")
             rows_full = records[0]["calibration"]["rows"]
-            note = f"{r[f'seconds_extrapolated_to_{rows_full}_rows'] / 60:.1f} min at {rows_full} rows (linear)"
+            note = (f"{r['seconds'] / 60:.1f} min, as run" if r["rows"] == rows_full else
+                    f"{r[f'seconds_extrapolated_to_{rows_full}_rows'] / 60:.1f} min at {rows_full} rows (linear)")
         if r.get("cap_gib"):
             note = (f"GPU capped at {r['cap_gib']:g} GiB; model {r['model_gib']:.1f} GiB; peak = "
                     f"{r['peak_over_model_size']:.2f} x model; estimate {r['estimate_gib']:.1f} GiB")
         if "phases" in r:
             note = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in r["phases"].items())
         lines.append(f"| {name} | {what} | {r['seconds']:.0f} | {r['peak_gpu_gib']:.1f} GiB | {note} |")
-    full = next((rec["sensitivity_full_extrapolated"] for rec in records if rec.get("sensitivity_full_extrapolated")), None)
+    full = full_sensitivity(rows, records[0]["calibration"]["rows"], records[0]["shape"])
     if full:
-        lines += ["", f"Full sensitivity analysis (layers, sublayers, heads and KV groups) at {full['rows']} rows, "
-                      f"extrapolated: {full['minutes']:.0f} min ({full['formula']})."]
+        lines += ["", f"Full sensitivity analysis (layers, sublayers, heads and KV groups) at {full['rows']} rows: "
+                      f"{full['minutes']:.1f} min ({full['formula']})."]
     return "\n".join(lines)
 
 
@@ -430,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {k: v for k, v in result.items() if k in ("status", "seconds", "peak_gpu_gib", "error",
                                                              "wall_seconds_with_build", "peak_over_model_size")}
         print(f"[{measurement.name}] {summary}", flush=True)
-    record["sensitivity_full_extrapolated"] = full_sensitivity(record["measurements"], args)
+    record["sensitivity_full_extrapolated"] = full_sensitivity(record["measurements"], args.rows, args.shape)
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"sensitivity, default kinds, extrapolated: {record['sensitivity_full_extrapolated']}", flush=True)
     print(f"wrote {out}", flush=True)

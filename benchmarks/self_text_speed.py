@@ -3,8 +3,9 @@
 A SmolLM2-135M-shaped model with random weights (speed does not depend on the values) samples
 --rows rows of --seq-len tokens, --batch-size rows at a time, with prunekit's sampler: fp32 as
 loaded, fp32 with TF32 matrix products, and under bf16 autocast; then, with --batch-sizes, fp32 at
-other numbers of rows per step (one batch each), with peak GPU memory. One process, one after
-another.
+other numbers of rows per step (one batch each), with peak GPU memory; with --profile, where the
+time of a step goes (GPU busy time against wall time, and the operators that take most). One
+process, one after another.
 
     python benchmarks/self_text_speed.py --tokenizer runs/pruned35 --out benchmarks/results/self_text_speed.json
 """
@@ -35,6 +36,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--batch-sizes", default="", help="also fp32 at these rows per step, e.g. 2048,4096")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile 32 tokens of sampling at --batch-size rows under torch.profiler")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     try:
@@ -69,6 +72,10 @@ def main() -> int:
         print(name, record["tokens_per_second"][name], flush=True)
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     torch.backends.cuda.matmul.allow_tf32 = False
+    if args.profile:
+        record["profile"] = profile(model, tokenizer, args.batch_size)
+        print(json.dumps(record["profile"], indent=1), flush=True)
+        atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     for batch in batch_sizes:
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
@@ -88,6 +95,32 @@ def main() -> int:
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 
+
+def profile(model, tokenizer, rows: int, tokens: int = 32) -> dict:
+    """Wall time of sampling `tokens` tokens per row against the time the GPU spent in kernels: a
+    step whose kernels fill a small share of its wall time is bound by launching them."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        started = time.perf_counter()
+        sample_self_tokens(model, tokenizer, n_samples=rows, seq_len=tokens, seed=0, batch_size=rows, progress=False)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    events = profiler.key_averages()
+    kernels = [event for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+    operators = [event for event in events if event.device_type == torch.autograd.DeviceType.CPU]
+
+    def per_token(microseconds: float) -> float:
+        return round(microseconds / 1000 / tokens, 3)
+
+    return {"rows": rows, "tokens": tokens, "wall_ms_per_token": round(1000 * wall / tokens, 2),
+            "gpu_busy_ms_per_token": per_token(sum(k.self_device_time_total for k in kernels)),
+            "kernel_launches_per_token": round(sum(k.count for k in kernels) / tokens, 1),
+            "top_kernels_ms_per_token": {k.key[:90]: per_token(k.self_device_time_total)
+                                         for k in sorted(kernels, key=lambda k: -k.self_device_time_total)[:10]},
+            "top_operators_cpu_ms_per_token": {o.key[:90]: per_token(o.self_cpu_time_total)
+                                               for o in sorted(operators, key=lambda o: -o.self_cpu_time_total)[:10]}}
 
 if __name__ == "__main__":
     raise SystemExit(main())

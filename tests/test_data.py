@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from tokenizers.processors import TemplateProcessing
 
+from prunekit import LayerPlan, Plan, apply_plan, model_structure
 from prunekit.data import (
     DATA_DIR_ENV,
     IGNORE_INDEX,
@@ -24,7 +25,8 @@ from prunekit.data import (
     task_tokens,
 )
 from prunekit.data import sources
-from prunekit.data.calibration import _sample_next_token
+from prunekit.data.calibration import _cache_keyword, _sample_next_token
+from prunekit.models.memory import sampling_bytes_per_row, sampling_rows_that_fit
 
 
 @pytest.fixture
@@ -257,6 +259,27 @@ def test_self_sampling_is_deterministic_and_full_length(tokenizer):
     assert not torch.equal(first, draw(1))
     routed = calibration_tokens("self", tokenizer, n_samples=3, seq_len=16, seed=0, batch_size=2, model=model)
     assert torch.equal(first, routed)
+
+
+def test_sampling_memory_per_row_counts_the_real_kv_cache():
+    """The GPU row count rests on this: a row's cache as transformers really holds it (none in a
+    layer that lost its attention, less in one that lost a KV group), plus the widest layer's
+    cache once more and once per query head of a group, plus four fp32 distributions."""
+    model = tiny_model("llama")
+    apply_plan(model, Plan(layers={1: LayerPlan(drop_attention=True), 2: LayerPlan(keep_kv_groups=(0,))}))
+    seq_len = 12
+    with torch.inference_mode():
+        output = model(torch.randint(3, 200, (1, seq_len)), use_cache=True)
+    per_layer = [sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+                 for layer in output[_cache_keyword(model)].layers if getattr(layer, "keys", None) is not None]
+    structure = model_structure(model)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert sampling_bytes_per_row(structure, seq_len, 4) == \
+        sum(per_layer) + (1 + group) * max(per_layer) + 16 * structure.vocab_size
+    per_row = sampling_bytes_per_row(structure, seq_len, 4)
+    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=2 * 3 * per_row + 1, most=100) == 3
+    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=10**15, most=100) == 100
+    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=0, most=100) == 1
 
 
 def test_self_sampling_needs_the_model(tokenizer):

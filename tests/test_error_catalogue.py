@@ -121,6 +121,8 @@ CASES: list[tuple[str, str, str]] = [
      "lower it"),
     ("evaluation text shorter than one window", "eval {model} --ppl {short.txt} --seq-len 64", "window"),
     ("CUDA asked for on a machine without a GPU", "bench {model} --device cuda", "no CUDA GPU"),
+    ("evaluation on a GPU this machine lacks", "eval {model} --ppl {text.txt} --seq-len 16 --device cuda",
+     "no CUDA GPU"),
     ("teacher with another vocabulary",
      "recover {pruned} --teacher {other} --out {root}/r1 --data {text.txt} --seq-len 16 --tokens 4096",
      "vocabulary"),
@@ -213,5 +215,7 @@ if __name__ == "__main__":
     print("| case | command | message |\n|---|---|---|")
     for case, command, _ in CASES:
         _, message = run_case(command, world)
+        # the error itself, without the progress bars of the loading that came before it
+        message = message[message.rfind(f"prunekit {command.split()[0]}: error:"):] if "error:" in message else message
         shown = message.replace(world["root"] + "/", "").replace("|", "\\|").replace("\n", " ")
         print(f"| {case} | `prunekit {command.replace('{root}/', '').replace('{', '').replace('}', '')}` | {shown} |")

@@ -14,7 +14,7 @@ from prunekit.data import DataError
 from prunekit.evaluate import run as run_module
 from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND
 from prunekit.evaluate.perplexity import perplexity
-from prunekit.evaluate.run import evaluate_model, format_bench_table, format_eval_table
+from prunekit.evaluate.run import bench_models, evaluate_model, format_bench_table, format_eval_table
 from prunekit.evaluate.tasks import EvalError
 from prunekit.models.loading import ModelLoadError
 
@@ -86,6 +86,7 @@ def test_eval_matches_perplexity_and_records_its_protocol(models, text_file, tmp
     assert (protocol["seq_len"], protocol["stride"], protocol["window_every"]) == (64, stride, every)
     assert protocol["dtype"] == "float32" and protocol["text_protocol"] == "raw" and not protocol["special_tokens"]
     assert entry["seconds"] >= 0 and report["model"]["spec"] == str(models["model"])
+    assert report["model"]["device"] == "cpu"
     assert report["model"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert {"torch", "transformers", "prunekit"} <= set(report["environment"]["versions"])
     assert report["environment"]["machine"]["cpu_cores"] >= 1 and report["tasks"] == {}
@@ -191,10 +192,13 @@ def test_bench_errors_come_before_the_model_loads(models, tmp_path, no_model_loa
         command(BENCH_COMMAND, models["model"], *argv)
 
 
-def test_bench_on_cuda_without_a_gpu_is_refused_before_loading(models, no_model_load, monkeypatch):
+@pytest.mark.parametrize("which", [EVAL_COMMAND, BENCH_COMMAND])
+def test_cuda_without_a_gpu_is_refused_before_loading(models, no_model_load, monkeypatch, which):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EvalError, match="no CUDA GPU here; use device 'cpu'"):
-        command(BENCH_COMMAND, models["model"], "--device", "cuda")
+        command(which, models["model"], "--device", "cuda")
+    with pytest.raises(EvalError, match="unknown device 'tpu'; choose one of cpu, cuda"):
+        (evaluate_model if which == EVAL_COMMAND else bench_models)(models["model"], device="tpu")
 
 
 def test_api_refuses_a_bare_string_for_a_list(models, no_model_load):

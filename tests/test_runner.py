@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import prunekit
@@ -45,8 +46,34 @@ def test_the_demo_recipe_validates_against_the_real_model_and_costs_minutes(caps
         pytest.skip("the embedded SmolLM2 is not installed")
     recipe = run_module.resolve_auto(load_recipe(RECIPES[[p.stem for p in RECIPES].index("demo")]), False)
     structure = run_module.validate(recipe)
-    seconds = sum(s for *_, s in run_module.estimate(recipe, structure))
+    seconds = sum(s for *_, s in run_module.estimate(recipe, structure, gpu=False))
     assert 60 < seconds < 1200  # a rough estimate, but of the right order: the demo takes minutes
+
+
+def test_the_estimate_prices_each_stage_on_its_device_and_counts_self_text():
+    structure = prunekit.model_structure(tiny_model("llama"))
+
+    def seconds(gpu: bool = False, **overrides) -> dict[str, float]:
+        recipe = load_recipe({"model": "m", "stages": ["prune", "recover", "evaluate", "bench"]},
+                             [f"{key}={value}" for key, value in overrides.items()])
+        return {stage: s for stage, _, s in run_module.estimate(recipe, structure, gpu=gpu)}
+
+    on_cpu, on_gpu = seconds(), seconds(gpu=True)
+    work = {stage: on_cpu[stage] - run_module.LOAD_SECONDS for stage in on_cpu}
+    # recovery trains on the GPU whenever there is one; the other stages go where the recipe says
+    assert on_gpu["recover"] - run_module.LOAD_SECONDS == pytest.approx(
+        work["recover"] * run_module.RATES["cpu"]["train"] / run_module.RATES["cuda"]["train"])
+    assert on_gpu["prune"] == on_cpu["prune"] and on_gpu["evaluate"] == on_cpu["evaluate"]
+    moved = seconds(**{"prune.device": "cuda", "evaluate.device": "cuda", "bench.device": "cuda"})
+    for stage, kind in (("prune", "train"), ("evaluate", "infer"), ("bench", "infer")):
+        assert moved[stage] - run_module.LOAD_SECONDS == pytest.approx(work[stage] * run_module.RATES["cpu"][kind]
+                                                                      / run_module.RATES["cuda"][kind])
+    # the model writing its own text is priced, as the demo without data showed it costs
+    self_text = seconds(**{"recover.data.source": "self"})
+    defaults = load_recipe({"model": "m", "stages": ["prune", "recover"]}).recover
+    written = defaults.tokens + defaults.data.held_out * defaults.data.seq_len
+    flops = structure.flops_per_token(512)
+    assert self_text["recover"] - on_cpu["recover"] == pytest.approx(flops * written / run_module.RATES["cpu"]["sample"])
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -60,6 +87,7 @@ def test_the_demo_recipe_validates_against_the_real_model_and_costs_minutes(caps
     ({"recover": {"method": "magic"}}, RecoveryError, r"unknown recovery method 'magic'; choose one of"),
     ({"recover": {"data": {"source": "nowhere"}}}, Exception, r"unknown recovery data 'nowhere'; use one of"),
     ({"evaluate": {"ppl": ["wikitext3"]}}, RecipeError, r"unknown source 'wikitext3'"),
+    ({"evaluate": {"device": "gpu"}}, RecipeError, r"evaluate.device must be cpu or cuda, got 'gpu'"),
     ({"model": None}, RecipeError, r"recipe.model must be str"),
 ])
 def test_bad_recipes_name_the_problem(change, error, match):
@@ -99,6 +127,16 @@ def tiny_recipe(tmp_path) -> dict:
         "evaluate": {"ppl": [str(text)], "seq_len": 32, "window_every": 1},
         "bench": {"prefill_batch": 1, "prefill_len": 16, "decode_batches": [1], "decode_tokens": 4, "repeats": 1},
     }
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "bench"])
+def test_a_gpu_stage_without_a_gpu_is_refused_before_any_stage_runs(tiny_recipe, tmp_path, monkeypatch, stage):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_recipe[stage]["device"] = "cuda"
+    with pytest.raises(RecipeError, match=f"{stage}.device is cuda, but torch finds no CUDA GPU here; "
+                                          f"set {stage}.device=cpu"):
+        prunekit.run(tiny_recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_recipe_runs_every_stage_then_skips_them(tiny_recipe, tmp_path, monkeypatch, capsys):

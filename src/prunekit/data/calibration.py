@@ -27,6 +27,8 @@ from prunekit.data.sources import (
     join_documents,
     load_texts,
 )
+from prunekit.models.memory import available_bytes, sampling_rows_that_fit
+from prunekit.models.structure import model_structure
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy and transformers' losses skip
 # Openings for self-sampled text: short and topic-free so the samples spread over what the model knows.
@@ -57,9 +59,10 @@ def _require_positive(**values: int) -> None:
 
 # Rows sampled together when the model writes its own calibration text: decoding on a CPU is
 # bound by reading the weights once per step, so 32 rows cost little more than 8 and yield 4x the
-# text; on a GPU a step is bound by kernel launches until far larger batches.
+# text; on a GPU a step costs about the same up to thousands of rows (GPU_BENCHMARKS.md), so it
+# takes as many as half its free memory holds, up to SELF_TEXT_BATCH_GPU.
 SELF_TEXT_BATCH = 32
-SELF_TEXT_BATCH_GPU = 1024
+SELF_TEXT_BATCH_GPU = 4096
 
 
 def calibration_tokens(
@@ -171,11 +174,14 @@ def sample_self_tokens(
     sampled with a KV cache to exactly seq_len tokens; EOS does not stop a sample, since
     calibration needs full windows. The result depends only on the seed, batch_size and the
     model: sampling draws from a private generator, never from torch's global one. batch_size
-    None: SELF_TEXT_BATCH rows at a time on a CPU, SELF_TEXT_BATCH_GPU on a GPU.
+    None: SELF_TEXT_BATCH rows at a time on a CPU; on a GPU as many as fit, up to SELF_TEXT_BATCH_GPU.
     """
     device = next(model.parameters()).device
     if batch_size is None:
-        batch_size = SELF_TEXT_BATCH_GPU if device.type == "cuda" else SELF_TEXT_BATCH
+        batch_size = SELF_TEXT_BATCH
+        if device.type == "cuda":
+            batch_size = sampling_rows_that_fit(model_structure(model), seq_len, next(model.parameters()).element_size(),
+                                                available_bytes(str(device)), most=SELF_TEXT_BATCH_GPU)
     _require_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 to sample the model as it is.")

@@ -58,6 +58,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="windows or task requests per forward (default 8)")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="dtype to load the model in "
                                                                                   "(default float32)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where the model runs (default cpu)")
     parser.add_argument("--data-dir", help=f"the shared data folder (default ${DATA_DIR_ENV})")
     parser.add_argument("--json", metavar="FILE", help="also write every figure and its protocol to FILE")
 
@@ -67,7 +68,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     report = evaluate_model(
         args.model, ppl=ppl, seq_len=args.seq_len, stride=args.stride, window_every=args.window_every,
         tasks=args.tasks, limit=args.limit, dtype=args.dtype, batch_size=args.batch_size, data_dir=args.data_dir,
-        json_out=args.json,
+        json_out=args.json, device=args.device,
     )
     print(format_eval_table(report))
     if args.json:

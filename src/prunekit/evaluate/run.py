@@ -65,6 +65,13 @@ def _distinct_items(kind: str, items: Sequence[Any]) -> list[Any]:
     return items
 
 
+def _check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise EvalError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("device 'cuda' was asked for, but torch finds no CUDA GPU here; use device 'cpu'.")
+
+
 def _check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_CHOICES:
         raise EvalError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}.")
@@ -214,11 +221,13 @@ def evaluate_model(
     batch_size: int = 8,
     data_dir: str | os.PathLike | None = None,
     json_out: str | os.PathLike | None = None,
+    device: str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity on each text source of `ppl` and zero-shot accuracy on each of `tasks`.
 
-    model: a model directory, .gguf file, hub id or `smollm2-135m`; loaded once, in `dtype`.
+    model: a model directory, .gguf file, hub id or `smollm2-135m`; loaded once, in `dtype`, onto
+        `device` (cpu or cuda).
     ppl: text sources (`wikitext2`, `c4`, `ptb`, a .txt file, FILE.jsonl[:FIELD]), each tokenized once
         without special tokens and cut into windows of `seq_len` tokens: non-overlapping with the
         remainder dropped, or sliding with `stride`; `window_every` keeps every k-th window only.
@@ -235,6 +244,7 @@ def evaluate_model(
     if not ppl and not tasks:
         raise EvalError("nothing to evaluate; name text sources in ppl, tasks in tasks, or both.")
     _check_dtype(dtype)
+    _check_device(device)
     _check_int("seq_len", seq_len, 2)
     _check_int("window_every", window_every, 1)
     if stride is not None:
@@ -266,10 +276,10 @@ def evaluate_model(
         for spec in ppl
     ]
 
-    loaded, load_seconds = _load(source, dtype=dtype)
+    loaded, load_seconds = _load(source, dtype=dtype, device=device)
     report: dict[str, Any] = {
         "format": EVAL_FORMAT,
-        "model": _model_entry(source, loaded, dtype, load_seconds),
+        "model": {**_model_entry(source, loaded, dtype, load_seconds), "device": device},
         "perplexity": {},
         "tasks": {},
         "environment": environment(),
@@ -372,10 +382,7 @@ def bench_models(
     option is checked before a weight is loaded.
     """
     _check_dtype(dtype)
-    if device not in DEVICES:
-        raise EvalError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvalError("device 'cuda' was asked for, but torch finds no CUDA GPU here; use device 'cpu'.")
+    _check_device(device)
     warmup = (2 if use_compile else 1) if warmup is None else warmup
     for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
                                  ("decode_context", decode_context, 1), ("decode_tokens", decode_tokens, 2),

@@ -134,6 +134,24 @@ def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, d
     })
 
 
+def sampling_bytes_per_row(structure: ModelStructure, seq_len: int, element_size: int) -> int:
+    """GPU memory one row of self-text sampling holds at full length: its KV cache; while a layer
+    runs, that layer's cache once more as it grows by concatenation and again for every query head
+    that shares a KV head (attention expands grouped keys and values); and four fp32 copies of the
+    next-token distribution (logits, softmax, the draw's noise and quotient)."""
+    attention = [layer for layer in structure.layers if layer.num_attention_heads]
+    cache = [2 * layer.num_key_value_heads * structure.head_dim * seq_len * element_size for layer in attention]
+    in_flight = max((size * (1 + layer.heads_per_group) for size, layer in zip(cache, attention)), default=0)
+    return sum(cache) + in_flight + 4 * structure.vocab_size * 4
+
+
+def sampling_rows_that_fit(structure: ModelStructure, seq_len: int, element_size: int, free_bytes: int,
+                           most: int) -> int:
+    """Rows the model can write at once, at most `most`, in half of `free_bytes` (the other half is
+    for the forward pass's temporaries)."""
+    return max(1, min(most, free_bytes // 2 // sampling_bytes_per_row(structure, seq_len, element_size)))
+
+
 def check_fits(what: str, estimate: MemoryEstimate, device: str = "cpu", *, hints: str) -> None:
     """Refuse `what` when its estimate exceeds the device's free memory; `hints` says what lowers it."""
     free = available_bytes(device)

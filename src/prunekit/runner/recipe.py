@@ -55,6 +55,7 @@ class EvaluateSettings:
     limit: int | None = None
     dtype: str = "float32"
     dense: bool = True                        # evaluate the original model too (the report marks it)
+    device: str = "cpu"                       # cpu or cuda
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from prunekit.data.sources import SELF_SOURCE
@@ -32,9 +33,14 @@ from prunekit.plan.planner import check_reachable
 from prunekit.runner.recipe import STAGE_ORDER, Recipe, RecipeError, load_recipe, resolve_auto
 
 RECORDS_DIR = "records"
+SELF_HELD_OUT_TOKENS = 16 * 256  # the original's text that evaluate's `self` perplexity scores
+LOAD_SECONDS = 15  # each stage that loads the model (SmolLM2 from its GGUF file: 15 s)
 # Rough sustained rates for the cost estimate of --dry-run (measured on this project's machines:
-# BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and trains at ~0.15.
-RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12}, "cuda": {"infer": 150e12, "train": 60e12}}
+# BENCHMARKS.md, GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and
+# trains at ~0.15; it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~25,000
+# (7 TFLOP/s: decoding is bound by the growing KV cache, not by arithmetic).
+RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12, "sample": 0.05e12},
+         "cuda": {"infer": 150e12, "train": 60e12, "sample": 7e12}}
 
 
 def _has_local_data(data_dir: str | None) -> bool:
@@ -74,14 +80,19 @@ def validate_settings(recipe: Recipe) -> None:
         if unknown:
             raise RecipeError(f"evaluate.ppl: unknown source {unknown[0]!r}; use wikitext2, c4, ptb, self, auto or a "
                               ".txt / .jsonl file")
-    if "bench" in stages and recipe.bench.device not in ("cpu", "cuda"):
-        raise RecipeError(f"bench.device must be cpu or cuda, got {recipe.bench.device!r}")
+    for stage in ("evaluate", "bench"):
+        device = getattr(recipe, stage).device
+        if stage in stages and device not in ("cpu", "cuda"):
+            raise RecipeError(f"{stage}.device must be cpu or cuda, got {device!r}")
 
 
 def validate(recipe: Recipe) -> ModelStructure:
     """validate_settings, then the checks that read the model's config (no weights) and the data
     files: that the model loads, its target is reachable and the evaluation tasks have their data."""
     validate_settings(recipe)
+    for stage in ("evaluate", "bench"):  # here, not in validate_settings: a GPU recipe still parses anywhere
+        if stage in recipe.stages and getattr(recipe, stage).device == "cuda" and not torch.cuda.is_available():
+            raise RecipeError(f"{stage}.device is cuda, but torch finds no CUDA GPU here; set {stage}.device=cpu")
     structure = model_structure(load_skeleton(resolve_model_source(recipe.model)))
     if {"plan", "prune"} & set(recipe.stages):
         check_reachable(structure, recipe.prune.planner_settings())
@@ -92,42 +103,62 @@ def validate(recipe: Recipe) -> ModelStructure:
     return structure
 
 
-def estimate(recipe: Recipe, structure: ModelStructure, device: str = "cpu") -> list[tuple[str, str, float]]:
-    """(stage, what it does, rough seconds) for each stage: forward FLOPs per token times tokens over RATES."""
+def estimate(recipe: Recipe, structure: ModelStructure, *, gpu: bool) -> list[tuple[str, str, float]]:
+    """(stage, what it does, rough seconds) for each stage: forward FLOPs per token times tokens over
+    the RATES of the stage's device (recovery trains on the GPU when there is one, `gpu`), plus the
+    writing of self text where a stage's data is the model's own."""
     flops = structure.flops_per_token(512)
-    rate = RATES[device]
     prune, recover, evaluate = recipe.prune, recipe.recover, recipe.evaluate
+
+    def rate(device: str | None, kind: str) -> float:
+        return RATES["cuda" if (device or "cpu").startswith("cuda") else "cpu"][kind]
+
+    def sampling(source: str, tokens: int, device: str | None) -> float:
+        return flops * tokens / rate(device, "sample") if source == SELF_SOURCE else 0.0
+
     calib = prune.calibration.n_samples * prune.calibration.seq_len
     rows = []
     for stage in recipe.stages:
         if stage == "analyze":
-            tokens = recipe.analyze.calibration.n_samples * recipe.analyze.calibration.seq_len
-            passes = 232 if recipe.analyze.criterion == "sensitivity" else 3  # BENCHMARKS.md: sensitivity cost
-            rows.append((stage, f"{recipe.analyze.criterion} scores on {tokens:,} tokens", passes * flops * tokens / rate["infer"]))
+            a = recipe.analyze
+            tokens = a.calibration.n_samples * a.calibration.seq_len
+            passes = 232 if a.criterion == "sensitivity" else 3  # BENCHMARKS.md: sensitivity cost
+            what = f"{a.criterion} scores on {tokens:,} tokens"
+            seconds = passes * flops * tokens / rate(a.device, "infer") + sampling(a.calibration.source, tokens, a.device)
         elif stage == "plan":
-            rows.append((stage, f"{prune.criterion} scores on {calib:,} tokens, plan to {prune.target:.0%}",
-                         3 * flops * calib / rate["train"]))
+            what = f"{prune.criterion} scores on {calib:,} tokens, plan to {prune.target:.0%}"
+            seconds = (3 * flops * calib / rate(prune.device, "train")
+                       + sampling(prune.calibration.source, calib, prune.device))
         elif stage == "prune":
             work = 3 * prune.steps + (2 if prune.compensation == "sequential" else 1)
-            rows.append((stage, f"{prune.steps} step(s) of {prune.criterion} + {prune.compensation} compensation, "
-                                f"{prune.target:.0%} of {prune.basis}", work * flops * calib / rate["train"]))
+            what = (f"{prune.steps} step(s) of {prune.criterion} + {prune.compensation} compensation, "
+                    f"{prune.target:.0%} of {prune.basis}")
+            seconds = (work * flops * calib / rate(prune.device, "train")
+                       + sampling(prune.calibration.source, calib, prune.device))
         elif stage == "recover":
+            device = "cuda" if gpu else "cpu"
             teacher = 1 / 3 if recover.needs_teacher else 0  # a teacher forward is a third of a training step
-            rows.append((stage, f"{recover.method}, {recover.tokens:,} tokens",
-                         (1 - prune.target) * (1 + teacher) * 3 * flops * recover.tokens / rate["train"]))
+            written = recover.tokens + recover.data.held_out * recover.data.seq_len
+            what = f"{recover.method}, {recover.tokens:,} tokens on {device}"
+            seconds = ((1 - prune.target) * (1 + teacher) * 3 * flops * recover.tokens / rate(device, "train")
+                       + sampling(recover.data.source, written, device))
         elif stage == "evaluate":
             tokens = sum(300_000 // evaluate.window_every if p != SELF_SOURCE else 4096 for p in evaluate.ppl)
             tokens += len(evaluate.tasks) * (evaluate.limit or 2000) * 4 * 100
-            rows.append((stage, f"perplexity on {', '.join(evaluate.ppl) or '-'}; tasks {', '.join(evaluate.tasks) or '-'}",
-                         (2 if evaluate.dense else 1) * flops * tokens / rate["infer"]))
+            what = f"perplexity on {', '.join(evaluate.ppl) or '-'}; tasks {', '.join(evaluate.tasks) or '-'}"
+            seconds = ((2 if evaluate.dense else 1) * flops * tokens / rate(evaluate.device, "infer")
+                       + (sampling(SELF_SOURCE, SELF_HELD_OUT_TOKENS, evaluate.device) if SELF_SOURCE in evaluate.ppl
+                          else 0.0))
         elif stage == "bench":
             b = recipe.bench
             tokens = b.repeats * (b.prefill_batch * b.prefill_len + sum(b.decode_batches) * b.decode_tokens * 20)
-            rows.append((stage, f"speed on {b.device}" + (", beside the original" if b.baseline else ""),
-                         (2 if b.baseline else 1) * flops * tokens / rate["infer"]))
+            what = f"speed on {b.device}" + (", beside the original" if b.baseline else "")
+            seconds = (2 if b.baseline else 1) * flops * tokens / rate(b.device, "infer")
         else:
             rows.append((stage, {"export": f"final model to {recipe.export.name}/",
                                  "report": "report.md with tables and figures"}[stage], 5.0))
+            continue
+        rows.append((stage, what, LOAD_SECONDS + seconds))
     return rows
 
 
@@ -197,11 +228,13 @@ def _self_perplexities(model_specs: list[str | Path], recipe: Recipe) -> list[fl
     from prunekit.data import calibration_tokens
     from prunekit.evaluate.perplexity import perplexity
 
-    original, tokenizer = load(recipe.model, dtype=recipe.dtype)
-    held_out = calibration_tokens(SELF_SOURCE, tokenizer, n_samples=16, seq_len=256, seed=1234, model=original)
+    device = recipe.evaluate.device
+    original, tokenizer = load(recipe.model, dtype=recipe.dtype, device=device)
+    held_out = calibration_tokens(SELF_SOURCE, tokenizer, n_samples=SELF_HELD_OUT_TOKENS // 256, seq_len=256,
+                                  seed=1234, model=original)
     values = []
     for spec in model_specs:
-        model = original if str(spec) == recipe.model else load(spec, dtype=recipe.dtype)[0]
+        model = original if str(spec) == recipe.model else load(spec, dtype=recipe.dtype, device=device)[0]
         values.append(perplexity(model, tokenizer, dataset=held_out.reshape(-1), seq_len=256, progress=False).perplexity)
     return values
 
@@ -217,7 +250,8 @@ def _stage_evaluate(recipe: Recipe, run_dir: Path) -> dict:
     for name, model, file in targets:
         if texts or e.tasks:
             report = evaluate_model(model, ppl=texts, seq_len=e.seq_len, window_every=e.window_every, tasks=e.tasks,
-                                    limit=e.limit, dtype=e.dtype, data_dir=recipe.data_dir, json_out=run_dir / file)
+                                    limit=e.limit, dtype=e.dtype, data_dir=recipe.data_dir, json_out=run_dir / file,
+                                    device=e.device)
             figures[name] = {**{f"ppl_{k}": round(v["perplexity"], 3) for k, v in report["perplexity"].items()},
                              **{f"task_{k}": v for k, v in report.get("tasks", {}).items()}}
     if SELF_SOURCE in e.ppl:
@@ -275,7 +309,7 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     loaded = resolve_auto(loaded, _has_local_data(loaded.data_dir))
     structure = validate(loaded)
     run_dir = Path(run_dir)
-    progress_print(format_estimate(estimate(loaded, structure)))
+    progress_print(format_estimate(estimate(loaded, structure, gpu=torch.cuda.is_available())))
     if dry_run:
         return {"dry_run": True, "recipe": loaded.to_dict()}
     source_paths = resolve_model_source(loaded.model).local_paths
