@@ -109,9 +109,11 @@ def test_sensitivity_rows_benchmark_checks_its_arguments_before_loading(tmp_path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_self_text_speed_refuses_without_a_gpu(tmp_path):
-    result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r.json"))
-    assert_refused(result, "needs a CUDA GPU; none is visible here", tmp_path / "r.json")
+@pytest.mark.parametrize("script, message", [("self_text_speed.py", "needs a CUDA GPU; none is visible here"),
+                                             ("gpu_eval_device.py", "with the CPU; no GPU is visible here")])
+def test_gpu_only_scripts_refuse_without_a_gpu(tmp_path, script, message):
+    result = run(script, "--tokenizer", str(tmp_path), "--out", str(tmp_path / "r.json"))
+    assert_refused(result, message, tmp_path / "r.json")
 
 
 def test_self_text_speed_checks_its_batch_sizes_first(tmp_path):
