@@ -2,10 +2,11 @@
 
 A SmolLM2-135M-shaped model with random weights (speed does not depend on the values) samples
 --rows rows of --seq-len tokens, --batch-size rows at a time, with prunekit's sampler: fp32 as
-loaded, fp32 with TF32 matrix products, and under bf16 autocast; then, with --batch-sizes, fp32 at
-other numbers of rows per step (one batch each), with peak GPU memory; with --profile, where the
-time of a step goes (GPU busy time against wall time, and the operators that take most). One
-process, one after another.
+loaded, fp32 with TF32 matrix products, under bf16 autocast, and from a bf16 copy (prunekit's
+default on a GPU); then, with --batch-sizes, the default at other numbers of rows per step (one
+batch each), with peak GPU memory; with --profile, where the time of a step of the default goes
+(GPU busy time against wall time, and the operators that take most). One process, one after
+another.
 
     python benchmarks/self_text_speed.py --tokenizer runs/pruned35 --out benchmarks/results/self_text_speed.json
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from prunekit.data.calibration import sample_self_tokens
+from prunekit.data.calibration import SELF_TEXT_DTYPE_GPU, sample_self_tokens
 from prunekit.export.files import atomic_write_text
 from prunekit.export.huggingface import versions
 
@@ -35,7 +36,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=2048)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--batch-sizes", default="", help="also fp32 at these rows per step, e.g. 2048,4096")
+    parser.add_argument("--batch-sizes", default="", help="also the default at these rows per step, e.g. 2048,4096")
     parser.add_argument("--profile", action="store_true",
                         help="profile 32 tokens of sampling at --batch-size rows under torch.profiler")
     parser.add_argument("--out", type=Path, required=True)
@@ -55,17 +56,22 @@ def main() -> int:
     record = {"command": " ".join(sys.argv), "date": datetime.date.today().isoformat(),
               "gpu": torch.cuda.get_device_name(), "versions": versions(), "rows": args.rows,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "tokens_per_second": {}}
-    modes = {"fp32": (False, contextlib.nullcontext), "tf32": (True, contextlib.nullcontext),
-             "bf16_autocast": (False, lambda: torch.autocast("cuda", dtype=torch.bfloat16))}
-    sample_self_tokens(model, tokenizer, n_samples=args.batch_size, seq_len=16, seed=0, batch_size=args.batch_size,
-                       progress=False)  # warm-up
-    for name, (tf32, context) in modes.items():
+    # (sampling dtype, TF32 products, context): the model is fp32, as recovery loads a teacher;
+    # "bf16_copy" is prunekit's default on a GPU (SELF_TEXT_DTYPE_GPU)
+    modes = {"fp32": (torch.float32, False, contextlib.nullcontext),
+             "tf32": (torch.float32, True, contextlib.nullcontext),
+             "bf16_autocast": (torch.float32, False, lambda: torch.autocast("cuda", dtype=torch.bfloat16)),
+             "bf16_copy": (torch.bfloat16, False, contextlib.nullcontext)}
+    for dtype in (torch.float32, torch.bfloat16):  # warm-up
+        sample_self_tokens(model, tokenizer, n_samples=args.batch_size, seq_len=16, seed=0, batch_size=args.batch_size,
+                           dtype=dtype, progress=False)
+    for name, (dtype, tf32, context) in modes.items():
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.cuda.synchronize()
         started = time.perf_counter()
         with context():
             sample_self_tokens(model, tokenizer, n_samples=args.rows, seq_len=args.seq_len, seed=0,
-                               batch_size=args.batch_size, progress=False)
+                               batch_size=args.batch_size, dtype=dtype, progress=False)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
         record["tokens_per_second"][name] = round(args.rows * args.seq_len / seconds)
@@ -82,16 +88,16 @@ def main() -> int:
         started = time.perf_counter()
         try:
             sample_self_tokens(model, tokenizer, n_samples=batch, seq_len=args.seq_len, seed=0, batch_size=batch,
-                               progress=False)
+                               progress=False)  # in prunekit's default dtype on a GPU
         except torch.OutOfMemoryError as error:
-            record.setdefault("fp32_by_batch_size", {})[str(batch)] = {"error": str(error).splitlines()[0][:300]}
+            record.setdefault("by_batch_size", {})[str(batch)] = {"error": str(error).splitlines()[0][:300]}
             continue
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        record.setdefault("fp32_by_batch_size", {})[str(batch)] = {
+        record.setdefault("by_batch_size", {})[str(batch)] = {
             "tokens_per_second": round(batch * args.seq_len / seconds),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        print(batch, record["fp32_by_batch_size"][str(batch)], flush=True)
+        print(batch, record["by_batch_size"][str(batch)], flush=True)
         atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     return 0
 
@@ -114,7 +120,7 @@ def profile(model, tokenizer, rows: int, tokens: int = 32) -> dict:
     def per_token(microseconds: float) -> float:
         return round(microseconds / 1000 / tokens, 3)
 
-    return {"rows": rows, "tokens": tokens, "wall_ms_per_token": round(1000 * wall / tokens, 2),
+    return {"rows": rows, "tokens": tokens, "sampling_dtype": str(SELF_TEXT_DTYPE_GPU), "wall_ms_per_token": round(1000 * wall / tokens, 2),
             "gpu_busy_ms_per_token": per_token(sum(k.self_device_time_total for k in kernels)),
             "kernel_launches_per_token": round(sum(k.count for k in kernels) / tokens, 1),
             "top_kernels_ms_per_token": {k.key[:90]: per_token(k.self_device_time_total)

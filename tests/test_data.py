@@ -1,7 +1,9 @@
 """Text sources, calibration windows, self-sampled text and prompt/response batches."""
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,10 @@ from prunekit.data import (
     sample_self_tokens,
     task_tokens,
 )
-from prunekit.data import sources
+from prunekit.data import calibration, sources
 from prunekit.data.calibration import _cache_keyword, _sample_next_token
-from prunekit.models.memory import sampling_bytes_per_row, sampling_rows_that_fit
+from prunekit.models.loading import cast_copy
+from prunekit.models.memory import sampling_bytes_per_row
 
 
 @pytest.fixture
@@ -276,10 +279,56 @@ def test_sampling_memory_per_row_counts_the_real_kv_cache():
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     assert sampling_bytes_per_row(structure, seq_len, 4) == \
         sum(per_layer) + (1 + group) * max(per_layer) + 16 * structure.vocab_size
-    per_row = sampling_bytes_per_row(structure, seq_len, 4)
-    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=2 * 3 * per_row + 1, most=100) == 3
-    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=10**15, most=100) == 100
-    assert sampling_rows_that_fit(structure, seq_len, 4, free_bytes=0, most=100) == 1
+
+
+def test_gpu_sampling_rows_come_from_a_fixed_budget_not_from_the_free_memory(monkeypatch):
+    """The rows per step shape the text, which every process of a launch, and a resumed run, must
+    write alike: any GPU with room gets the same rows; only one without room gets fewer, and says so."""
+    structure = model_structure(tiny_model("llama"))
+    per_row = sampling_bytes_per_row(structure, 64, 2)
+    monkeypatch.setattr(calibration, "SELF_TEXT_GPU_BYTES", 10 * per_row + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {calibration.gpu_sampling_rows(structure, 64, 2, free) for free in (10 * per_row, 10**12)} == {10}
+    with pytest.warns(UserWarning, match="writing the text 4 rows at a time instead of 10.*free it to reproduce"):
+        assert calibration.gpu_sampling_rows(structure, 64, 2, 4 * per_row + 5) == 4
+    monkeypatch.setattr(calibration, "SELF_TEXT_GPU_BYTES", 10**15)
+    assert calibration.gpu_sampling_rows(structure, 64, 2, 10**16) == calibration.SELF_TEXT_BATCH_GPU
+
+
+def _params_cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The reference for cast_copy: a full copy, then every parameter cast in place (buffers kept)."""
+    reference = copy.deepcopy(model)
+    for parameter in reference.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return reference
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_a_cast_copy_computes_what_casting_the_weights_computes_and_leaves_the_model_alone(pruned):
+    model = tiny_model("llama", tie_word_embeddings=True)
+    if pruned:
+        apply_plan(model, Plan(drop_layers=(1,), layers={2: LayerPlan(keep_kv_groups=(0,), keep_channels=tuple(range(40)))}))
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    cast = cast_copy(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    assert cast.lm_head.weight is cast.model.embed_tokens.weight  # still one tensor
+    assert all(b.dtype == torch.float32 for b in cast.buffers())  # rotary frequencies stay exact
+    ids = torch.randint(3, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(cast(ids).logits, _params_cast(model, torch.bfloat16)(ids).logits)
+    after = model.state_dict()
+    assert all(after[name].dtype == torch.float32 and torch.equal(after[name], value) for name, value in before.items())
+
+
+def test_self_sampling_in_another_dtype_samples_the_cast_model(tokenizer):
+    model = tiny_model("llama")
+    drawn = sample_self_tokens(model, tokenizer, n_samples=3, seq_len=8, seed=0, batch_size=2,
+                               dtype=torch.bfloat16, progress=False)
+    reference = sample_self_tokens(_params_cast(model, torch.bfloat16), tokenizer, n_samples=3, seq_len=8, seed=0,
+                                   batch_size=2, progress=False)
+    assert torch.equal(drawn, reference)
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_self_sampling_needs_the_model(tokenizer):

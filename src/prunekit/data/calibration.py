@@ -27,8 +27,9 @@ from prunekit.data.sources import (
     join_documents,
     load_texts,
 )
-from prunekit.models.memory import available_bytes, sampling_rows_that_fit
-from prunekit.models.structure import model_structure
+from prunekit.models.loading import cast_copy
+from prunekit.models.memory import available_bytes, sampling_bytes_per_row
+from prunekit.models.structure import ModelStructure, model_structure
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy and transformers' losses skip
 # Openings for self-sampled text: short and topic-free so the samples spread over what the model knows.
@@ -60,9 +61,28 @@ def _require_positive(**values: int) -> None:
 # Rows sampled together when the model writes its own calibration text: decoding on a CPU is
 # bound by reading the weights once per step, so 32 rows cost little more than 8 and yield 4x the
 # text; on a GPU a step costs about the same up to thousands of rows (GPU_BENCHMARKS.md), so it
-# takes as many as half its free memory holds, up to SELF_TEXT_BATCH_GPU.
+# takes as many as SELF_TEXT_GPU_BYTES hold, up to SELF_TEXT_BATCH_GPU. A fixed budget, not the
+# free memory of the moment: the rows per step shape the text, which must come out the same in
+# every process of a launch and after a resume.
 SELF_TEXT_BATCH = 32
 SELF_TEXT_BATCH_GPU = 4096
+SELF_TEXT_GPU_BYTES = 32 * 2**30
+# On a GPU the text is written by a bf16 copy: tensor-core products and half the KV cache to move.
+SELF_TEXT_DTYPE_GPU = torch.bfloat16
+
+
+def gpu_sampling_rows(structure: ModelStructure, seq_len: int, element_size: int, free_bytes: int) -> int:
+    """Rows written at once on a GPU: as many as SELF_TEXT_GPU_BYTES hold, at most
+    SELF_TEXT_BATCH_GPU; fewer, with a warning, where the GPU has less free."""
+    per_row = sampling_bytes_per_row(structure, seq_len, element_size)
+    rows = max(1, min(SELF_TEXT_BATCH_GPU, SELF_TEXT_GPU_BYTES // per_row))
+    if rows * per_row > free_bytes:
+        fewer = max(1, free_bytes // per_row)
+        warnings.warn(f"writing the text {fewer} rows at a time instead of {rows}: the GPU has {free_bytes / 2**30:.1f} "
+                      f"GiB free and {rows} rows need {rows * per_row / 2**30:.1f} GiB; the text differs from that of "
+                      "a GPU with more room, so free it to reproduce a run", stacklevel=3)
+        rows = fewer
+    return rows
 
 
 def calibration_tokens(
@@ -166,34 +186,41 @@ def sample_self_tokens(
     batch_size: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """[n_samples, seq_len] token ids sampled from the model itself (data-free calibration, as in LLM-QAT).
 
     Each batch opens with one of `GENERIC_PROMPTS` (after BOS for tokenizers that add it) and is
     sampled with a KV cache to exactly seq_len tokens; EOS does not stop a sample, since
-    calibration needs full windows. The result depends only on the seed, batch_size and the
-    model: sampling draws from a private generator, never from torch's global one. batch_size
-    None: SELF_TEXT_BATCH rows at a time on a CPU; on a GPU as many as fit, up to SELF_TEXT_BATCH_GPU.
+    calibration needs full windows. The result depends only on the seed, batch_size, dtype and
+    the model: sampling draws from a private generator, never from torch's global one.
+    batch_size None: SELF_TEXT_BATCH rows at a time on a CPU, gpu_sampling_rows on a GPU.
+    dtype: sample from a copy of the model in this dtype (the model itself is untouched); None:
+    SELF_TEXT_DTYPE_GPU on a GPU, the model as it is on a CPU.
     """
-    device = next(model.parameters()).device
-    if batch_size is None:
-        batch_size = SELF_TEXT_BATCH
-        if device.type == "cuda":
-            batch_size = sampling_rows_that_fit(model_structure(model), seq_len, next(model.parameters()).element_size(),
-                                                available_bytes(str(device)), most=SELF_TEXT_BATCH_GPU)
-    _require_positive(n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
+    _require_positive(n_samples=n_samples, seq_len=seq_len, **({} if batch_size is None else {"batch_size": batch_size}))
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 to sample the model as it is.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}; use 1.0 to keep the whole distribution.")
+    weights = next(model.parameters())
+    device = weights.device
+    if dtype is None and device.type == "cuda":
+        dtype = SELF_TEXT_DTYPE_GPU
+    sampler = cast_copy(model, dtype) if dtype not in (None, weights.dtype) else model
+    if batch_size is None:
+        batch_size = SELF_TEXT_BATCH
+        if device.type == "cuda":  # after the copy, which takes its share of the free memory
+            batch_size = gpu_sampling_rows(model_structure(sampler), seq_len, next(sampler.parameters()).element_size(),
+                                           available_bytes(str(device)))
     generator = torch.Generator(device=device).manual_seed(seed)
     bos = [tokenizer.bos_token_id] if adds_bos_by_default(tokenizer) else []
-    cache_keyword = _cache_keyword(model)
+    cache_keyword = _cache_keyword(sampler)
 
     samples = []
-    was_training = model.training
-    model.eval()
+    was_training = sampler.training
+    sampler.eval()
     bar = tqdm(total=n_samples * seq_len, unit="tok", desc="sampling calibration text", disable=not progress)
     try:
         with torch.inference_mode():
@@ -203,17 +230,17 @@ def sample_self_tokens(
                 prompt = (bos + encode_text(tokenizer, GENERIC_PROMPTS[choice]))[:seq_len]
                 ids = torch.tensor([prompt] * rows, dtype=torch.long, device=device)
                 bar.update(rows * len(prompt))
-                output = model(ids, use_cache=True)
+                output = sampler(ids, use_cache=True)
                 while ids.shape[1] < seq_len:
                     next_ids = _sample_next_token(output.logits[:, -1], temperature, top_p, generator)
                     ids = torch.cat([ids, next_ids[:, None]], dim=1)
                     bar.update(rows)
                     if ids.shape[1] < seq_len:
-                        output = model(next_ids[:, None], use_cache=True, **{cache_keyword: output[cache_keyword]})
+                        output = sampler(next_ids[:, None], use_cache=True, **{cache_keyword: output[cache_keyword]})
                 samples.append(ids.cpu())
     finally:
         bar.close()
-        model.train(was_training)
+        sampler.train(was_training)
     return torch.cat(samples)
 
 

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -254,3 +255,15 @@ def load_tokenizer(source: ModelSource | str):
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer could be loaded for %s (%s); continuing without one", source.spec, error)
         return None
+
+
+def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `model` (any module: stock, pruned, wrapped) with its floating-point weights in
+    `dtype`, made one tensor at a time (never a second full-precision copy) on the model's device;
+    `model` is untouched. Tied weights stay tied; buffers keep their dtype, so rotary frequencies
+    stay exact."""
+    # deepcopy takes each parameter from the memo instead of copying it, so a weight shared by two
+    # modules stays one cast tensor
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype) if p.is_floating_point() else p.detach(), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()

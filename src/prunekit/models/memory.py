@@ -145,13 +145,6 @@ def sampling_bytes_per_row(structure: ModelStructure, seq_len: int, element_size
     return sum(cache) + in_flight + 4 * structure.vocab_size * 4
 
 
-def sampling_rows_that_fit(structure: ModelStructure, seq_len: int, element_size: int, free_bytes: int,
-                           most: int) -> int:
-    """Rows the model can write at once, at most `most`, in half of `free_bytes` (the other half is
-    for the forward pass's temporaries)."""
-    return max(1, min(most, free_bytes // 2 // sampling_bytes_per_row(structure, seq_len, element_size)))
-
-
 def check_fits(what: str, estimate: MemoryEstimate, device: str = "cpu", *, hints: str) -> None:
     """Refuse `what` when its estimate exceeds the device's free memory; `hints` says what lowers it."""
     free = available_bytes(device)

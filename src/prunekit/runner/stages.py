@@ -37,10 +37,10 @@ SELF_HELD_OUT_TOKENS = 16 * 256  # the original's text that evaluate's `self` pe
 LOAD_SECONDS = 15  # each stage that loads the model (SmolLM2 from its GGUF file: 15 s)
 # Rough sustained rates for the cost estimate of --dry-run (measured on this project's machines:
 # BENCHMARKS.md, GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and
-# trains at ~0.15; it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~25,000
-# (7 TFLOP/s: decoding is bound by the growing KV cache, not by arithmetic).
+# trains at ~0.15; it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~57,000
+# (16 TFLOP/s: decoding is bound by kernel launches and the growing KV cache, not by arithmetic).
 RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12, "sample": 0.05e12},
-         "cuda": {"infer": 150e12, "train": 60e12, "sample": 7e12}}
+         "cuda": {"infer": 150e12, "train": 60e12, "sample": 16e12}}
 
 
 def _has_local_data(data_dir: str | None) -> bool:
@@ -143,12 +143,13 @@ def estimate(recipe: Recipe, structure: ModelStructure, *, gpu: bool) -> list[tu
             seconds = ((1 - prune.target) * (1 + teacher) * 3 * flops * recover.tokens / rate(device, "train")
                        + sampling(recover.data.source, written, device))
         elif stage == "evaluate":
-            tokens = sum(300_000 // evaluate.window_every if p != SELF_SOURCE else 4096 for p in evaluate.ppl)
+            tokens = sum(300_000 // evaluate.window_every if p != SELF_SOURCE else SELF_HELD_OUT_TOKENS
+                         for p in evaluate.ppl)
             tokens += len(evaluate.tasks) * (evaluate.limit or 2000) * 4 * 100
+            written = SELF_HELD_OUT_TOKENS if SELF_SOURCE in evaluate.ppl else 0  # sampled once, for both models
             what = f"perplexity on {', '.join(evaluate.ppl) or '-'}; tasks {', '.join(evaluate.tasks) or '-'}"
             seconds = ((2 if evaluate.dense else 1) * flops * tokens / rate(evaluate.device, "infer")
-                       + (sampling(SELF_SOURCE, SELF_HELD_OUT_TOKENS, evaluate.device) if SELF_SOURCE in evaluate.ppl
-                          else 0.0))
+                       + flops * written / rate(evaluate.device, "sample"))
         elif stage == "bench":
             b = recipe.bench
             tokens = b.repeats * (b.prefill_batch * b.prefill_len + sum(b.decode_batches) * b.decode_tokens * 20)
