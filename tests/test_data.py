@@ -331,6 +331,15 @@ def test_self_sampling_in_another_dtype_samples_the_cast_model(tokenizer):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_the_gpu_samples_from_a_bf16_copy_only_where_it_has_room_for_one():
+    model = tiny_model("llama")
+    copy_bytes = sum(p.numel() for p in model.parameters()) * 2
+    assert calibration.gpu_sampling_dtype(model, free_bytes=copy_bytes) == torch.bfloat16
+    with pytest.warns(UserWarning, match="with the model as it is, not a torch.bfloat16 copy"):
+        assert calibration.gpu_sampling_dtype(model, free_bytes=copy_bytes - 1) is None
+    assert calibration.gpu_sampling_dtype(model.to(torch.bfloat16), free_bytes=0) is None  # already bf16
+
+
 def test_self_sampling_needs_the_model(tokenizer):
     with pytest.raises(DataError, match="pass model="):
         calibration_tokens("self", tokenizer, n_samples=1, seq_len=8, seed=0)

@@ -71,6 +71,21 @@ SELF_TEXT_GPU_BYTES = 32 * 2**30
 SELF_TEXT_DTYPE_GPU = torch.bfloat16
 
 
+def gpu_sampling_dtype(model: torch.nn.Module, free_bytes: int) -> torch.dtype | None:
+    """SELF_TEXT_DTYPE_GPU where the GPU has room for that copy of the model beside it (with a
+    warning, None otherwise: the model samples as it is, more slowly)."""
+    weights = list(model.parameters())
+    if weights[0].dtype == SELF_TEXT_DTYPE_GPU:
+        return None
+    needed = sum(w.numel() for w in weights) * torch.empty((), dtype=SELF_TEXT_DTYPE_GPU).element_size()
+    if needed > free_bytes:
+        warnings.warn(f"writing the text with the model as it is, not a {SELF_TEXT_DTYPE_GPU} copy, which would need "
+                      f"{needed / 2**30:.1f} GiB and the GPU has {free_bytes / 2**30:.1f} GiB free; it takes about "
+                      "twice as long", stacklevel=3)
+        return None
+    return SELF_TEXT_DTYPE_GPU
+
+
 def gpu_sampling_rows(structure: ModelStructure, seq_len: int, element_size: int, free_bytes: int) -> int:
     """Rows written at once on a GPU: as many as SELF_TEXT_GPU_BYTES hold, at most
     SELF_TEXT_BATCH_GPU; fewer, with a warning, where the GPU has less free."""
@@ -197,7 +212,7 @@ def sample_self_tokens(
     the model: sampling draws from a private generator, never from torch's global one.
     batch_size None: SELF_TEXT_BATCH rows at a time on a CPU, gpu_sampling_rows on a GPU.
     dtype: sample from a copy of the model in this dtype (the model itself is untouched); None:
-    SELF_TEXT_DTYPE_GPU on a GPU, the model as it is on a CPU.
+    gpu_sampling_dtype on a GPU (a bf16 copy where it fits), the model as it is on a CPU.
     """
     _require_positive(n_samples=n_samples, seq_len=seq_len, **({} if batch_size is None else {"batch_size": batch_size}))
     if temperature <= 0:
@@ -207,7 +222,7 @@ def sample_self_tokens(
     weights = next(model.parameters())
     device = weights.device
     if dtype is None and device.type == "cuda":
-        dtype = SELF_TEXT_DTYPE_GPU
+        dtype = gpu_sampling_dtype(model, available_bytes(str(device)))
     sampler = cast_copy(model, dtype) if dtype not in (None, weights.dtype) else model
     if batch_size is None:
         batch_size = SELF_TEXT_BATCH
