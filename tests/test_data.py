@@ -329,6 +329,8 @@ def test_self_sampling_in_another_dtype_samples_the_cast_model(tokenizer):
                                    batch_size=2, progress=False)
     assert torch.equal(drawn, reference)
     assert next(model.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be a floating-point dtype such as torch.bfloat16, got torch.int64"):
+        sample_self_tokens(model, tokenizer, n_samples=1, seq_len=8, seed=0, dtype=torch.int64, progress=False)
 
 
 def test_the_gpu_samples_from_a_bf16_copy_only_where_it_has_room_for_one():

@@ -60,10 +60,10 @@ def _require_positive(**values: int) -> None:
 
 # Rows sampled together when the model writes its own calibration text: decoding on a CPU is
 # bound by reading the weights once per step, so 32 rows cost little more than 8 and yield 4x the
-# text; on a GPU a step costs about the same up to thousands of rows (GPU_BENCHMARKS.md), so it
-# takes as many as SELF_TEXT_GPU_BYTES hold, up to SELF_TEXT_BATCH_GPU. A fixed budget, not the
-# free memory of the moment: the rows per step shape the text, which must come out the same in
-# every process of a launch and after a resume.
+# text; on a GPU more rows per step still help a little (4,096 write 1.19x the tokens/s of 1,024:
+# GPU_BENCHMARKS.md), so it takes as many as SELF_TEXT_GPU_BYTES hold, up to SELF_TEXT_BATCH_GPU.
+# A fixed budget, not the free memory of the moment: the rows per step shape the text, which must
+# come out the same in every process of a launch and after a resume.
 SELF_TEXT_BATCH = 32
 SELF_TEXT_BATCH_GPU = 4096
 SELF_TEXT_GPU_BYTES = 32 * 2**30
@@ -77,7 +77,7 @@ def gpu_sampling_dtype(model: torch.nn.Module, free_bytes: int) -> torch.dtype |
     weights = list(model.parameters())
     if weights[0].dtype == SELF_TEXT_DTYPE_GPU:
         return None
-    needed = sum(w.numel() for w in weights) * torch.empty((), dtype=SELF_TEXT_DTYPE_GPU).element_size()
+    needed = sum(w.numel() for w in weights) * SELF_TEXT_DTYPE_GPU.itemsize
     if needed > free_bytes:
         warnings.warn(f"writing the text with the model as it is, not a {SELF_TEXT_DTYPE_GPU} copy, which would need "
                       f"{needed / 2**30:.1f} GiB and the GPU has {free_bytes / 2**30:.1f} GiB free; it takes about "
@@ -219,6 +219,8 @@ def sample_self_tokens(
         raise ValueError(f"temperature must be positive, got {temperature}; use 1.0 to sample the model as it is.")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}; use 1.0 to keep the whole distribution.")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype such as torch.bfloat16, got {dtype}; or None.")
     weights = next(model.parameters())
     device = weights.device
     if dtype is None and device.type == "cuda":
