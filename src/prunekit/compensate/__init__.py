@@ -6,7 +6,9 @@ original sublayer's output on calibration data. Runs on the unpruned model, befo
     apply_plan(model, plan)                        # then cuts the removed columns
 
 `compensate_sequential(model, plan, ids)` refits layer by layer on the inputs that the model,
-pruned up to that layer, actually sees.
+pruned up to that layer, actually sees. `select_and_update(model, plan, ids)` (structured OBS)
+also re-picks which units of each layer go, keeping the plan's widths, and returns the revised
+plan. After the cut, `reconstruct_blocks` trains each pruned layer toward the dense one.
 """
 from prunekit.compensate.bias import BIAS_FLAGS, CompensationError, mean_replacement_bias
 from prunekit.compensate.least_squares import (
@@ -18,7 +20,10 @@ from prunekit.compensate.least_squares import (
     reconstruction_error,
     refit_kept_columns,
 )
+from prunekit.compensate.obs import select_and_update
+from prunekit.compensate.reconstruct import dense_layer_copies, reconstruct_blocks
 from prunekit.compensate.sequential import compensate_sequential
 
 __all__ = ["BIAS_FLAGS", "DEFAULT_RIDGE", "CompensationError", "CompensationReport", "ProjectionFit", "augment_gram",
-           "compensate", "compensate_sequential", "mean_replacement_bias", "reconstruction_error", "refit_kept_columns"]
+           "compensate", "compensate_sequential", "dense_layer_copies", "mean_replacement_bias", "reconstruct_blocks",
+           "reconstruction_error", "refit_kept_columns", "select_and_update"]
