@@ -82,9 +82,10 @@ def test_matches_reference_with_bos_per_window(tokenizer, token_stream):
 def test_chunked_loss_and_small_forwards_change_nothing(tokenizer, token_stream, monkeypatch):
     model = tiny_model("qwen3")
     whole = perplexity(model, tokenizer, dataset=token_stream, seq_len=SEQ_LEN, progress=False)
-    monkeypatch.setattr(perplexity_module, "NLL_CHUNK_ELEMENTS", 7 * model.config.vocab_size)
-    monkeypatch.setattr(perplexity_module, "LOGITS_BUDGET_BYTES", 1)
-    chunked = perplexity(model, tokenizer, dataset=token_stream, seq_len=SEQ_LEN, progress=False)
+    from prunekit.models import loss as loss_module
+
+    monkeypatch.setitem(loss_module.LOSS_CHUNK_ELEMENTS, "cpu", 7 * model.config.vocab_size)
+    chunked = perplexity(model, tokenizer, dataset=token_stream, seq_len=SEQ_LEN, batch_size=1, progress=False)
     assert chunked.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
 
 

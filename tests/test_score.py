@@ -105,7 +105,7 @@ def test_sensitivity_on_task_labels_counts_only_responses():
 def test_taylor_matches_autograd_by_hand():
     model = tiny_model("llama")
     for variant in ("vector", "element"):
-        scores = score_model(model, "taylor", IDS, batch_size=6, progress=False, variant=variant)
+        scores = score_model(model, "taylor", IDS, batch_size=6, progress=False, variant=variant, autocast=False)
         reference = copy.deepcopy(model)
         reference.zero_grad()
         reference(IDS, labels=IDS).loss.backward()
@@ -116,6 +116,36 @@ def test_taylor_matches_autograd_by_hand():
         expected = (products.sum().abs() if variant == "vector" else products.abs().sum()).detach()
         assert float(scores.values["head"][1][3]) == pytest.approx(float(expected), rel=1e-4)
     assert all(p.requires_grad for p in model.parameters()), "scoring must leave the model trainable as it was"
+
+
+def test_taylor_on_its_first_tokens_equals_taylor_on_those_rows():
+    model = tiny_model("qwen2")
+    rows = 3
+    part = score_model(model, "taylor", IDS, progress=False, tokens=rows * IDS.shape[1] + 5, autocast=False)
+    alone = score_model(model, "taylor", IDS[:rows], progress=False, autocast=False)
+    assert part.meta["rows"] == rows
+    for kind in ALL:
+        torch.testing.assert_close(torch.cat([v.reshape(-1) for v in part.values[kind]]),
+                                   torch.cat([v.reshape(-1) for v in alone.values[kind]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_taylor_under_bfloat16_autocast_ranks_as_float32_does(family):
+    """The default where bf16 products are fast: the layers run under bf16 autocast, the loss in
+    float32 chunks. Scores move by bf16 rounding only: the same order of heads and channels."""
+    from prunekit.models.precision import fast_bfloat16
+
+    if not fast_bfloat16("cpu"):
+        pytest.skip("this CPU has no fast bf16 products, so autocast is off")
+    model = tiny_model(family)
+    exact = score_model(model, "taylor", IDS, progress=False, autocast=False)
+    lowered = score_model(model, "taylor", IDS, progress=False, autocast=True)
+    for kind in ("channel", "head"):
+        a = torch.cat([v.reshape(-1) for v in exact.values[kind]])
+        b = torch.cat([v.reshape(-1) for v in lowered.values[kind]])
+        rank = lambda t: t.argsort().argsort().double()  # noqa: E731
+        assert torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1] > 0.95
+        torch.testing.assert_close(b, a, rtol=0.1, atol=0.02 * float(a.abs().max()))
 
 
 def test_taylor_element_bounds_vector():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from prunekit.compensate.least_squares import (
@@ -28,24 +29,59 @@ from prunekit.compensate.least_squares import (
     refit_kept_columns,
 )
 from prunekit.models.architecture import architecture_for
-from prunekit.models.layerwise import embed_calibration, layer_on, run_layer
+from prunekit.models.layerwise import embed_calibration, first_output, layer_on, run_layer
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+from prunekit.models.precision import bfloat16_autocast
 from prunekit.models.structure import model_structure
 from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
 from prunekit.score.statistics import FeatureStats
 
 
+class _Collected(Exception):
+    """Stops a layer's forward pass once the projection's input has been recorded: what follows
+    it in the layer does not change that input."""
+
+
 def _input_gram(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, layer_kwargs: dict,
-                batch_size: int) -> torch.Tensor:
-    """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64, on the layer's device)."""
+                batch_size: int, *, keep_inputs: torch.Tensor | None = None,
+                outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """X' X'ᵀ of `projection`'s inputs when `layer` runs on `stream` (float64, on the layer's device).
+
+    Without `outputs` each pass stops at the projection. With `outputs` (a tensor like `stream`,
+    possibly `stream` itself) the layer runs whole and its outputs are written there, and
+    `keep_inputs` [rows, seq, in_features] receives the projection's inputs: the pass then also
+    advances the stream, and `_apply_refit` corrects it for the refit afterwards."""
     inputs = FeatureStats.empty(projection.in_features, with_gram=True, device=projection.weight.device)
-    handle = projection.register_forward_pre_hook(lambda module, args: inputs.add(args[0]))
+    block: list[slice] = []
+
+    def record(module, args):
+        inputs.add(args[0])
+        if keep_inputs is not None:
+            keep_inputs[block[0]] = args[0]
+        if outputs is None:
+            raise _Collected
+
+    handle = projection.register_forward_pre_hook(record)
     try:
         for start in range(0, len(stream), batch_size):
-            layer(stream[start:start + batch_size], **layer_kwargs)
+            block[:] = [slice(start, start + batch_size)]
+            try:
+                result = layer(stream[block[0]], **layer_kwargs)
+            except _Collected:
+                continue
+            outputs[block[0]] = first_output(result)
     finally:
         handle.remove()
     return inputs.gram
+
+
+def _apply_refit(stream: torch.Tensor, kept_inputs: torch.Tensor, change: torch.Tensor, batch_size: int) -> None:
+    """Add (W' − W) x to the outputs in `stream` of a layer that ran with W: exact where the
+    projection's output enters the residual stream as it is (no norm after the sublayer)."""
+    change = change.to(kept_inputs.dtype)
+    for start in range(0, len(stream), batch_size):
+        block = slice(start, start + batch_size)
+        stream[block] += F.linear(kept_inputs[block], change).to(stream.dtype)
 
 
 def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor:
@@ -57,42 +93,62 @@ def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor
 @torch.no_grad()
 def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, ridge: float = DEFAULT_RIDGE,
                           batch_size: int = 8, progress: bool = True,
-                          device: torch.device | str | None = None) -> CompensationReport:
+                          device: torch.device | str | None = None, autocast: bool = True) -> CompensationReport:
     """Refit o_proj / down_proj of every width-pruned sublayer of `plan`, layer by layer, in place,
     before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream.
 
     The stream of calibration states lives on `device` (default: the model's); each layer visits
     it in turn and goes back where it was, so the model may stay in CPU memory (layer-by-layer
-    mode): the device then holds one layer, the stream and one projection's fit."""
+    mode): the device then holds one layer, the stream and one projection's fit.
+
+    A layer runs at most twice: once up to o_proj (its inputs' Gram matrix), and once whole with
+    the refitted o_proj, recording down_proj's inputs; the stream then takes that pass's outputs,
+    corrected for the refitted down_proj, where the MLP's output enters the residual stream as it
+    is (a family with a norm after the MLP runs the layer a third time). With `autocast`, float32
+    layers run under bfloat16 autocast where the device has fast bf16 products
+    (`prunekit.models.precision`); the Gram matrices and the solve stay float64."""
     arch = architecture_for(model.config.model_type)
     layers = decoder_layers(model, arch.to_dict())
     kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, model_structure(model))}
     head_dim = head_dim_of(model.config)
-    device = device if device is not None else next(model.parameters()).device
+    weights = next(model.parameters())
+    device = torch.device(device) if device is not None else weights.device
+    precision = bfloat16_autocast(device, weights.dtype, autocast)
     stream, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
     fits = []
     for i in tqdm(range(len(layers)), desc="compensation: layers", unit="layer", disable=not progress):
         layer, kept = layers[i], kept_by_source.get(i)
         if kept is None:  # a dropped layer passes the stream through
             continue
-        with layer_on(layer, device):
+        advanced = False
+        with layer_on(layer, device), precision:
             for sublayer, module_name, projection_name in (("attention", arch.attention, arch.o_proj),
                                                            ("mlp", arch.mlp, arch.down_proj)):
                 module = getattr(layer, module_name)
                 if isinstance(module, (RemovedAttention, RemovedMLP)):
                     continue
+                # The MLP comes last in the layer: its pass can advance the stream too.
+                advance = sublayer == "mlp" and arch.mlp_output_norm is None
                 fit = _refit_projection(layer, getattr(module, projection_name), _kept_columns(kept, sublayer, head_dim),
-                                        stream, kwargs_of[i], ridge=ridge, batch_size=batch_size)
+                                        stream, kwargs_of[i], ridge=ridge, batch_size=batch_size, advance=advance)
                 if fit is not None:
-                    fits.append(ProjectionFit(i, sublayer, *fit))
-            run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
+                    fits.append(ProjectionFit(i, sublayer, *fit[:4]))
+                    advanced = fit[4]
+            if not advanced:
+                run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
     return CompensationReport(tuple(fits), ridge, least_squares=True, bias=False)
 
 
 def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tensor, stream: torch.Tensor,
-                      layer_kwargs: dict, *, ridge: float, batch_size: int) -> tuple[int, int, float, float] | None:
+                      layer_kwargs: dict, *, ridge: float, batch_size: int,
+                      advance: bool = False) -> tuple[int, int, float, float, bool] | None:
     """Refit `projection`'s kept columns in place on its inputs from `stream`, zeroing the rest;
-    (kept, removed, error before, error after), or None when nothing of it is removed."""
+    (kept, removed, error before, error after, whether `stream` now holds the layer's outputs),
+    or None when nothing of it is removed.
+
+    With `advance`, the pass that collects the inputs runs the whole layer and leaves its outputs
+    in `stream`, corrected for the refit: the projection's output must enter the residual stream
+    as it is, and its inputs are kept meanwhile (rows x seq x in_features)."""
     weight = projection.weight
     keep = keep.to(weight.device)
     if len(keep) == projection.in_features:
@@ -102,7 +158,14 @@ def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tenso
         if projection.bias is not None:
             projection.bias.zero_()
         return None
-    gram = _input_gram(layer, projection, stream, layer_kwargs, batch_size)
+    kept_inputs = None
+    if advance:
+        # The inputs come out of the layer in the dtype it computes in (bf16 under autocast).
+        probe_dtype = torch.get_autocast_dtype(stream.device.type) if torch.is_autocast_enabled(stream.device.type) \
+            else weight.dtype
+        kept_inputs = stream.new_empty((*stream.shape[:-1], projection.in_features), dtype=probe_dtype)
+    gram = _input_gram(layer, projection, stream, layer_kwargs, batch_size, keep_inputs=kept_inputs,
+                       outputs=stream if advance else None)
     dense = weight.to(torch.float64)
     # One buffer for the plain cut and then the refit: at 8B scale each is half a gigabyte.
     candidate = torch.zeros_like(dense)
@@ -110,5 +173,9 @@ def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tenso
     before = reconstruction_error(dense, candidate, gram)
     candidate[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
     after = reconstruction_error(dense, candidate, gram)
-    weight.copy_(candidate.to(weight.dtype))
-    return len(keep), projection.in_features - len(keep), before, after
+    new_weight = candidate.to(weight.dtype)
+    if advance:
+        _apply_refit(stream, kept_inputs, new_weight.float() - weight.float(), batch_size)
+        del kept_inputs
+    weight.copy_(new_weight)
+    return len(keep), projection.in_features - len(keep), before, after, advance

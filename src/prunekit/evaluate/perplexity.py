@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prunekit.models.loading import TORCH_DTYPES as DTYPES
+from prunekit.models.loss import OutputHead, token_nll
 from prunekit.data import (
     TEXT_PROTOCOLS,
     DataError,
@@ -33,12 +33,6 @@ from prunekit.data import (
     load_texts,
     resolve_split,
 )
-
-# Cap on the fp32-sized logits of one forward pass: a 262k vocabulary (Gemma) at 8 x 512 would
-# otherwise take 4.3 GB, so large vocabularies run fewer windows per forward.
-LOGITS_BUDGET_BYTES = 2**30
-# Logits are upcast to fp32 for the loss this many elements at a time (64 MiB).
-NLL_CHUNK_ELEMENTS = 2**24
 
 
 
@@ -250,8 +244,11 @@ def _score_windows(
     """(sum of the scored tokens' NLL, number of scored tokens)."""
     device = next(model.parameters()).device
     text_len = seq_len - (bos_id is not None)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    windows_per_forward = max(1, min(batch_size, LOGITS_BUDGET_BYTES // (seq_len * vocab_size * 4)))
+    # The model runs to its final hidden states only; the loss makes the logits a chunk of
+    # positions at a time, in float32 (prunekit.models.loss), so a large vocabulary needs no
+    # smaller batches.
+    head = OutputHead.of(model)
+    windows_per_forward = batch_size
     precision = (
         torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
     )
@@ -272,21 +269,12 @@ def _score_windows(
                 if bos_id is not None:
                     inputs = torch.cat([inputs.new_full((len(batch), 1), bos_id), inputs], dim=1)
                 inputs = inputs.to(device)
-                logits = model(inputs, use_cache=False).logits
-                for row, window in enumerate(batch):
-                    # Logits at position t predict the token at t + 1.
-                    nll_sum += summed_nll(logits[row, window.first_scored - 1 : -1], inputs[row, window.first_scored :])
-                    n_scored += seq_len - window.first_scored
+                hidden = model.base_model(inputs, use_cache=False).last_hidden_state
+                # Hidden states at position t predict the token at t + 1.
+                scored_hidden = torch.cat([hidden[row, window.first_scored - 1 : -1] for row, window in enumerate(batch)])
+                targets = torch.cat([inputs[row, window.first_scored :] for row, window in enumerate(batch)])
+                nll_sum += token_nll(head, scored_hidden, targets).sum(dtype=torch.float64)
+                n_scored += len(targets)
     finally:
         model.train(was_training)
     return nll_sum.item(), n_scored
-
-
-def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of -log p(target) over [n, vocab] logits, upcast to fp32 a chunk at a time to bound memory."""
-    rows_per_chunk = max(1, NLL_CHUNK_ELEMENTS // logits.shape[-1])
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for first in range(0, len(targets), rows_per_chunk):
-        chunk = slice(first, first + rows_per_chunk)
-        total += F.cross_entropy(logits[chunk].float(), targets[chunk], reduction="sum").double()
-    return total

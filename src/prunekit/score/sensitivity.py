@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.layerwise import embed_calibration, first_output, run_layer
+from prunekit.models.loss import OutputHead, token_nll
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP
 from prunekit.score.parts import layers_of
 from prunekit.score.scores import Scores
@@ -46,25 +47,15 @@ def _replace_first(output, value):
 def _output_head(model):
     arch, _, _ = layers_of(model)
     final_norm = model.get_submodule(arch.final_norm)
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = OutputHead.of(model)
 
     def nll_sums(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Summed next-token NLL per row; logits are made a few rows at a time (vocabularies are big)."""
-        budget = 2**28 if hidden.is_cuda else 2**26  # logit elements held at once: 1 GiB / 256 MiB in fp32
-        rows_per_chunk = max(1, budget // (hidden.shape[1] * head.out_features))
-        sums = []
-        for start in range(0, hidden.shape[0], rows_per_chunk):
-            logits = head(final_norm(hidden[start:start + rows_per_chunk]))[:, :-1].float()
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            target = labels[start:start + rows_per_chunk, 1:]
-            # Flat [tokens, vocab] rows: cross_entropy over a transposed [rows, vocab, tokens]
-            # view runs several times slower.
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                               ignore_index=-100, reduction="none").view(target.shape)
-            sums.append(loss.sum(1))
-        return torch.cat(sums)
+        """Summed next-token NLL per row, in float32 with the logits made a chunk of positions at a
+        time (prunekit.models.loss: vocabularies are big)."""
+        normed = final_norm(hidden)[:, :-1]
+        target = labels[:, 1:]
+        nll = token_nll(head, normed.reshape(-1, normed.shape[-1]), target.reshape(-1))
+        return nll.view(target.shape).sum(1)
 
     return nll_sums
 

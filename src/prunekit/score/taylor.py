@@ -10,10 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunekit.models.loss import OutputHead, next_token_loss
+from prunekit.models.precision import bfloat16_autocast
 from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_weights
 from prunekit.score.scores import Scores
 
 TAYLOR_VARIANTS = ("element", "vector")
+DEFAULT_TAYLOR_TOKENS = 0  # calibration tokens the gradient is taken on (0: every row)
 
 
 def _saliency(weight: torch.Tensor, grad: torch.Tensor, dims, variant: str) -> torch.Tensor:
@@ -22,8 +25,15 @@ def _saliency(weight: torch.Tensor, grad: torch.Tensor, dims, variant: str) -> t
 
 
 def accumulate_gradients(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, *, batch_size: int,
-                         progress: bool) -> None:
-    """Gradient of the mean calibration loss w.r.t. every decoder-layer weight (in .grad)."""
+                         progress: bool, autocast: bool = True) -> None:
+    """Gradient of the mean calibration loss w.r.t. every decoder-layer weight (in .grad, float32
+    for float32 weights).
+
+    The decoder layers run under bfloat16 autocast when `autocast` and the device has fast bf16
+    products (`fast_bfloat16`) and the weights are float32; the vocabulary-wide loss always runs
+    in float32, a chunk of positions at a time (prunekit.models.loss), whatever the weights' dtype:
+    the full logits of a large vocabulary do not fit, and in bf16 on a CPU they are both
+    inaccurate and many times slower."""
     _, layers, _ = layers_of(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -31,26 +41,41 @@ def accumulate_gradients(model: nn.Module, input_ids: torch.Tensor, labels: torc
     for layer in layers:
         for p in layer.parameters():
             p.requires_grad_(True)
-    device = next(model.parameters()).device
+    weights = next(model.parameters())
+    device = weights.device
     labels = input_ids if labels is None else labels
-    counted = (labels[:, 1:] != -100).sum().item()
+    counted = max((labels[:, 1:] != -100).sum().item(), 1)
+    head = OutputHead.of(model)
+    precision = bfloat16_autocast(device, weights.dtype, autocast)
     model.eval()  # no dropout: importance of the model as it will run
     for start in tqdm(range(0, len(input_ids), batch_size), desc="taylor: gradients", unit="batch", disable=not progress):
         ids = input_ids[start:start + batch_size].to(device)
         lab = labels[start:start + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1].float()
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1),
-                                           ignore_index=-100, reduction="sum") / counted
+        with precision:
+            hidden = model.base_model(ids, use_cache=False).last_hidden_state
+        loss = next_token_loss(head, hidden, lab, divide_by=counted)
         loss.backward()
-        del logits, loss
+        del hidden, loss
+
+
+def taylor_rows(input_ids: torch.Tensor, tokens: int) -> int:
+    """Rows of `input_ids` that hold `tokens` calibration tokens (at least one; 0: every row)."""
+    return len(input_ids) if tokens == 0 else min(len(input_ids), max(1, tokens // input_ids.shape[1]))
 
 
 def taylor_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                  variant: str = "element", batch_size: int = 4, progress: bool = True) -> Scores:
+                  variant: str = "element", batch_size: int = 4, progress: bool = True,
+                  tokens: int = DEFAULT_TAYLOR_TOKENS, autocast: bool = True) -> Scores:
+    """Taylor importance from the gradient of the loss on the first rows of `input_ids` that hold
+    `tokens` tokens (0: every row); `autocast` as in `accumulate_gradients`."""
     if variant not in TAYLOR_VARIANTS:
         raise ValueError(f"unknown taylor variant {variant!r}; choose one of {list(TAYLOR_VARIANTS)}")
+    if tokens < 0:
+        raise ValueError(f"tokens must be 0 (every row) or a positive token count, got {tokens}")
+    rows = taylor_rows(input_ids, tokens)
+    input_ids, labels = input_ids[:rows], None if labels is None else labels[:rows]
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-    accumulate_gradients(model, input_ids, labels, batch_size=batch_size, progress=progress)
+    accumulate_gradients(model, input_ids, labels, batch_size=batch_size, progress=progress, autocast=autocast)
     arch, layers, head_dim = layers_of(model)
     finish = (lambda t: t.abs()) if variant == "vector" else (lambda t: t)
     values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
@@ -80,4 +105,5 @@ def taylor_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     for name, p in model.named_parameters():
         p.grad = None
         p.requires_grad_(trainable[name])
-    return Scores("taylor", values, {"variant": variant, "unit": "first-order loss change (nats/token)"})
+    return Scores("taylor", values, {"variant": variant, "unit": "first-order loss change (nats/token)",
+                                     "rows": rows, "tokens": int(input_ids.numel())})
