@@ -2,6 +2,7 @@
 BENCHMARKS.md.
 
     python benchmarks/grid_table.py benchmarks/results/grid_*.json
+    python benchmarks/grid_table.py --tasks benchmarks/results/grid_obs_tasks.json   # zero-shot accuracy table
 """
 from __future__ import annotations
 
@@ -9,7 +10,41 @@ import json
 import sys
 from collections import defaultdict
 
+def repair_label(run: dict) -> str:
+    """The compensation column: obs with its options, and block reconstruction where it ran (as pruning_grid prints it)."""
+    label = str(run["compensation"]).replace("True", "one-shot").replace("False", "none")
+    if label == "obs":
+        label += f" ({run['channels_per_step']}/step, damping {run['damping']:g})"
+    if run.get("reconstruct_steps"):
+        label += f" + reconstruct {run['reconstruct_steps']} @ {run['reconstruct_lr']:g}"
+    return label
+
+
 PEERS = {0.2: "51.0 (LLM-Pruner, Taylor)", 0.35: "-", 0.5: "271.7 (LLM-Pruner, Taylor)"}
+
+
+def task_table(paths: list[str]) -> int:
+    """Zero-shot accuracy (acc_norm where the task reports it, else acc) of every run beside the dense model."""
+    for path in paths:
+        record = json.load(open(path))
+        tasks = list(record["dense_tasks"])
+        metric = {t: "acc_norm" if "acc_norm" in record["dense_tasks"][t] else "acc" for t in tasks}
+        print("| removed | setting | WikiText-2 | " + " | ".join(f"{t} {metric[t]}" for t in tasks) + " | mean |")
+        print("|" + "---|" * (4 + len(tasks)))
+
+        def row(removed: str, setting: str, ppl: float, results: dict) -> None:
+            values = [results[t][metric[t]] for t in tasks]
+            print(f"| {removed} | {setting} | {ppl:.2f} | " + " | ".join(f"{v:.3f}" for v in values)
+                  + f" | {sum(values) / len(values):.3f} |")
+
+        row("0%", "dense", record["dense"]["perplexity"], record["dense_tasks"])
+        for run in record["runs"]:
+            row(f"{run['target']:.0%}", f"{run['criterion']}, {run['allocation']}, {','.join(run['structures'])}, "
+                f"{repair_label(run)}", run["perplexity"], run["tasks"])
+        n = {t: record["dense_tasks"][t]["n"] for t in tasks}
+        print(f"\n- `{path}`: `{record['command']}` on {record['device']}, {record['date']}; examples per task: "
+              + ", ".join(f"{t} {n[t]}" for t in tasks))
+    return 0
 
 
 def main(paths: list[str]) -> int:
@@ -23,8 +58,8 @@ def main(paths: list[str]) -> int:
     for run in runs:
         # Files written before `structures` was recorded used layers for block influence, else widths.
         default = ["layer"] if run["criterion"] == "block_influence" else ["channel", "head", "kv_group"]
-        key = (run["criterion"], run["allocation"], ",".join(run.get("structures", default)),
-               str(run["compensation"]).replace("True", "one-shot").replace("False", "none"), run.get("steps", 1))
+        key = (run["criterion"], run["allocation"], ",".join(run.get("structures", default)), repair_label(run),
+               run.get("steps", 1))
         table.setdefault(key, {})[run["target"]] = run
     ratios = sorted({r for rows in table.values() for r in rows})
     print("| criterion | allocation | removes | compensation | steps | " + " | ".join(f"{r:.0%}" for r in ratios)
@@ -62,4 +97,4 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(task_table(sys.argv[2:]) if sys.argv[1:2] == ["--tasks"] else main(sys.argv[1:]))

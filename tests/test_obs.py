@@ -205,3 +205,31 @@ def test_first_layer_with_one_unit_per_step_is_at_least_as_good_as_sequential():
     apply_plan(obs, revised)
     apply_plan(sequential, plan)
     assert model_structure(obs).total_params == model_structure(sequential).total_params
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_pipeline_cuts_the_revised_plan_and_reconstructs(tokenizer):
+    from prunekit.pipeline import CalibrationSettings, PruneSettings, prune_loaded
+
+    calibration = (torch.randint(3, 259, (8, 24), generator=torch.Generator().manual_seed(2)), None)
+    settings = dict(target=0.3, ffn_multiple=16, batch_size=4,
+                    calibration=CalibrationSettings(source="c4", n_samples=8, seq_len=24))
+    records = {}
+    for name, extra in {"sequential": {}, "obs": {"compensation": "obs", "reconstruct_steps": 4}}.items():
+        model = tiny_model("llama")
+        records[name] = prune_loaded(model, tokenizer, PruneSettings(**settings, **extra), progress=False,
+                                     calibration=calibration)
+    obs, sequential = records["obs"], records["sequential"]
+    assert obs["params"] == sequential["params"]  # the same widths, so the same size
+    assert obs["steps"][0]["plan"]["meta"]["selection"]["method"] == "obs"
+    assert obs["steps"][0]["compensation"]["method"] == "obs"
+    assert len(obs["reconstruction"]["layers"]) == 4 and "reconstruction" not in sequential
+
+
+def test_bad_reconstruction_settings_are_refused_before_any_work():
+    from prunekit.pipeline import PruneSettings
+
+    with pytest.raises(CompensationError, match="steps"):
+        PruneSettings(reconstruct_steps=-1).validate()
+    with pytest.raises(CompensationError, match="learning rate"):
+        PruneSettings(reconstruct_steps=10, reconstruct_lr=-1.0).validate()
