@@ -79,11 +79,14 @@ def augment_gram(gram: torch.Tensor, feature_sum: torch.Tensor, tokens: int) -> 
     return torch.cat([torch.cat([gram, column], 1), torch.cat([column.T, corner], 1)], 0)
 
 
-def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor) -> float:
-    """||W X − W' X||² / ||W X||², from the Gram matrix alone (removed columns of W' are zero)."""
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, gram: torch.Tensor,
+                         reference: torch.Tensor | None = None) -> float:
+    """||W X − W' X||² / ||W X||², from the Gram matrix alone (removed columns of W' are zero);
+    `reference`, ||W X||², where the caller already has it."""
     weight, difference = weight.to(gram.dtype), (weight - new_weight).to(gram.dtype)
     error = ((difference @ gram) * difference).sum()
-    reference = ((weight @ gram) * weight).sum()
+    if reference is None:
+        reference = ((weight @ gram) * weight).sum()
     return (error / reference).item() if reference > 0 else 0.0
 
 

@@ -75,6 +75,20 @@ def _input_gram(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, l
     return inputs.gram
 
 
+# The MLP's pass advances the stream only where its inputs, kept meanwhile for every row, take at
+# most this many times the stream's memory: SmolLM2 (FFN 2.7x hidden, bf16 inputs of a float32
+# stream) keeps them, Llama-3-8B in bf16 (3.5x: 7.5 GiB for 128 x 2048 tokens beside a 2 GiB stream)
+# runs the layer a third time instead, so that layer-by-layer mode stays small on the device.
+MLP_INPUTS_MAX_STREAMS = 2
+
+
+def keeps_mlp_inputs(stream: torch.Tensor, ffn_width: int, *, lowered: bool) -> bool:
+    """Whether the MLP's pass keeps its inputs to advance the stream (MLP_INPUTS_MAX_STREAMS);
+    `lowered`: the layer computes in bf16 (autocast)."""
+    element = 2 if lowered else stream.element_size()
+    return ffn_width * element <= MLP_INPUTS_MAX_STREAMS * stream.shape[-1] * stream.element_size()
+
+
 def _apply_refit(stream: torch.Tensor, kept_inputs: torch.Tensor, change: torch.Tensor, batch_size: int) -> None:
     """Add (W' − W) x to the outputs in `stream` of a layer that ran with W: exact where the
     projection's output enters the residual stream as it is (no norm after the sublayer)."""
@@ -116,7 +130,13 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
     precision = bfloat16_autocast(device, weights.dtype, autocast)
     stream, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
     fits = []
-    for i in tqdm(range(len(layers)), desc="compensation: layers", unit="layer", disable=not progress):
+    lowered = isinstance(precision, torch.autocast)
+    # The bar counts passes over the stream, not layers: a pruned layer costs two or three times an
+    # untouched one, and the untouched ones come first in most plans, so a per-layer rate would
+    # promise too early an end.
+    work = [_layer_passes(layers[i], arch, kept_by_source.get(i), head_dim, stream, lowered) for i in range(len(layers))]
+    bar = tqdm(total=sum(work), desc="compensation: layer passes", unit="pass", disable=not progress)
+    for i in range(len(layers)):
         layer, kept = layers[i], kept_by_source.get(i)
         if kept is None:  # a dropped layer passes the stream through
             continue
@@ -128,7 +148,8 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
                 if isinstance(module, (RemovedAttention, RemovedMLP)):
                     continue
                 # The MLP comes last in the layer: its pass can advance the stream too.
-                advance = sublayer == "mlp" and arch.mlp_output_norm is None
+                advance = sublayer == "mlp" and arch.mlp_output_norm is None and keeps_mlp_inputs(
+                    stream, getattr(module, projection_name).in_features, lowered=torch.is_autocast_enabled(device.type))
                 fit = _refit_projection(layer, getattr(module, projection_name), _kept_columns(kept, sublayer, head_dim),
                                         stream, kwargs_of[i], ridge=ridge, batch_size=batch_size, advance=advance)
                 if fit is not None:
@@ -136,7 +157,28 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
                     advanced = fit[4]
             if not advanced:
                 run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
+        bar.update(work[i])
+    bar.close()
     return CompensationReport(tuple(fits), ridge, least_squares=True, bias=False)
+
+
+def _layer_passes(layer: nn.Module, arch, kept: KeptLayer | None, head_dim: int, stream: torch.Tensor,
+                  lowered: bool) -> float:
+    """Passes of `layer` over the stream that `compensate_sequential` will make (one stopped at
+    o_proj counts half): what its progress bar counts."""
+    if kept is None:
+        return 0.0
+    attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+    passes = 1.0  # the pass that advances the stream
+    if not isinstance(attention, RemovedAttention) and 0 < len(kept.query_heads) * head_dim < getattr(
+            attention, arch.o_proj).in_features:
+        passes += 0.5
+    if not isinstance(mlp, RemovedMLP):
+        width = getattr(mlp, arch.down_proj).in_features
+        if 0 < len(kept.channels) < width and not (arch.mlp_output_norm is None
+                                                   and keeps_mlp_inputs(stream, width, lowered=lowered)):
+            passes += 1.0
+    return passes
 
 
 def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tensor, stream: torch.Tensor,
@@ -170,9 +212,10 @@ def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tenso
     # One buffer for the plain cut and then the refit: at 8B scale each is half a gigabyte.
     candidate = torch.zeros_like(dense)
     candidate[:, keep] = dense[:, keep]
-    before = reconstruction_error(dense, candidate, gram)
+    reference = ((dense @ gram) * dense).sum()  # ||W X||², shared by both errors
+    before = reconstruction_error(dense, candidate, gram, reference=reference)
     candidate[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
-    after = reconstruction_error(dense, candidate, gram)
+    after = reconstruction_error(dense, candidate, gram, reference=reference)
     new_weight = candidate.to(weight.dtype)
     if advance:
         _apply_refit(stream, kept_inputs, new_weight.float() - weight.float(), batch_size)
