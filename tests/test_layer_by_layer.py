@@ -24,8 +24,9 @@ IDS = torch.randint(3, 259, (10, 20), generator=torch.Generator().manual_seed(1)
 
 
 def _close(a, b):
+    # Gram products are float32 on a CPU (summed in float64): batches of other sizes round differently.
     torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64),
-                               rtol=1e-5, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_statistics_layer_by_layer_equal_the_whole_model_pass(family, one_thread):
@@ -156,13 +157,14 @@ def test_memory_refusal_names_the_estimate_and_the_options(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 4 * 2**30)
     layered = PruneSettings(criterion="activation", layer_by_layer=True,
                             calibration=CalibrationSettings(n_samples=128, seq_len=2048))
-    with pytest.raises(InsufficientMemoryError, match=r"layer by layer needs at least .* GiB \(calibration states 2.0 "
-                                                      r"GiB.*lower --calib-samples or --calib-seq-len"):
-        check_memory("pruning llama-8b", structure, "bfloat16", layered)
+    with pytest.raises(InsufficientMemoryError, match=r"prune of llama-8b needs at least .* GiB \(calibration states 2.0 "
+                                                      r"GiB.*on the cpu \(one layer at a time\).*lower --calib-samples "
+                                                      r"or --calib-seq-len"):
+        check_memory("llama-8b", structure, "bfloat16", layered)
     with pytest.raises(InsufficientMemoryError, match="add --layer-by-layer"):
-        check_memory("pruning llama-8b", structure, "bfloat16", PruneSettings(criterion="activation"))
+        check_memory("llama-8b", structure, "bfloat16", PruneSettings(criterion="activation"))
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 12 * 2**30)
-    check_memory("pruning llama-8b", structure, "bfloat16", layered)  # fits on the device; the CPU holds the model
+    check_memory("llama-8b", structure, "bfloat16", layered)  # fits on the device; the CPU holds the model
 
 
 def test_non_finite_weights_are_refused_before_scoring(tokenizer, monkeypatch):
@@ -171,7 +173,7 @@ def test_non_finite_weights_are_refused_before_scoring(tokenizer, monkeypatch):
         model.model.layers[2].mlp.up_proj.weight[3, 1] = float("inf")
     import prunekit.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_score", lambda *a, **k: pytest.fail("scored a model with inf weights"))
+    monkeypatch.setattr(pipeline, "score_loaded", lambda *a, **k: pytest.fail("scored a model with inf weights"))
     with pytest.raises(NonFiniteWeightsError, match=r"weight model.layers.2.mlp.up_proj.weight of .* holds 1 NaN or "
                                                     r"inf value\(s\); the checkpoint is damaged"):
         prune_loaded(model, tokenizer, PruneSettings(criterion="activation"), progress=False,

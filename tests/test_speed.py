@@ -102,7 +102,7 @@ def test_flops_per_token_counts_linear_weights_and_attention() -> None:
     hidden, ffn, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_key_value_heads * config.head_dim
-    per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * ffn
+    per_layer = hidden * (2 * q_width + 2 * kv_width) + 3 * hidden * ffn + 2 * hidden  # + its two norms
     lm_head = config.vocab_size * hidden
     context = 20
     expected = 2 * (layers * per_layer + lm_head) + layers * 4 * q_width * context
@@ -141,3 +141,88 @@ def test_cuda_without_gpu_is_a_clear_error(models, monkeypatch: pytest.MonkeyPat
 def test_bad_settings_are_rejected_before_measuring(models, setting: dict, problem: str) -> None:
     with pytest.raises(EvalError, match=problem):
         benchmark_speed(models[0], **(QUICK | setting))
+
+
+# ----------------------------------------------------------------------------- trust on a shared machine
+
+
+def test_the_speedup_is_the_ratio_of_the_medians_shown(comparison: SpeedResult) -> None:
+    from prunekit.evaluate.speed import speedup_of
+
+    for metric, ratio in comparison.speedup.items():
+        model, baseline = comparison.model.timings[metric], comparison.baseline.timings[metric]
+        if metric.startswith("time_"):
+            assert ratio.median == pytest.approx(baseline.median / model.median)
+            assert (ratio.low, ratio.high) == pytest.approx((baseline.low / model.high, baseline.high / model.low))
+        else:
+            assert ratio.median == pytest.approx(model.median / baseline.median)
+        assert ratio == speedup_of(metric, model, baseline)
+    assert "the ratio of the two medians shown" in format_speed_table(comparison)
+    load = comparison.settings.load_average
+    assert load is None or (len(load) == 3 and "load average at the start" in format_speed_table(comparison))
+    # a record read back forms the same ratios, and older records with other speedups are formed again
+    record = comparison.to_dict()
+    record["speedup"] = {metric: {"median": 9.0, "low": 9.0, "high": 9.0} for metric in record["speedup"]}
+    assert SpeedResult.from_dict(json.loads(json.dumps(record))).speedup == comparison.speedup
+
+
+@pytest.mark.parametrize("model, baseline, ratio, ideal, reason", [
+    ((10, 9.9, 10.1), (8, 7.9, 8.1), None, 1.3, None),
+    ((10, 6, 12), (8, 7.9, 8.1), None, 1.3, "the pruned model's repeats spread 60% of their median"),
+    ((10, 9.9, 10.1), (8, 4, 8.1), None, 1.3, "the dense model's repeats spread 51% of their median"),
+    ((10, 9.9, 10.1), (5, 4.9, 5.1), None, 1.3, "2.00x exceeds the ideal 1.30x by more than its range"),
+    ((10, 9.9, 10.1), (7.5, 7.4, 7.6), None, 1.3, None),  # 1.33x: within 5% of the ideal
+])
+def test_wide_spreads_and_speedups_beyond_the_ideal_are_flagged(model, baseline, ratio, ideal, reason) -> None:
+    from prunekit.evaluate.speed import Spread, speedup_of, unreliable_reason
+
+    model, baseline = Spread(*model), Spread(*baseline)
+    found = unreliable_reason(model, baseline, speedup_of("decode_tokens_per_s_batch1", model, baseline), ideal)
+    assert found == reason if reason is None else found.startswith(reason)
+
+
+def _burn(seconds: float) -> None:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_a_busy_machine_marks_the_rows_unreliable_instead_of_printing_ratios(models) -> None:
+    """The CPU is loaded on purpose halfway through: busy processes start in the second timed repeat."""
+    import multiprocessing
+    import os
+
+    small, wide = models
+    context = multiprocessing.get_context("spawn")
+    burners: list = []
+    calls = {"n": 0}
+
+    def start_load_in_the_second_repeat(*_):
+        calls["n"] += 1
+        # one warm-up and one repeat of prefill + one decode (1 + 6 steps): 2 x 8 calls of the model before
+        if calls["n"] == 2 * 8 + 1 and not burners:
+            burners.extend(context.Process(target=_burn, args=(20.0,), daemon=True) for _ in range(3 * (os.cpu_count() or 2)))
+            for burner in burners:
+                burner.start()
+
+    hook = small.register_forward_pre_hook(start_load_in_the_second_repeat)
+    try:
+        result = benchmark_speed(small, baseline=wide, prefill_batch=2, prefill_len=64, decode_batches=(1,),
+                                 decode_context=16, decode_tokens=6, warmup=1, repeats=3)
+    finally:
+        hook.remove()
+        for burner in burners:
+            burner.terminate()
+    assert burners, "the load never started"
+    unreliable = result.unreliable()
+    assert unreliable, format_speed_table(result)
+    table = format_speed_table(result)
+    for metric, reason in unreliable.items():
+        label = metric_label(metric, result.settings)
+        row = next(line for line in table.splitlines() if line.startswith(label))
+        assert "unreliable" in row and "x (" not in row  # no ratio printed as a result
+        assert f"{label}: unreliable, not a result: {reason}" in table
+        assert "machine" in reason
+    assert result.to_dict()["unreliable"] == unreliable

@@ -8,19 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from prunekit.data.sources import DataError
-from prunekit.export.files import DiskFullError, OutputExistsError
-from prunekit.models.architecture import UnsupportedModelError
-from prunekit.models.loading import DEFAULT_MODEL, DTYPES, ModelLoadError
+from prunekit.errors import PrunekitError
+from prunekit.models.loading import DEFAULT_MODEL, DTYPES
 from prunekit.plan.plan import PlanError
-from prunekit.score import CriterionError
 
-# Errors that are the user's to fix: printed as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ModelLoadError, UnsupportedModelError, PlanError, OutputExistsError, DiskFullError, FileNotFoundError, DataError,
-    CriterionError,
-    argparse.ArgumentTypeError,
-)
+
+class CommandLineError(PrunekitError, ValueError):
+    """An option's value cannot be read (e.g. KEY=VALUE without the =)."""
 
 
 def format_structure(structure, title: str, seq_len: int) -> str:
@@ -44,7 +38,7 @@ def format_structure(structure, title: str, seq_len: int) -> str:
             f"{shape.num_key_value_heads} x {shape.heads_per_group} q/group" if shape.num_attention_heads else "attention removed"
         )
         layer_type = (structure.layer_types[i] if structure.layer_types else "full_attention").split("_")[0]
-        flops = 2 * structure.layer_params(i) + 4 * shape.num_attention_heads * structure.head_dim * (seq_len + 1) / 2
+        flops = structure.layer_flops_per_token(i, seq_len)
         lines.append(
             f"{i:>5}  {layer_type:<8} {shape.num_attention_heads:>7}  {groups:<18} "
             f"{shape.intermediate_size if shape.intermediate_size else 'removed':>6}  {format_count(attention, 2):>11}  "
@@ -83,7 +77,7 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"{what} takes KEY=VALUE, got {pair!r}")
+            raise CommandLineError(f"{what} takes KEY=VALUE, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -148,12 +142,22 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
                         "again between them (default 1)")
     parser.add_argument("--compensation", default=defaults.compensation, choices=COMPENSATIONS,
                         help="least-squares refit of o_proj/down_proj after the cut: sequential (layer by layer on the "
-                        "pruned model's inputs), one-shot (original inputs) or none (default %(default)s)")
+                        "pruned model's inputs), one-shot (original inputs), obs (sequential, and structured OBS re-picks "
+                        "which heads and channels each layer loses, same widths) or none (default %(default)s)")
     parser.add_argument("--no-compensate", action="store_true", help="the same as --compensation none")
     parser.add_argument("--bias-compensation", action="store_true",
                         help="add FLAP-style bias compensation (Llama; with --compensation one-shot)")
+    parser.add_argument("--reconstruct-steps", type=int, default=defaults.reconstruct_steps, metavar="N",
+                        help="after the cut, train every kept weight of each layer for up to N Adam steps toward the "
+                        "original layer on the calibration rows (default %(default)s: none)")
+    parser.add_argument("--reconstruct-lr", type=float, default=defaults.reconstruct_lr,
+                        help="learning rate of --reconstruct-steps (default %(default)s)")
+    parser.add_argument("--scores", default=None, help="plan from this scores.json (what `prunekit analyze` wrote) "
+                        "instead of scoring again")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load, prune and save in")
+    parser.add_argument("--dry-run", action="store_true", help="check everything and print the predicted size, time, "
+                        "memory and disk; load no weights")
     _add_device_arguments(parser)
     _add_calibration_arguments(parser)
 
@@ -176,22 +180,27 @@ def _prune_settings(args: argparse.Namespace):
         criterion_options=_key_values(args.criterion_option, "--criterion-option"), allocation=args.allocation,
         prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple, protect_layers=protect,
         compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
-        steps=args.steps,
+        steps=args.steps, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
         batch_size=args.batch_size, calibration=_calibration_settings(args),
-        device=args.device, layer_by_layer=args.layer_by_layer,
+        device=args.device, layer_by_layer=args.layer_by_layer, scores=args.scores,
     )
 
 
 def _run_prune(args: argparse.Namespace) -> int:
-    if args.plan:
-        from prunekit.pipeline import prune_to_plan
+    import time
 
-        saved = prune_to_plan(args.model, args.plan, args.out, force=args.force, dtype=args.dtype)
-    else:
-        from prunekit.pipeline import prune_to_target
+    from prunekit.pipeline import prune, prune_summary
+    from prunekit.preflight import format_preflights
 
-        saved = prune_to_target(args.model, args.out, _prune_settings(args), force=args.force, dtype=args.dtype)
-    print(f"saved {saved.format} model with {saved.params:,} parameters to {saved.path}")
+    if args.plan and args.target is None:
+        args.target = 0.3  # unused with a plan; a valid value keeps the settings' checks quiet
+    started = time.perf_counter()
+    result = prune(args.model, args.out, _prune_settings(args), plan=args.plan, force=args.force, dtype=args.dtype,
+                   dry_run=args.dry_run)
+    if args.dry_run:
+        print(format_preflights([result]))
+        return 0
+    print(prune_summary(result, seconds=time.perf_counter() - started))
     return 0
 
 
@@ -333,6 +342,8 @@ def _add_sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-every", type=int, default=16, help="every n-th window (default 16)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed measurements")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and prune in")
+    _add_device_arguments(parser)
     _add_calibration_arguments(parser)
 
 
@@ -346,11 +357,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise PlanError(f"--targets takes fractions such as 0.1,0.2,0.3, got {args.targets!r}") from None
     prune = PruneSettings(basis=args.basis, criterion=args.criterion, allocation=args.allocation,
                           prune=_csv(args.prune_structures), compensation=args.compensation,
-                          batch_size=args.batch_size, calibration=_calibration_settings(args))
+                          batch_size=args.batch_size, calibration=_calibration_settings(args), device=args.device,
+                          layer_by_layer=args.layer_by_layer)
     settings = SweepSettings(targets=targets, prune=prune, eval_source=args.eval, window_every=args.window_every,
                              eval_seq_len=args.eval_seq_len,
                              speed=not args.no_speed)
-    record = sweep(args.model, args.out, settings, force=args.force)
+    record = sweep(args.model, args.out, settings, force=args.force, dtype=args.dtype)
     print(format_sweep(record))
     print(f"wrote {args.out}/sweep.md, sweep.json and figures")
     return 0
@@ -358,17 +370,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- demo
 def _add_demo(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--out", default="runs/demo", help="report and pruned model go here (default runs/demo)")
-    parser.add_argument("--target", type=float, default=0.3, help="fraction of non-embedding parameters removed")
-    parser.add_argument("--data-dir", default=None, help="local data sets (default: $PRUNEKIT_DATA_DIR; none: self text)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--out", default="runs/demo", help="the run directory (default runs/demo)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override keys of the demo recipe, e.g. "
+                        "prune.target=0.4")
+    parser.add_argument("--dry-run", action="store_true", help="preflight every stage and stop; load no weights")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from prunekit.demo import run_demo
+    from prunekit.runner import run
 
-    run_demo(args.model, Path(args.out), target=args.target, data_dir=args.data_dir, force=args.force)
+    run("demo", args.out, overrides=tuple(args.overrides), dry_run=args.dry_run)
     return 0
 
 
@@ -392,18 +403,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 from prunekit.evaluate.commands import BENCH_COMMAND, EVAL_COMMAND  # noqa: E402  (after the helpers they reuse)
-from prunekit.evaluate.tasks import EvalError  # noqa: E402
 from prunekit.export.gguf import GGUFExportError  # noqa: E402
-from prunekit.report.run_report import REPORT_COMMAND, RunReportError  # noqa: E402
-
-from prunekit.recover.train import RecoveryError  # noqa: E402
-from prunekit.models.memory import InsufficientMemoryError  # noqa: E402
-from prunekit.models.loading import DeviceError  # noqa: E402
-from prunekit.score import ScoreError  # noqa: E402
-from prunekit.runner.recipe import RecipeError  # noqa: E402
-
-USER_ERRORS += (EvalError, RunReportError, RecoveryError, RecipeError, InsufficientMemoryError, DeviceError, ScoreError,
-                GGUFExportError)
+from prunekit.report.run_report import REPORT_COMMAND  # noqa: E402
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "inspect": ("show the prunable structure of a model", _add_inspect, _run_inspect),
@@ -417,7 +418,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "recover": ("train the pruned model back (LoRA, distillation from the original) and save it merged",
                 _add_recover, _run_recover),
     "report": REPORT_COMMAND,
-    "demo": ("prune the embedded default model and compare before/after", _add_demo, _run_demo),
+    "demo": ("run the demo recipe on the embedded default model: prune, recover, evaluate, time, report",
+             _add_demo, _run_demo),
     "export": ("write a model for another runtime: a llama.cpp GGUF file, f16 or quantized", _add_export, _run_export),
 }
 
@@ -441,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "run":
+    if args.command in ("run", "demo"):
         # argparse gives positionals that come after an option (`run R --out D k=v`) back unparsed
         args.overrides += [item for item in extra if "=" in item and not item.startswith("-")]
         extra = [item for item in extra if item not in args.overrides]
@@ -450,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command][2](args)
-    except USER_ERRORS as error:
+    except PrunekitError as error:
         if args.verbose:
             raise
         print(f"prunekit {args.command}: error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ Every setting is validated before a model is loaded.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -14,22 +15,30 @@ import torch
 from torch import nn
 
 from prunekit.compensate import compensate, compensate_sequential
+from prunekit.compensate.obs import select_and_update
+from prunekit.compensate.reconstruct import DEFAULT_LR, check_reconstruction, dense_layer_copies, reconstruct_blocks
 from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
-from prunekit.export.files import check_output_dir
-from prunekit.export.huggingface import SavedModel, save_model
-from prunekit.models.loading import check_device, check_finite_weights, load, load_skeleton, resolve_model_source
-from prunekit.models.memory import BYTES, check_fits, layer_by_layer_estimate, pruning_estimate, weights_estimate
-from prunekit.models.structure import ModelStructure, model_structure
-from prunekit.plan.plan import Plan, PlanError, predicted_structure
-from prunekit.plan.planner import PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction
+from prunekit.export.files import atomic_directory, check_output_dir
+from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
+from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
+                                     resolve_model_source)
+from prunekit.models.memory import BYTES, layer_by_layer_estimate, pruning_estimate, weights_estimate
+from prunekit.models.structure import ModelStructure, format_count, model_structure
+from prunekit.plan.plan import Plan, PlanError, predicted_structure, surviving_layers
+from prunekit.plan.planner import (PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction,
+                                   shape_only_plan)
+from prunekit.preflight import Machine, Need, Preflight
 from prunekit.prune.surgery import apply_plan
-from prunekit.score import Scores, check_layer_by_layer, collect_layer_stats, get_criterion, score_model
+from prunekit.report.analysis import write_analysis_report
+from prunekit.score import (CRITERIA, ScoreError, Scores, check_layer_by_layer, collect_layer_stats, get_criterion,
+                            score_model)
 
 log = logging.getLogger(__name__)
 
 # none: cut only; one-shot: refit each layer on the original model's inputs (one calibration pass);
 # sequential: refit layer by layer on the pruned model's own inputs, toward the original outputs.
-COMPENSATIONS = ("none", "one-shot", "sequential")
+# obs: sequential, and also re-picks which units of each layer go (structured OBS), keeping the plan's widths.
+COMPENSATIONS = ("none", "one-shot", "sequential", "obs")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,11 @@ class PruneSettings:
     # Keep the model in CPU memory and run one decoder layer at a time on `device`, over calibration
     # states that stay there: a model larger than the device can be scored and pruned.
     layer_by_layer: bool = False
+    # Plan from this scores.json (what `analyze` wrote) instead of scoring: the first step's scores.
+    scores: str | None = None
+    # After compensation and cut: Adam steps per layer toward the dense layer (0: none), and their rate.
+    reconstruct_steps: int = 0
+    reconstruct_lr: float = DEFAULT_LR
 
     def planner_settings(self, target: float | None = None) -> PlannerSettings:
         return PlannerSettings(
@@ -102,7 +116,11 @@ class PruneSettings:
             raise PlanError(f"unknown compensation {self.compensation!r}; choose one of {list(COMPENSATIONS)}")
         if self.bias_compensation and self.compensation != "one-shot":
             raise PlanError("bias compensation is fitted with the one-shot refit; pass --compensation one-shot with it")
-        if criterion.needs_data or self.compensation != "none":
+        if self.scores is not None and not Path(self.scores).is_file():
+            raise PlanError(f"scores file {self.scores} does not exist; pass the scores.json that `prunekit analyze` "
+                            "wrote, or drop --scores to score here")
+        check_reconstruction(self.reconstruct_steps, self.reconstruct_lr)
+        if (criterion.needs_data and self.scores is None) or self.compensation != "none" or self.reconstruct_steps:
             self.calibration.validate()
         check_run_options(self.criterion, self.device, self.layer_by_layer)
 
@@ -140,7 +158,9 @@ def _stats(model, ids, settings: PruneSettings, *, with_gram: bool, progress: bo
                                layer_by_layer=settings.layer_by_layer, device=settings.device)
 
 
-def _score(model, ids, labels, settings: PruneSettings, progress: bool) -> tuple[Scores, list | None]:
+def score_loaded(model, ids, labels, settings: PruneSettings, progress: bool = True) -> tuple[Scores, list | None]:
+    """The scores of `settings.criterion` on a loaded model, and the layer statistics one-shot
+    compensation reuses (None when neither needed them)."""
     criterion = get_criterion(settings.criterion)
     stats = None
     one_shot = settings.compensation == "one-shot"
@@ -161,22 +181,28 @@ def _check_and_place(model: nn.Module, settings: PruneSettings) -> None:
 
 
 def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
-                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, plan: Plan | None = None) -> dict:
+                 calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, plan: Plan | None = None,
+                 scores: Scores | None = None) -> dict:
     """Score, plan, compensate and cut `model` in place; returns a record of what was done.
 
-    With `plan` (one made beforehand, e.g. by `plan_loaded`), scoring and planning are skipped:
-    the plan is compensated for and cut in one step."""
+    This is the prune step that `prunekit prune`, the recipe stage and the sweep all run. With
+    `plan` (one made beforehand, e.g. by `plan_loaded`), scoring and planning are skipped: the plan
+    is compensated for and cut in one step. With `scores` (computed once for several targets, or
+    read from `settings.scores`), the first step plans from them instead of scoring."""
     settings.validate()
     if plan is not None and settings.steps != 1:
         raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
     original = model_structure(model)
     if plan is not None:
         predicted_structure(plan, original)  # a plan made for another model fails here, before any work
+    if scores is None and settings.scores is not None and plan is None:
+        scores = load_scores_for(settings.scores, original)
     _check_and_place(model, settings)
     ids, labels = calibration if calibration is not None else (None, None)
-    needs_scores = plan is None and get_criterion(settings.criterion).needs_data
-    if ids is None and (needs_scores or settings.compensation != "none"):
+    needs_scores = plan is None and scores is None and get_criterion(settings.criterion).needs_data
+    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
+    dense_layers = dense_layer_copies(model) if settings.reconstruct_steps else None
     base = basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
     for step in range(1, settings.steps + 1):
@@ -188,9 +214,13 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         if step_target <= 0:
             continue
         if plan is None:
-            scores, stats = _score(model, ids, labels, settings, progress)
+            if scores is None:
+                scores, stats = score_loaded(model, ids, labels, settings, progress)
+            else:  # given: only one-shot compensation still needs this pass's statistics
+                stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
+                         if settings.compensation == "one-shot" else None)
             plan = make_plan(current, scores, settings.planner_settings(step_target),
-                             comparable=get_criterion(settings.criterion).comparable)
+                             comparable=comparable_scores(scores))
         else:
             scores = None
             stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
@@ -201,6 +231,9 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         elif settings.compensation == "sequential":
             compensation = compensate_sequential(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
                                                  progress=progress, device=settings.device)
+        elif settings.compensation == "obs":  # the plan's widths, OBS's choice of units: the revised plan is cut
+            plan, compensation = select_and_update(model, plan, ids, batch_size=settings.batch_size, progress=progress,
+                                                   device=settings.device)
         after = apply_plan(model, plan)
         record["steps"].append({
             "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
@@ -208,12 +241,53 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
             "compensation": compensation.to_dict() if compensation is not None else None,
         })
         record["scores"] = scores
-        plan = None  # the next step scores and plans again
+        plan = scores = None  # the next step scores and plans again
+    if settings.reconstruct_steps:
+        record["reconstruction"] = reconstruct_blocks(
+            model, dense_layers, ids, steps=settings.reconstruct_steps, lr=settings.reconstruct_lr,
+            sources=surviving_layers([s["plan"] for s in record["steps"]], original.num_layers),
+            batch_size=settings.batch_size, seed=settings.calibration.seed, progress=progress,
+            device=settings.device).to_dict()
     final = model_structure(model)
     record["removed"] = {b: round(removed_fraction(original, final, b), 6) for b in ("non-embedding", "total", "flops", "kv-cache")}
     record["params"] = {"before": original.total_params, "after": final.total_params,
                         "non_embedding_before": original.non_embedding_params, "non_embedding_after": final.non_embedding_params}
+    record["units"] = {"before": unit_counts(original), "after": unit_counts(final)}
     return record
+
+
+def unit_counts(structure: ModelStructure) -> dict[str, int]:
+    """How many of each prunable structure a model has."""
+    layers = structure.layers
+    return {"layers": len(layers), "attention sublayers": sum(s.num_attention_heads > 0 for s in layers),
+            "MLP sublayers": sum(s.intermediate_size > 0 for s in layers),
+            "query heads": sum(s.num_attention_heads for s in layers),
+            "KV groups": sum(s.num_key_value_heads for s in layers),
+            "FFN channels": sum(s.intermediate_size for s in layers)}
+
+
+def prune_summary(saved: SavedModel, *, seconds: float) -> str:
+    """What a prune did, in a few lines: parameters and structures before and after, the size on
+    disk, the time, and the command that evaluates the result."""
+    pruning = json.loads((saved.path / PROVENANCE_FILE).read_text()).get("pruning") or {}
+    params, units = pruning.get("params", {}), pruning.get("units", {})
+    lines = [f"saved {saved.format} model to {saved.path} in {seconds:.0f} s"]
+    if params:
+        lines.append(f"  parameters: {format_count(params['before'])} -> {format_count(params['after'])} "
+                     f"(non-embedding {format_count(params['non_embedding_before'])} -> "
+                     f"{format_count(params['non_embedding_after'])}, -{pruning['removed']['non-embedding']:.1%})")
+    changed = [f"{name} {units['before'][name]:,} -> {units['after'][name]:,}" for name in units.get("before", {})
+               if units["before"][name] != units["after"][name]]
+    if changed:
+        lines.append("  removed: " + "; ".join(changed))
+    size = saved.bytes or sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
+    source = f" (source: {saved.source_bytes / 2**20:,.0f} MiB)" if getattr(saved, "source_bytes", None) else ""
+    lines.append(f"  on disk: {size / 2**20:,.0f} MiB{source}")
+    export = saved.export_command() if hasattr(saved, "export_command") else None
+    if export:
+        lines.append(f"  as GGUF in the source's quantization: {export}")
+    lines.append(f"  evaluate it: prunekit eval {saved.path} --ppl wikitext2 --tasks piqa,arc_easy")
+    return "\n".join(lines)
 
 
 def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True) -> tuple[Plan, Scores]:
@@ -225,103 +299,220 @@ def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progres
     needs_data = get_criterion(settings.criterion).needs_data
     _check_and_place(model, settings)
     ids, labels = calibration_batch(model, tokenizer, settings.calibration) if needs_data else (None, None)
-    scores, _ = _score(model, ids, labels, replace(settings, compensation="none"), progress)
+    scores, _ = score_loaded(model, ids, labels, replace(settings, compensation="none"), progress)
     plan = make_plan(model_structure(model), scores, settings.planner_settings(),
                      comparable=get_criterion(settings.criterion).comparable)
     return plan, scores
 
 
-def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,
-                  dtype: str = "float32") -> SavedModel:
-    """Load `model`, apply `plan`, save to `out`. The plan is checked against the model's shapes
-    (built on the meta device) before any weight is read."""
+def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: Plan | str | Path | None = None,
+          force: bool = False, dtype: str = "float32", progress: bool = True, machine: Machine | None = None,
+          dry_run: bool = False) -> SavedModel | Preflight:
+    """Load, score, plan, compensate, cut and save: `prunekit prune` and the recipe's prune stage.
+
+    With `plan`, scoring and planning are skipped (the plan is compensated for as `settings` say,
+    then cut); with `settings.scores`, planning starts from an `analyze` output. The settings, the
+    output path, the target's reachability, the calibration data and the memory on the device are
+    checked before any weight is read (`preflight_prune`); `dry_run` returns that preflight."""
     source = resolve_model_source(model)
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
-    check_output_dir(Path(out), force=force, protected=source.local_paths)
-    predicted = predicted_structure(plan, model_structure(load_skeleton(source)))
-    loaded, tokenizer = load(model, dtype=dtype)
-    after = apply_plan(loaded, plan)
-    if after.total_params != predicted.total_params:
+    out = Path(out)
+    plan = plan if plan is None or isinstance(plan, Plan) else Plan.load(plan)
+    check_output_dir(out, force=force, protected=source.local_paths)
+    preflight = preflight_prune(source, settings, dtype, plan=plan)
+    preflight.check(machine or Machine.here(out), str(model))
+    if dry_run:
+        return preflight
+    loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
+    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress)
+    if plan is not None and model_structure(loaded).total_params != preflight.leaves.total_params:
         raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
-    return save_model(loaded, tokenizer, out, plan=plan, source=str(model), protected=source.local_paths, force=force)
+    loaded.to("cpu")  # saved from CPU memory
+    return save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force)
+
+
+def save_pruned(model: nn.Module, tokenizer, out: Path, record: dict, *, source: str, protected: tuple[Path, ...] = (),
+                force: bool = False) -> SavedModel:
+    """Save a pruned model with its provenance: the plan (when it was one step) and what the prune did."""
+    plans = [s["plan"] for s in record["steps"]]
+    return save_model(model, tokenizer, out, plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None,
+                      source=source, protected=protected, force=force,
+                      extra_provenance={"pruning": {k: v for k, v in record.items() if k != "scores"}})
 
 
 def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings, *, force: bool = False,
                     dtype: str = "float32", progress: bool = True) -> SavedModel:
-    """Load, score, plan, compensate, cut and save. Settings, output path and the reachability of
-    the target are checked before the weights are loaded."""
-    settings.validate()
-    source = resolve_model_source(model)
-    check_output_dir(Path(out), force=force, protected=source.local_paths)
-    structure = model_structure(load_skeleton(source))
-    check_reachable(structure, settings.planner_settings())
-    check_memory(f"pruning {model}", structure, dtype, settings)
-    loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
-    record = prune_loaded(loaded, tokenizer, settings, progress=progress)
-    loaded.to("cpu")  # saved from CPU memory
-    plans = [s["plan"] for s in record["steps"]]
-    return save_model(
-        loaded, tokenizer, out, plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None, source=str(model),
-        protected=source.local_paths, force=force,
-        extra_provenance={"pruning": {k: v for k, v in record.items() if k != "scores"}},
-    )
+    """`prune` to `settings.target`."""
+    return prune(model, out, settings, force=force, dtype=dtype, progress=progress)
 
 
-def check_memory(what: str, structure: ModelStructure, dtype: str, settings: PruneSettings) -> None:
-    """Refuse, before loading, a job whose memory estimate clearly exceeds what the device has
-    free, naming the options that lower it. In layer-by-layer mode the device needs one layer and
-    the calibration states, and CPU memory the whole model."""
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
-    if dtype not in BYTES:  # "auto": the checkpoint's own dtype, unknown before loading
-        return
+def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,
+                  dtype: str = "float32", settings: PruneSettings | None = None) -> SavedModel:
+    """`prune` along a given plan; without `settings`, the plan is cut as it is (no compensation)."""
+    return prune(model, out, settings or PruneSettings(compensation="none"), plan=plan, force=force, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- preflight
+# Rough sustained rates for the time estimates (measured on this project's machines: BENCHMARKS.md,
+# GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and trains at ~0.15;
+# it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~57,000 (16 TFLOP/s: decoding is
+# bound by kernel launches and the growing KV cache, not by arithmetic).
+RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12, "sample": 0.05e12},
+         "cuda": {"infer": 150e12, "train": 60e12, "sample": 16e12}}
+LOAD_SECONDS = 15  # each stage that loads the model (SmolLM2 from its GGUF file: 15 s)
+
+
+def rate(device: str | None, kind: str) -> float:
+    return RATES["cuda" if (device or "cpu").startswith("cuda") else "cpu"][kind]
+
+
+def self_text_seconds(structure: ModelStructure, source: str, tokens: int, device: str | None) -> float:
+    """The time the model takes to write `tokens` of its own text, when `source` asks for it."""
+    return structure.flops_per_token(512) * tokens / rate(device, "sample") if source == SELF_SOURCE else 0.0
+
+
+def canonical_dtype(dtype: str) -> str:
+    return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype)
+
+
+def memory_needs(structure: ModelStructure, dtype: str, settings: PruneSettings, *, scoring: bool = True) -> tuple[Need, ...]:
+    """What scoring (when `scoring`) and compensation need on the work device, and, layer by
+    layer, the model in CPU memory. Empty when the dtype is `auto` (unknown before loading)."""
+    dtype = canonical_dtype(dtype)
+    if dtype not in BYTES:
+        return ()
     criterion = get_criterion(settings.criterion)
     device = settings.device or "cpu"
     if settings.layer_by_layer:
-        needs = layer_by_layer_estimate(structure, dtype, n_samples=settings.calibration.n_samples,
-                                        seq_len=settings.calibration.seq_len, batch_size=settings.batch_size,
-                                        compensation=settings.compensation)
-        check_fits(f"{what} layer by layer", needs, device,
-                   hints="the calibration states stay on the device, so lower --calib-samples or --calib-seq-len, "
-                   "load it in bfloat16 (--dtype bfloat16), or lower --batch-size")
+        needs = [Need(device, layer_by_layer_estimate(structure, dtype, n_samples=settings.calibration.n_samples,
+                                                      seq_len=settings.calibration.seq_len,
+                                                      batch_size=settings.batch_size,
+                                                      compensation=settings.compensation),
+                      hints="the calibration states stay on the device, so lower --calib-samples or --calib-seq-len, "
+                      "load it in bfloat16 (--dtype bfloat16), or lower --batch-size", what="one layer at a time")]
         if device != "cpu":
-            check_fits(f"{what} layer by layer", weights_estimate(structure, dtype), "cpu",
-                       hints="the model is held in CPU memory in this mode; load it in bfloat16 (--dtype bfloat16)")
-        return
+            needs.append(Need("cpu", weights_estimate(structure, dtype), what="the model, held there layer by layer",
+                              hints="load it in bfloat16 (--dtype bfloat16)"))
+        return tuple(needs)
+    gradients = scoring and criterion.needs_gradients
     # sensitivity and sequential compensation each keep one layer's states for every row
-    cached_layers = int(settings.compensation == "sequential" or criterion.name == "sensitivity")
-    needs = pruning_estimate(structure, dtype, gradients=criterion.needs_gradients, batch_size=settings.batch_size,
-                             seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
-                             n_samples=settings.calibration.n_samples, cached_layers=cached_layers)
+    cached_layers = int(settings.compensation in ("sequential", "obs") or (scoring and criterion.name == "sensitivity"))
+    cached_layers += 1 if settings.reconstruct_steps else 0  # reconstruction keeps the dense layer's targets too
+    estimate = pruning_estimate(structure, dtype, gradients=gradients, batch_size=settings.batch_size,
+                                seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
+                                n_samples=settings.calibration.n_samples, cached_layers=cached_layers)
     layer_by_layer_hint = ("" if criterion.whole_model else
                            "add --layer-by-layer (one layer at a time on the device, the model in CPU memory), ")
-    check_fits(what, needs, device, hints=f"load it in bfloat16 (--dtype bfloat16), {layer_by_layer_hint}lower "
-               "--batch-size or --calib-seq-len, or use a criterion without gradients (activation, fluctuation)")
+    return (Need(device, estimate, hints=f"load it in bfloat16 (--dtype bfloat16), {layer_by_layer_hint}lower "
+                 "--batch-size or --calib-seq-len, or use a criterion without gradients (activation, fluctuation)"),)
 
 
-def analyze(model: str | Path, out_dir: str | Path, *, criterion: str = "sensitivity", criterion_options: dict | None = None,
-            calibration: CalibrationSettings = CalibrationSettings(), batch_size: int = 8, dtype: str = "float32",
-            force: bool = False, progress: bool = True, device: str | None = None,
-            layer_by_layer: bool = False) -> Path:
-    """Score every component and write scores.json, plots and analysis.md into `out_dir`."""
+def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "float32", *,
+                    plan: Plan | None = None, structure: ModelStructure | None = None,
+                    stage: str = "prune") -> Preflight:
+    """Everything about a prune that can be known before its weights are read (see prunekit.preflight).
+    `leaves` is the shape the model will have: the plan's, or for a target that of a plan with
+    every unit scored alike (the counts are what matter to the stages after it)."""
+    settings.validate()
+    structure = structure or model_structure(load_skeleton(source))
+    if plan is not None:
+        leaves = predicted_structure(plan, structure)  # a plan made for another model fails here
+    else:
+        if settings.scores is not None:
+            load_scores_for(settings.scores, structure)
+        # refuses an unreachable target (make_plan checks it first), naming the largest reachable
+        leaves = predicted_structure(shape_only_plan(structure, settings.planner_settings()), structure)
+    scoring = plan is None and settings.scores is None and stage != "compensate"
+    calibration = settings.calibration
+    tokens = calibration.n_samples * calibration.seq_len
+    uses_data = (scoring and get_criterion(settings.criterion).needs_data) or settings.compensation != "none"
+    flops = structure.flops_per_token(512)
+    passes = (3 * settings.steps if scoring else 0) + {"none": 0, "one-shot": 1, "sequential": 2}.get(
+        settings.compensation, 2)
+    seconds = (LOAD_SECONDS + passes * flops * tokens / rate(settings.device, "train")
+               + (self_text_seconds(structure, calibration.source, tokens, settings.device) if uses_data else 0))
+    how = "plan given" if plan is not None else f"{settings.criterion} scores" if scoring else f"scores from {settings.scores}"
+    what = (f"{how}, {settings.compensation} compensation, "
+            + (f"{settings.target:.0%} of {settings.basis}" if plan is None else f"{len(plan.layers)} layers planned")
+            + (f", {settings.steps} steps" if settings.steps > 1 else ""))
+    save_bytes = leaves.total_params * BYTES.get(canonical_dtype(dtype), 4)
+    return Preflight(stage, what, seconds, memory_needs(structure, dtype, settings, scoring=scoring),
+                     disk_bytes=save_bytes if stage == "prune" else 0, leaves=leaves,
+                     notes=(f"{format_count(structure.total_params)} -> {format_count(leaves.total_params)} parameters "
+                            f"({format_count(structure.non_embedding_params)} -> "
+                            f"{format_count(leaves.non_embedding_params)} non-embedding)",) if stage == "prune" else ())
+
+
+def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
+    """Scores from an `analyze` output, refused unless they were computed for a model of this shape."""
+    scores = Scores.load(path)
+    counts = {"head": [s.num_attention_heads for s in structure.layers],
+              "kv_group": [s.num_key_value_heads for s in structure.layers],
+              "channel": [s.intermediate_size for s in structure.layers]}
+    for kind, per_layer in scores.values.items():
+        sizes = [int(v.numel()) for v in per_layer]
+        expected = counts.get(kind, [1] * structure.num_layers)
+        if sizes != expected:
+            raise ScoreError(f"the {kind} scores in {path} were computed for another model ({len(sizes)} layers, "
+                             f"{sum(sizes)} units; this one has {len(expected)} layers, {sum(expected)} units); score "
+                             "this model with `prunekit analyze`, or drop --scores")
+    return scores
+
+
+def comparable_scores(scores: Scores) -> bool:
+    """Whether the kinds of these scores share a unit (so heads and channels compete directly)."""
+    return scores.criterion in CRITERIA and get_criterion(scores.criterion).comparable
+
+
+def check_memory(model: str, structure: ModelStructure, dtype: str, settings: PruneSettings) -> None:
+    """Refuse, before loading, a prune whose memory estimate clearly exceeds what this machine has free."""
+    Preflight("prune", "", 0.0, memory_needs(structure, dtype, settings)).check(Machine.here(), model)
+
+
+# ----------------------------------------------------------------------------- analyze
+
+
+def analyze_settings(criterion: str = "sensitivity", criterion_options: dict | None = None,
+                     calibration: CalibrationSettings = CalibrationSettings(), batch_size: int = 8,
+                     device: str | None = None, layer_by_layer: bool = False) -> PruneSettings:
+    """The settings of an analysis: scoring alone, no compensation."""
     settings = PruneSettings(criterion=criterion, criterion_options=criterion_options or {}, calibration=calibration,
                              compensation="none", batch_size=batch_size, device=device, layer_by_layer=layer_by_layer)
     get_criterion(criterion).check_options(settings.criterion_options)
     if get_criterion(criterion).needs_data:
         calibration.validate()
     check_run_options(criterion, device, layer_by_layer)
+    return settings
+
+
+def preflight_analyze(source: ModelSource, settings: PruneSettings, dtype: str = "float32", *,
+                      structure: ModelStructure | None = None) -> Preflight:
+    structure = structure or model_structure(load_skeleton(source))
+    calibration = settings.calibration
+    tokens = calibration.n_samples * calibration.seq_len
+    passes = 232 if settings.criterion == "sensitivity" else 3  # BENCHMARKS.md: sensitivity cost
+    seconds = (LOAD_SECONDS + passes * structure.flops_per_token(512) * tokens / rate(settings.device, "infer")
+               + self_text_seconds(structure, calibration.source, tokens, settings.device))
+    return Preflight("analyze", f"{settings.criterion} scores on {tokens:,} tokens", seconds,
+                     memory_needs(structure, dtype, settings), leaves=structure)
+
+
+def analyze(model: str | Path, out_dir: str | Path, *, criterion: str = "sensitivity", criterion_options: dict | None = None,
+            calibration: CalibrationSettings = CalibrationSettings(), batch_size: int = 8, dtype: str = "float32",
+            force: bool = False, progress: bool = True, device: str | None = None,
+            layer_by_layer: bool = False, machine: Machine | None = None) -> Path:
+    """Score every component and write scores.json, plots and analysis.md into `out_dir`
+    (`prunekit analyze` and the recipe's analyze stage); `prunekit prune --scores` plans from it."""
+    settings = analyze_settings(criterion, criterion_options, calibration, batch_size, device, layer_by_layer)
     source = resolve_model_source(model)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force=force, protected=source.local_paths)
-    check_memory(f"analyzing {model}", model_structure(load_skeleton(source)), dtype, settings)
+    preflight_analyze(source, settings, dtype).check(machine or Machine.here(out_dir), str(model))
     loaded, tokenizer = load(model, dtype=dtype, device=load_device(device, layer_by_layer))
     check_finite_weights(loaded, str(model))
     ids, labels = calibration_batch(loaded, tokenizer, calibration) if get_criterion(criterion).needs_data else (None, None)
     started = time.perf_counter()
-    scores, _ = _score(loaded, ids, labels, settings, progress)
+    scores, _ = score_loaded(loaded, ids, labels, settings, progress)
     scores.meta.setdefault("cost", {})["seconds_total"] = round(time.perf_counter() - started, 1)
-    from prunekit.export.files import atomic_directory
-    from prunekit.report.analysis import write_analysis_report
-
     with atomic_directory(out_dir, force=force, protected=source.local_paths) as tmp:
         scores.save(tmp / "scores.json")
         write_analysis_report(scores, model_structure(loaded), tmp, title=f"{criterion} analysis of {model}",

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.models.architecture import Architecture
 from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers
 
 
-class CompensationError(ValueError):
+class CompensationError(PrunekitError, ValueError):
     """Compensation cannot run as asked; raised before any weight is touched."""
 
 

@@ -134,7 +134,7 @@ def calibration_tokens(
     bos = adds_bos_by_default(tokenizer)
     window = seq_len - bos
     if window < 1:
-        raise ValueError(f"seq_len={seq_len} leaves no room for text after BOS; pass seq_len of at least 2.")
+        raise DataError(f"seq_len={seq_len} leaves no room for text after BOS; pass seq_len of at least 2.")
 
     texts = load_texts(spec, split=split, data_dir=data_dir, text_protocol=text_protocol)
     generator = torch.Generator().manual_seed(seed)

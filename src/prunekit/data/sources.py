@@ -16,13 +16,18 @@ running text each, as the pruning literature evaluates and calibrates on them.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
+
+from prunekit.errors import PrunekitError
 
 DATA_DIR_ENV = "PRUNEKIT_DATA_DIR"
 DOCUMENT_SEPARATOR = "\n\n"
@@ -34,7 +39,7 @@ TextProtocol = Literal["raw", "joined"]
 TEXT_PROTOCOLS: tuple[TextProtocol, ...] = ("raw", "joined")
 
 
-class DataError(ValueError):
+class DataError(PrunekitError, ValueError):
     """A data source is missing, malformed, or too small for what was asked of it."""
 
 
@@ -251,6 +256,7 @@ class NamedSource:
     read_local: Callable[[Path], list[Any]]
     read_hub: Callable[[str], list[Any]]
     to_documents: Callable[[list[Any], TextProtocol], list[str]]
+    hub_repo: str                   # the Hub dataset `read_hub` fetches, to look for a cached copy offline
     text_protocols: tuple[TextProtocol, ...] = ("raw",)
 
     @property
@@ -267,6 +273,7 @@ NAMED_SOURCES: dict[str, NamedSource] = {
         read_local=_wikitext_lines_local,
         read_hub=_wikitext_lines_hub,
         to_documents=_wikitext_documents,
+        hub_repo="Salesforce/wikitext",
         text_protocols=TEXT_PROTOCOLS,
     ),
     "c4": NamedSource(
@@ -277,6 +284,7 @@ NAMED_SOURCES: dict[str, NamedSource] = {
         read_local=_c4_documents_local,
         read_hub=_c4_documents_hub,
         to_documents=_documents_as_they_are,
+        hub_repo="allenai/c4",
     ),
     "ptb": NamedSource(
         description="Penn Treebank sentences joined into one running text",
@@ -287,6 +295,7 @@ NAMED_SOURCES: dict[str, NamedSource] = {
         read_local=_ptb_sentences_local,
         read_hub=_ptb_sentences_hub,
         to_documents=_ptb_documents,
+        hub_repo="ptb_text_only",
     ),
     "alpaca": NamedSource(
         description="Stanford Alpaca examples in the Alpaca prompt template, prompt and response together",
@@ -296,6 +305,7 @@ NAMED_SOURCES: dict[str, NamedSource] = {
         read_local=_alpaca_records_local,
         read_hub=_alpaca_records_hub,
         to_documents=_alpaca_documents,
+        hub_repo="tatsu-lab/alpaca",
     ),
 }
 
@@ -307,6 +317,8 @@ def _read_rows(name: str, split: str, data_dir: str | os.PathLike | None) -> lis
     local_file = source.local_files.get(split)
     if local_dir is not None and local_file is not None and (local_dir / local_file).exists():
         return source.read_local(local_dir / local_file)
+    # Refuse at once where the Hub cannot answer: `datasets` would retry for a minute first.
+    _check_hub_can_serve(name, split, local_dir)
     try:
         return source.read_hub(split)
     except Exception as err:
@@ -320,6 +332,116 @@ def _read_rows(name: str, split: str, data_dir: str | os.PathLike | None) -> lis
             f"cannot load {name} split {split!r}: {missing} and the Hugging Face Hub failed "
             f"({type(err).__name__}: {err}); {fix}."
         ) from err
+
+
+# --------------------------------------------------------------------------- the Hub, offline
+
+HUB_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_offline_variable() -> str | None:
+    """The environment variable that puts the Hugging Face Hub offline, when one is set."""
+    for variable in HUB_OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return variable
+    return None
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+
+
+@functools.lru_cache(maxsize=8)
+def _can_connect(endpoint: str) -> bool:
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=HUB_PROBE_SECONDS):
+            return True
+    except OSError:  # no DNS, refused, unreachable or timed out: every way the Hub can be absent
+        return False
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why the Hub cannot serve a download now (one TCP connect, a few seconds at most, then
+    remembered for the process); None when it can be tried."""
+    variable = hub_offline_variable()
+    if variable is not None:
+        return f"{variable}=1 keeps the Hugging Face Hub offline"
+    if not _can_connect(hub_endpoint()):
+        return f"the Hugging Face Hub ({hub_endpoint()}) cannot be reached from this machine"
+    return None
+
+
+def _hub_cache_dirs() -> list[Path]:
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
+    datasets = Path(os.environ.get("HF_DATASETS_CACHE") or home / "datasets").expanduser()
+    return [hub, datasets]
+
+
+def hub_copy_is_cached(repo: str) -> bool:
+    """Whether an earlier download of the Hub dataset `repo` left a copy that `datasets` reads offline."""
+    hub, datasets = _hub_cache_dirs()
+    return (hub / f"datasets--{repo.replace('/', '--')}").is_dir() or (datasets / repo.replace("/", "___")).is_dir()
+
+
+def _check_hub_can_serve(name: str, split: str, local_dir: Path | None, option: str = "--data-dir") -> None:
+    source = NAMED_SOURCES[name]
+    if hub_copy_is_cached(source.hub_repo):
+        return  # `datasets` reads its own cache offline
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    local_file = source.local_files.get(split)
+    if local_file is None:
+        missing = f"{name} keeps no local copy of split {split!r}"
+        fix = f"use a split that has one ({', '.join(source.local_files)})"
+    else:
+        missing = ("no data directory is set" if local_dir is None
+                   else f"the data directory {local_dir} has no {local_file}")
+        fix = f"set {DATA_DIR_ENV} (or pass {option}) to a folder that holds {local_file}"
+    raise DataError(f"{name} ({split}) cannot be read: {missing} and {reason}; {fix}, or name a local .txt/.jsonl file "
+                    f"instead, or use '{SELF_SOURCE}' where calibrating (text the model writes itself).")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """Where a text source will be read from, settled before any model is loaded."""
+
+    spec: str
+    kind: Literal["self", "file", "local", "hub"]
+    split: str | None = None
+    path: Path | None = None      # the file read, for "file" and "local"
+
+
+def resolve_source(
+    spec: str, data_dir: str | os.PathLike | None = None, *, split: str | None = None, allow_self: bool = True,
+) -> ResolvedSource:
+    """Check, in seconds and without a model, that `spec` can be read: a file that exists, a named set
+    with a local copy in the data dir, or a named set the Hub can serve now (a cached copy, or a Hub
+    that answers one connection). Raises DataError naming the fixes otherwise. `allow_self`: whether
+    'self' (text the model writes, calibration and recovery only) is accepted."""
+    if spec == SELF_SOURCE:
+        if not allow_self:
+            raise DataError(f"'{SELF_SOURCE}' (text the model writes) applies to calibration and recovery only; "
+                            "name a named set or a local .txt/.jsonl file here.")
+        return ResolvedSource(spec, "self")
+    split = resolve_split(spec, split)
+    file_spec = parse_file_spec(spec)
+    if file_spec is not None:
+        path = file_spec[0]
+        if not path.is_file():
+            raise DataError(f"text source {str(path)!r} " + ("is not a file" if path.exists() else "does not exist")
+                            + "; check the path.")
+        return ResolvedSource(spec, "file", None, path)
+    local_dir = resolve_data_dir(data_dir)
+    local_file = NAMED_SOURCES[spec].local_files.get(split)
+    if local_dir is not None and local_file is not None and (local_dir / local_file).is_file():
+        return ResolvedSource(spec, "local", split, local_dir / local_file)
+    _check_hub_can_serve(spec, split, local_dir)
+    return ResolvedSource(spec, "hub", split)
 
 
 # --------------------------------------------------------------------------- specs

@@ -38,6 +38,9 @@ from prunekit.evaluate.tasks import LOCAL_TASKS, EvalError, evaluate_tasks, loca
 from prunekit.export.files import atomic_write_text
 from prunekit.export.huggingface import versions as library_versions
 from prunekit.models.loading import ModelSource, load, load_config, load_tokenizer, resolve_model_source
+from prunekit.models.memory import inference_estimate
+from prunekit.models.structure import ModelStructure
+from prunekit.preflight import Need, Preflight
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +211,79 @@ def _check_tasks(tasks: list[str], data_dir: str | os.PathLike | None) -> None:
             local_data_files(task, data_dir)
 
 
+def check_eval_options(*, ppl: Sequence[str], seq_len: int, stride: int | None, window_every: int,
+                       tasks: Sequence[str], limit: int | None, dtype: str, batch_size: int, device: str,
+                       data_dir: str | os.PathLike | None) -> None:
+    """Every option of an evaluation that needs neither the model nor the text: names, ranges,
+    the device, the task data. Raised as EvalError naming the fix."""
+    ppl = _distinct_items("ppl", ppl)
+    tasks = _distinct_items("tasks", tasks)
+    if not ppl and not tasks:
+        raise EvalError("nothing to evaluate; name text sources in ppl, tasks in tasks, or both.")
+    _check_dtype(dtype)
+    _check_device(device)
+    _check_int("seq_len", seq_len, 2)
+    _check_int("window_every", window_every, 1)
+    if stride is not None:
+        _check_int("stride", stride, 1)
+        if stride >= seq_len:
+            raise EvalError(f"stride must be below seq_len={seq_len}, got {stride}; leave stride unset for "
+                            "non-overlapping windows.")
+        if window_every != 1:
+            raise EvalError("window_every thins non-overlapping windows, and stride makes them slide; use one of the two.")
+    _check_int("batch_size", batch_size, 1)
+    if limit is not None:
+        _check_int("limit", limit, 1)
+        if not tasks:
+            raise EvalError("limit caps the examples of each task, but no task is named; add tasks or drop limit.")
+    for spec in ppl:
+        resolve_split(spec, None)  # every name, before any file is read
+    if tasks:
+        _check_tasks(tasks, data_dir)
+
+
+def _prepare_evaluation(model, *, ppl, seq_len, stride, window_every, tasks, limit, dtype, batch_size, data_dir,
+                        json_out, device) -> tuple[ModelSource, Any, list[_TokenStream], Path | None]:
+    """Every check of an evaluation, then each text read and tokenized (and refused when it cannot
+    fill one window): all before a weight is loaded."""
+    check_eval_options(ppl=ppl, seq_len=seq_len, stride=stride, window_every=window_every, tasks=tasks, limit=limit,
+                       dtype=dtype, batch_size=batch_size, device=device, data_dir=data_dir)
+    source = resolve_model_source(model)
+    json_path = _check_json_out(json_out, [source])
+    if ppl:
+        _check_positions(source, {"seq_len": seq_len})
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        raise EvalError(f"{source.spec} has no tokenizer, which text evaluation needs; use a model that ships one.")
+    streams = [
+        _token_stream(spec, tokenizer, seq_len=seq_len, stride=stride, window_every=window_every, data_dir=data_dir)
+        for spec in ppl
+    ]
+    return source, tokenizer, streams, json_path
+
+
+def preflight_evaluate(model: str | os.PathLike, structures: Sequence[ModelStructure], *, ppl: Sequence[str],
+                       seq_len: int = 512, stride: int | None = None, window_every: int = 1,
+                       tasks: Sequence[str] = (), limit: int | None = None, dtype: str = "float32",
+                       batch_size: int = 8, data_dir: str | os.PathLike | None = None, device: str = "cpu",
+                       extra_seconds: float = 0.0) -> Preflight:
+    """An evaluation of models of these `structures` (one at a time, with `model`'s tokenizer, for a
+    model that is not written yet: the original's) checked as `evaluate_model` checks it, with the
+    texts tokenized: what it will need and roughly how long it takes."""
+    from prunekit.pipeline import LOAD_SECONDS, rate
+
+    _, _, streams, _ = _prepare_evaluation(
+        model, ppl=ppl, seq_len=seq_len, stride=stride, window_every=window_every, tasks=tasks, limit=limit,
+        dtype=dtype, batch_size=batch_size, data_dir=data_dir, json_out=None, device=device)
+    tokens = sum(len(s.ids) // window_every for s in streams) + len(tasks) * (limit or 2000) * 4 * 100
+    seconds = sum(LOAD_SECONDS + s.flops_per_token(seq_len) * tokens / rate(device, "infer") for s in structures)
+    widest = max(structures, key=lambda s: s.total_params)
+    needs = inference_estimate(widest, dtype, batch_size=batch_size, seq_len=seq_len)
+    what = f"perplexity on {', '.join(ppl) or '-'}; tasks {', '.join(tasks) or '-'}"
+    return Preflight("evaluate", what, seconds + extra_seconds,
+                     (Need(device, needs, hints="evaluate in bfloat16 (dtype) or lower the batch size"),))
+
+
 def evaluate_model(
     model: str | os.PathLike,
     *,
@@ -239,43 +315,10 @@ def evaluate_model(
     Returns {"format", "model", "perplexity": {source: {...}}, "tasks": {task: {...}}, "environment"}.
     Everything that can be checked without the weights is checked before they are loaded.
     """
-    ppl = _distinct_items("ppl", ppl)
-    tasks = _distinct_items("tasks", tasks)
-    if not ppl and not tasks:
-        raise EvalError("nothing to evaluate; name text sources in ppl, tasks in tasks, or both.")
-    _check_dtype(dtype)
-    _check_device(device)
-    _check_int("seq_len", seq_len, 2)
-    _check_int("window_every", window_every, 1)
-    if stride is not None:
-        _check_int("stride", stride, 1)
-        if stride >= seq_len:
-            raise EvalError(f"stride must be below seq_len={seq_len}, got {stride}; leave stride unset for "
-                            "non-overlapping windows.")
-        if window_every != 1:
-            raise EvalError("window_every thins non-overlapping windows, and stride makes them slide; use one of the two.")
-    _check_int("batch_size", batch_size, 1)
-    if limit is not None:
-        _check_int("limit", limit, 1)
-        if not tasks:
-            raise EvalError("limit caps the examples of each task, but no task is named; add tasks or drop limit.")
-
-    for spec in ppl:
-        resolve_split(spec, None)  # every name, before any file is read
-    if tasks:
-        _check_tasks(tasks, data_dir)
-    source = resolve_model_source(model)
-    json_path = _check_json_out(json_out, [source])
-    if ppl:
-        _check_positions(source, {"seq_len": seq_len})
-    tokenizer = load_tokenizer(source)
-    if tokenizer is None:
-        raise EvalError(f"{source.spec} has no tokenizer, which text evaluation needs; use a model that ships one.")
-    streams = [
-        _token_stream(spec, tokenizer, seq_len=seq_len, stride=stride, window_every=window_every, data_dir=data_dir)
-        for spec in ppl
-    ]
-
+    source, tokenizer, streams, json_path = _prepare_evaluation(
+        model, ppl=ppl, seq_len=seq_len, stride=stride, window_every=window_every, tasks=tasks, limit=limit,
+        dtype=dtype, batch_size=batch_size, data_dir=data_dir, json_out=json_out, device=device)
+    tasks = list(tasks)
     loaded, load_seconds = _load(source, dtype=dtype, device=device)
     report: dict[str, Any] = {
         "format": EVAL_FORMAT,
@@ -355,6 +398,49 @@ def format_eval_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- bench
 
 
+def check_bench_options(*, device: str, dtype: str, prefill_batch: int, prefill_len: int,
+                        decode_batches: Sequence[int], decode_context: int, decode_tokens: int, warmup: int | None,
+                        repeats: int, use_compile: bool) -> int:
+    """Every option of a timing run that needs no model; returns the number of warm-up calls."""
+    _check_dtype(dtype)
+    _check_device(device)
+    warmup = (2 if use_compile else 1) if warmup is None else warmup
+    for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
+                                 ("decode_context", decode_context, 1), ("decode_tokens", decode_tokens, 2),
+                                 ("warmup", warmup, 0), ("repeats", repeats, 1)]:
+        _check_int(name, value, minimum)
+    decode_batches = _distinct_items("decode_batches", decode_batches)
+    if not decode_batches:
+        raise EvalError("decode_batches is empty; name at least one batch size, e.g. [1, 16].")
+    for batch in decode_batches:
+        _check_int("each of decode_batches", batch, 1)
+    if use_compile and warmup < 2:
+        raise EvalError("use_compile needs two untimed calls to compile and settle; set warmup >= 2.")
+    return warmup
+
+
+def preflight_bench(model: str | os.PathLike, structures: Sequence[ModelStructure], *, device: str = "cpu",
+                    dtype: str = "bfloat16", prefill_batch: int = 8, prefill_len: int = 512,
+                    decode_batches: Sequence[int] = (1, 16), decode_context: int = 128, decode_tokens: int = 64,
+                    warmup: int | None = None, repeats: int = 5, use_compile: bool = False) -> Preflight:
+    """A timing run of models of these `structures` side by side (all loaded at once), checked as
+    `bench_models` checks it, against `model`'s positions."""
+    from prunekit.pipeline import LOAD_SECONDS, rate
+
+    warmup = check_bench_options(device=device, dtype=dtype, prefill_batch=prefill_batch, prefill_len=prefill_len,
+                                 decode_batches=decode_batches, decode_context=decode_context,
+                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile)
+    _check_positions(resolve_model_source(model), {"prefill_len": prefill_len,
+                                                   "decode_context + decode_tokens": decode_context + decode_tokens})
+    tokens = (repeats + warmup) * (prefill_batch * prefill_len + sum(decode_batches) * decode_tokens * 20)
+    seconds = sum(LOAD_SECONDS + s.flops_per_token(prefill_len) * tokens / rate(device, "infer") for s in structures)
+    widest = max(structures, key=lambda s: s.total_params)
+    needs = inference_estimate(widest, dtype, batch_size=max(prefill_batch, *decode_batches), seq_len=prefill_len,
+                               models=len(structures))
+    what = f"speed on {device}" + (", beside the original" if len(structures) > 1 else "")
+    return Preflight("bench", what, seconds, (Need(device, needs, hints="lower prefill_batch or prefill_len"),))
+
+
 def bench_models(
     model: str | os.PathLike,
     *,
@@ -381,21 +467,10 @@ def bench_models(
     Returns {"format", "model", "baseline", "speed": SpeedResult.to_dict(), "environment"}; every
     option is checked before a weight is loaded.
     """
-    _check_dtype(dtype)
-    _check_device(device)
-    warmup = (2 if use_compile else 1) if warmup is None else warmup
-    for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
-                                 ("decode_context", decode_context, 1), ("decode_tokens", decode_tokens, 2),
-                                 ("warmup", warmup, 0), ("repeats", repeats, 1)]:
-        _check_int(name, value, minimum)
-    decode_batches = _distinct_items("decode_batches", decode_batches)
-    if not decode_batches:
-        raise EvalError("decode_batches is empty; name at least one batch size, e.g. [1, 16].")
-    for batch in decode_batches:
-        _check_int("each of decode_batches", batch, 1)
-    if use_compile and warmup < 2:
-        raise EvalError("use_compile needs two untimed calls to compile and settle; set warmup >= 2.")
-
+    warmup = check_bench_options(device=device, dtype=dtype, prefill_batch=prefill_batch, prefill_len=prefill_len,
+                                 decode_batches=decode_batches, decode_context=decode_context,
+                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile)
+    decode_batches = list(decode_batches)
     sources = {"model": resolve_model_source(model)}
     if baseline is not None:
         sources["baseline"] = resolve_model_source(baseline)

@@ -3,12 +3,20 @@
 Measures prefill throughput, KV-cache decode throughput at a few batch sizes, time to first token
 and peak memory, each over several repeats after a warm-up. With a baseline, the two models run
 interleaved (A, B, A, B, ...) in one process, so drifting clocks and a busy machine hit both alike,
-and the speedup of every repeat is the ratio of a pair measured moments apart.
+and every metric is reported as the median and range of its repeats. A speedup is the ratio of the
+two medians the table shows, its range the ratio of their ranges crossed (the slowest repeat of
+one against the fastest of the other), so a reader can form every figure from the table.
+
+On a busy machine the repeats scatter and a ratio can come out as anything: a row whose repeats
+spread more than `WIDE_SPREAD` of their median, or whose speedup exceeds the FLOPs ideal by more
+than its own range, is marked unreliable with the reason instead of being shown as a result; the
+machine's load average at the start is recorded beside the figures.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import statistics
 import time
@@ -33,6 +41,11 @@ _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 Measured = dict[str, float]  # metric name -> its value in one timed call
+# Repeats that spread more than this share of their median say more about the machine than the model:
+# on a quiet 2-core CPU they stay within about 10% (BENCHMARKS.md), on a busy one they pass 30%.
+WIDE_SPREAD = 0.25
+# A speedup above the FLOPs ideal by less than this share of it is within what caches and kernels explain.
+IDEAL_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,16 @@ class SpeedSettings:
     use_compile: bool
     seed: int
     memory_method: str
+    # os.getloadavg() (1, 5, 15 minutes) and the CPU count when the measuring started; None where unknown
+    load_average: tuple[float, float, float] | None = None
+    cpu_count: int | None = None
+
+    def load_note(self) -> str | None:
+        if self.load_average is None:
+            return None
+        cores = f" on {self.cpu_count} CPU cores" if self.cpu_count else ""
+        busy = " (busy)" if self.cpu_count and self.load_average[0] > 0.75 * self.cpu_count else ""
+        return f"load average at the start: {self.load_average[0]:.2f}{cores}{busy}"
 
 
 @dataclass(frozen=True)
@@ -79,44 +102,87 @@ class SpeedResult:
     settings: SpeedSettings
     model: ModelSpeed
     baseline: ModelSpeed | None = None
-    # Per metric, the spread of model-over-baseline ratios of paired repeats, oriented so that
-    # > 1 means the model is faster (for times, baseline / model).
+    # Per metric, `speedup_of` the two models' timings: the ratio of the medians, oriented so that
+    # > 1 means the model is faster (for times, baseline / model), with the crossed range.
     speedup: dict[str, Spread] | None = None
     ideal_speedup: float | None = None
     ideal_basis: str | None = None
 
+    def unreliable(self) -> dict[str, str]:
+        """Metric -> why its comparison cannot be trusted, for the rows `unreliable_reason` flags."""
+        if self.baseline is None:
+            reasons = {metric: unreliable_reason(spread, None, None, None) for metric, spread in self.model.timings.items()}
+        else:
+            reasons = {metric: unreliable_reason(self.model.timings[metric], self.baseline.timings[metric],
+                                                 speedup_of(metric, self.model.timings[metric],
+                                                            self.baseline.timings[metric]), self.ideal_speedup)
+                       for metric in self.model.timings}
+        return {metric: reason for metric, reason in reasons.items() if reason}
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "unreliable": self.unreliable()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpeedResult:
+        """A SpeedResult back from `to_dict()` (or its JSON); records written before the load and the
+        reliability were kept read as they are."""
+
+        def model_speed(entry: dict[str, Any] | None) -> ModelSpeed | None:
+            if entry is None:
+                return None
+            return ModelSpeed(**{**entry, "timings": {k: Spread(**v) for k, v in entry["timings"].items()}})
+
+        settings = dict(data["settings"])
+        settings["decode_batches"] = tuple(settings["decode_batches"])
+        if settings.get("load_average") is not None:
+            settings["load_average"] = tuple(settings["load_average"])
+        model, baseline = model_speed(data["model"]), model_speed(data.get("baseline"))
+        # formed again from the timings: older records kept the median of per-repeat ratios instead
+        speedup = None if baseline is None else {
+            metric: speedup_of(metric, model.timings[metric], baseline.timings[metric]) for metric in model.timings}
+        return cls(settings=SpeedSettings(**settings), model=model, baseline=baseline, speedup=speedup,
+                   ideal_speedup=data.get("ideal_speedup"), ideal_basis=data.get("ideal_basis"))
+
+
+def relative_spread(spread: Spread) -> float:
+    return (spread.high - spread.low) / spread.median if spread.median else float("inf")
+
+
+def speedup_of(metric: str, model: Spread, baseline: Spread) -> Spread:
+    """How much faster the model is than the baseline, from the two spreads as a table shows them:
+    the ratio of the medians, and the slowest against the fastest repeat each way as its range."""
+    if _is_time(metric):
+        return Spread(baseline.median / model.median, baseline.low / model.high, baseline.high / model.low)
+    return Spread(model.median / baseline.median, model.low / baseline.high, model.high / baseline.low)
+
+
+def unreliable_reason(model: Spread, baseline: Spread | None, speedup: Spread | None, ideal: float | None) -> str | None:
+    """Why a row's figures cannot be taken as a result, or None: the repeats of either model spread
+    wider than WIDE_SPREAD of their median, or the speedup exceeds the ideal by more than its own
+    range (and more than IDEAL_TOLERANCE), which only a machine whose load changed between the models'
+    turns produces."""
+    for name, spread in (("pruned", model), ("dense", baseline)):
+        if spread is not None and relative_spread(spread) > WIDE_SPREAD:
+            who = f"the {name} model's" if baseline is not None else "its"
+            return (f"{who} repeats spread {relative_spread(spread):.0%} of their median (over {WIDE_SPREAD:.0%}): "
+                    "the machine was busy while it was timed")
+    if speedup is not None and ideal is not None:
+        excess = speedup.median - ideal
+        if excess > max(speedup.high - speedup.low, IDEAL_TOLERANCE * ideal):
+            return (f"{speedup.median:.2f}x exceeds the ideal {ideal:.2f}x by more than its range "
+                    f"({speedup.low:.2f}-{speedup.high:.2f}): the machine's load changed between the two models' turns")
+    return None
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
 
 def flops_per_token(model: nn.Module, context: float) -> float:
-    """Forward FLOPs for one token that attends to `context` tokens.
+    """Forward FLOPs for one token that attends to `context` tokens, by prunekit's one cost model
+    (`ModelStructure.layer_flops`): read from the modules, so pruned heads and widths count as they are."""
+    from prunekit.models.structure import model_structure
 
-    2 per weight of every nn.Linear in the decoder layers and of the LM head, plus, per layer,
-    4 x heads x head_dim x context for the attention scores and the weighted sum of values. Head
-    counts come from module shapes, not the config, so pruned heads and widths are counted as they are.
-    """
-    try:
-        layers = model.get_decoder().layers
-        attention_widths = [layer.self_attn.o_proj.in_features for layer in layers]
-    except AttributeError as error:
-        raise EvalError(
-            f"cannot count FLOPs of {type(model).__name__}: expected decoder layers with "
-            "self_attn.o_proj; pass ideal_speedup instead."
-        ) from error
-    linear_weights = sum(
-        module.weight.numel() for layer in layers for module in layer.modules() if isinstance(module, nn.Linear)
-    )
-    linear_weights += model.get_output_embeddings().weight.numel()
-    attention = 0.0
-    for layer, width in zip(layers, attention_widths):
-        # Sliding-window layers (Gemma, Qwen2) attend to at most `window` tokens.
-        window = getattr(layer.self_attn, "sliding_window", None)
-        attention += 4 * width * (min(context, window) if window else context)
-    return 2.0 * linear_weights + attention
+    return model_structure(model).flops_at_context(context)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -321,6 +387,8 @@ def benchmark_speed(
         raise EvalError("use_compile needs two untimed calls to compile and settle; set warmup >= 2.")
     if ideal_speedup is not None and (baseline is None or not ideal_speedup > 0):
         raise EvalError("ideal_speedup needs a baseline and a value > 0; pass baseline= or drop ideal_speedup.")
+    # before any model work, so the figure is the machine's and not ours
+    load_average = _load_average()
     track_memory = torch_device.type == "cuda" or _cpu_peak_tracking_works()
     memory_method = MEMORY_METHODS[torch_device.type] if track_memory else "not measured (no /proc/self/clear_refs)"
 
@@ -341,7 +409,7 @@ def benchmark_speed(
         device=device, dtype=str(torch_dtype).removeprefix("torch."), prefill_batch=prefill_batch,
         prefill_len=prefill_len, decode_batches=decode_batches, decode_context=decode_context,
         decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile, seed=seed,
-        memory_method=memory_method,
+        memory_method=memory_method, load_average=load_average, cpu_count=os.cpu_count(),
     )
     for candidate in models.values():
         candidate.to(device=torch_device, dtype=torch_dtype).eval()
@@ -374,10 +442,8 @@ def benchmark_speed(
     }
     speedup = None
     if baseline is not None:
-        speedup = {}
-        for metric, values in samples["model"].items():
-            pairs = zip(values, samples["baseline"][metric])
-            speedup[metric] = Spread.of([b / m if _is_time(metric) else m / b for m, b in pairs])
+        speedup = {metric: speedup_of(metric, speeds["model"].timings[metric], speeds["baseline"].timings[metric])
+                   for metric in speeds["model"].timings}
     return SpeedResult(
         settings=settings, model=speeds["model"], baseline=speeds.get("baseline"), speedup=speedup,
         ideal_speedup=ideal_speedup, ideal_basis=ideal_basis,
@@ -408,12 +474,19 @@ def _measure_interleaved(
     return samples, peak_bytes
 
 
+def _load_average() -> tuple[float, float, float] | None:
+    try:
+        return tuple(round(value, 2) for value in os.getloadavg())
+    except OSError:  # not on every platform
+        return None
+
+
 def _weight_bytes(model: nn.Module) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-# ----------------------------------------------------------------------------- table
+# ----------------------------------------------------------------------------- tables
 
 
 def _number(value: float) -> str:
@@ -422,29 +495,37 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) >= 1 else f"{value:.3f}"
 
 
-def _spread(spread: Spread) -> str:
-    return f"{_number(spread.median)} ({_number(spread.low)}-{_number(spread.high)})"
+def _spread(spread: Spread, dash: str = "-") -> str:
+    return f"{_number(spread.median)} ({_number(spread.low)}{dash}{_number(spread.high)})"
 
 
-def _ratio(spread: Spread) -> str:
-    return f"{spread.median:.2f}x ({spread.low:.2f}-{spread.high:.2f})"
+def _ratio(spread: Spread, dash: str = "-", times: str = "x") -> str:
+    return f"{spread.median:.2f}{times} ({spread.low:.2f}{dash}{spread.high:.2f})"
 
 
-def format_speed_table(result: SpeedResult) -> str:
-    """A plain-text table: metric, model, and with a baseline: baseline, speedup, ideal.
+UNRELIABLE = "unreliable"
 
-    Cells read "median (min-max)" over the repeats; speedups > 1 mean the model is faster, or, for
-    memory and parameters, smaller.
-    """
+
+def _rows(result: SpeedResult, dash: str, times: str, labels: dict[str, str]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, rows and notes of a speed table, shared by the plain-text and the Markdown form."""
     settings = result.settings
     compared = result.baseline is not None
-    header = ["metric", "model"] + (["baseline", "speedup", "ideal"] if compared else [])
-    ideal = f"{result.ideal_speedup:.2f}x" if result.ideal_speedup is not None else "-"
-    rows = []
+    unreliable = result.unreliable()
+    header = ["metric", labels["model"]] + ([labels["baseline"], "speedup", "ideal"] if compared else [])
+    ideal = f"{result.ideal_speedup:.2f}{times}" if result.ideal_speedup is not None else "-"
+    rows, flagged = [], []
     for metric in metric_names(settings):
-        row = [metric_label(metric, settings), _spread(result.model.timings[metric])]
+        label = metric_label(metric, settings)
+        model = result.model.timings[metric]
+        row = [label, _spread(model, dash)]
         if compared:
-            row += [_spread(result.baseline.timings[metric]), _ratio(result.speedup[metric]), ideal]
+            speedup = speedup_of(metric, model, result.baseline.timings[metric])
+            row += [_spread(result.baseline.timings[metric], dash),
+                    UNRELIABLE if metric in unreliable else _ratio(speedup, dash, times), ideal]
+        elif metric in unreliable:
+            row[1] += f" {UNRELIABLE}"
+        if metric in unreliable:
+            flagged.append(f"{label}: {UNRELIABLE}, not a result: {unreliable[metric]}")
         rows.append(row)
 
     def size_row(label: str, model_value: float | None, baseline_value: float | None) -> list[str]:
@@ -452,7 +533,7 @@ def format_speed_table(result: SpeedResult) -> str:
         if compared:
             both = model_value is not None and baseline_value is not None
             row += ["n/a" if baseline_value is None else _number(baseline_value),
-                    f"{baseline_value / model_value:.2f}x" if both else "-", "-"]
+                    f"{baseline_value / model_value:.2f}{times}" if both else "-", "-"]
         return row
 
     baseline = result.baseline
@@ -460,12 +541,39 @@ def format_speed_table(result: SpeedResult) -> str:
                          None if baseline is None else baseline.peak_memory_mib))
     rows.append(size_row("parameters (M)", result.model.parameters / 1e6,
                          None if baseline is None else baseline.parameters / 1e6))
+    notes = [f"{settings.device}, {settings.dtype}, median ({'min' + dash + 'max'}) of {settings.repeats} repeats after "
+             f"{settings.warmup} warm-up" + (", compiled" if settings.use_compile else "")
+             + (", the two models interleaved" if compared else "") + f"; memory: {settings.memory_method}"]
+    if compared:
+        notes.append(f"speedup: the ratio of the two medians shown, > 1 when the {labels['model']} model is faster (or, "
+                     f"for memory and parameters, smaller); its range: the slowest repeat of one against the fastest "
+                     f"of the other; ideal: {result.ideal_basis or 'not recorded'}")
+    if settings.load_note():
+        notes.append(settings.load_note())
+    return header, rows, notes + flagged
 
+
+def format_speed_table(result: SpeedResult) -> str:
+    """A plain-text table: metric, model, and with a baseline: baseline, speedup, ideal.
+
+    Cells read "median (min-max)" over the repeats; a speedup is the ratio of the medians shown
+    (> 1: the model is faster, or for memory and parameters smaller). Rows that `unreliable_reason`
+    flags show "unreliable" and the reason below the table instead of a speedup.
+    """
+    header, rows, notes = _rows(result, "-", "x", {"model": "model", "baseline": "baseline"})
     widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
-    notes = [f"{settings.device}, {settings.dtype}, {settings.repeats} repeats after {settings.warmup} warm-up"
-             + (", compiled" if settings.use_compile else "") + f"; memory: {settings.memory_method}"]
-    if compared:
-        notes.append(f"ideal: {result.ideal_basis}")
     return "\n".join(lines + notes)
+
+
+def format_speed_markdown(speed: SpeedResult | dict[str, Any]) -> str:
+    """The same table as `format_speed_table` in Markdown, from a SpeedResult or its `to_dict()`
+    record (the run report and the model card print this one)."""
+    result = speed if isinstance(speed, SpeedResult) else SpeedResult.from_dict(speed)
+    header, rows, notes = _rows(result, "–", "×", {"model": "pruned", "baseline": "dense"})
+    align = ["---"] * len(header)
+    align[0] = ":---"
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}." for note in notes)

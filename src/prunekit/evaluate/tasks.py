@@ -24,13 +24,14 @@ from typing import Any
 import yaml
 
 from prunekit.data.sources import DATA_DIR_ENV, resolve_data_dir
+from prunekit.errors import PrunekitError
 
 TASK_CONFIG_DIR = Path(__file__).parent / "lm_eval_tasks"
 
 Doc = dict[str, Any]
 
 
-class EvalError(ValueError):
+class EvalError(PrunekitError, ValueError):
     """Bad input to an evaluation, reported before any model work starts."""
 
 

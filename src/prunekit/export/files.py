@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from prunekit.errors import PrunekitError
 
-class OutputExistsError(FileExistsError):
+
+class OutputExistsError(PrunekitError, FileExistsError):
     """The output path exists and replacing it was not asked for."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(PrunekitError, OSError):
     """The disk filled up while an output was written; nothing was left under the final name."""
 
 
@@ -34,6 +36,22 @@ def default_mode(directory: bool) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
+
+
+def give_default_modes(root: Path) -> None:
+    """Give every file and folder under `root` the permissions an ordinary open()/mkdir() would: the
+    writers that transformers and safetensors use make private (0600) temporary files and rename them."""
+    file_mode, directory_mode = default_mode(directory=False), default_mode(directory=True)
+    for path in Path(root).rglob("*"):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            os.chmod(path, directory_mode)
+        else:
+            mode = file_mode
+            if path.stat().st_mode & 0o111:
+                mode |= (file_mode & 0o444) >> 2  # an executable stays one for whoever may read it
+            os.chmod(path, mode)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -88,6 +106,7 @@ def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()
     os.chmod(tmp, default_mode(directory=True))
     try:
         yield tmp
+        give_default_modes(tmp)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         translated = disk_full(error, out)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 # The same permissions and disk-full message as every other output.
 from prunekit.export.files import OutputExistsError, default_mode, disk_full, overlapped_input
 from prunekit.models.architecture import architecture_for
@@ -45,7 +46,7 @@ from prunekit.models.structure import LayerShape, model_structure
 log = logging.getLogger(__name__)
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(PrunekitError, ValueError):
     """The model, tokenizer or options cannot be written as a GGUF file that llama.cpp loads."""
 
 

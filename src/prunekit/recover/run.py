@@ -18,9 +18,11 @@ import torch
 from prunekit.export.files import OutputExistsError, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, provenance_plans, save_model
 from prunekit.models.loading import load, load_config, load_skeleton, load_tokenizer, resolve_model_source
-from prunekit.models.memory import check_fits, recovery_estimate
-from prunekit.models.structure import model_structure
+from prunekit.models.memory import BYTES, recovery_estimate
+from prunekit.models.structure import ModelStructure, model_structure
+from prunekit.pipeline import LOAD_SECONDS, rate, self_text_seconds
 from prunekit.plan.plan import surviving_layers
+from prunekit.preflight import Machine, Need, Preflight
 from prunekit.recover.train import SHARD_NEEDS_LAUNCHER, RecoveryError, RecoverySettings, get_method, recover_loaded
 
 CHECKPOINT_SUFFIX = ".checkpoints"
@@ -54,6 +56,34 @@ def teacher_layer_map(student_dir: Path, student_layers: int, teacher_layers: in
         if len(survivors) == student_layers:
             return survivors
     return None
+
+
+def preflight_recover(student: ModelStructure, teacher: ModelStructure | None, settings: RecoverySettings,
+                      dtype: str = "float32", *, gpu: bool, processes: int = 1) -> Preflight:
+    """What a recovery will need, from the shapes of the student (the pruned model, or the shape
+    its plan predicts) and the teacher: memory per process on the device it trains on (the GPU of
+    its local rank when there is one), the weights and checkpoints it writes, a rough time."""
+    settings.validate()
+    shards = processes if settings.shard else 1
+    needs = recovery_estimate(student, teacher, dtype, lora=get_method(settings.method).lora,
+                              batch_size=settings.batch_size, seq_len=settings.data.seq_len, shards=shards,
+                              activation_checkpointing=settings.activation_checkpointing)
+    # Under a launcher each process trains on the GPU of its local rank, and checks that one.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu"
+    hints = ("train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
+             "(--teacher-cache 64), recompute activations (--activation-checkpointing), lower --batch-size or "
+             "--seq-len, or split it over GPUs (accelerate launch --num_processes N -m prunekit recover ... --shard)")
+    size = BYTES.get(dtype, 4)
+    trained = 0.02 * student.total_params if get_method(settings.method).lora else student.total_params
+    checkpoints = (student.total_params * size + int(trained * 4 * 2)) if settings.checkpoint_every else 0
+    flops = student.flops_per_token(512)
+    teacher_share = 1 / 3 if settings.needs_teacher else 0  # a teacher forward is a third of a training step
+    written = settings.tokens + settings.data.held_out * settings.data.seq_len
+    seconds = (LOAD_SECONDS + (1 + teacher_share) * 3 * flops * settings.tokens / rate(device, "train")
+               + self_text_seconds(teacher or student, settings.data.source, written, device))
+    return Preflight("recover", f"{settings.method}, {settings.tokens:,} tokens on {device.split(':')[0]}", seconds,
+                     (Need(device, needs, hints=hints),), disk_bytes=student.total_params * size + checkpoints,
+                     leaves=student)
 
 
 def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *, teacher: str | Path | None = None,
@@ -99,17 +129,10 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
 
     student_structure = model_structure(load_skeleton(student_source))
     teacher_structure = model_structure(load_skeleton(teacher_source)) if teacher_source is not None else None
-    needs = recovery_estimate(student_structure, teacher_structure, dtype, lora=get_method(settings.method).lora,
-                              batch_size=settings.batch_size, seq_len=settings.data.seq_len,
-                              shards=processes if settings.shard else 1,
-                              activation_checkpointing=settings.activation_checkpointing)
-    # Under a launcher each process trains on the GPU of its local rank, and checks that one.
-    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-    check_fits(f"recovering {student}", needs, device,
-               hints="train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
-               "(--teacher-cache 64), recompute activations (--activation-checkpointing), lower --batch-size or "
-               "--seq-len, or split it over GPUs "
-               "(accelerate launch --num_processes N -m prunekit recover ... --shard)")
+    machine = Machine.here(out)
+    preflight = preflight_recover(student_structure, teacher_structure, settings, dtype, gpu=machine.has_gpu,
+                                  processes=processes)
+    preflight.check(machine, str(student))
     model, tokenizer = load(student, dtype=dtype)
     teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None
     trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,

@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from prunekit.data.calibration import IGNORE_INDEX
 from prunekit.data.sources import SELF_SOURCE
+from prunekit.errors import PrunekitError
 from prunekit.models.architecture import architecture_for
 from prunekit.models.modeling_prunekit import decoder_layers
 from prunekit.recover import losses
 from prunekit.recover.data import RecoveryData, recovery_rows
 
 
-class RecoveryError(ValueError):
+class RecoveryError(PrunekitError, ValueError):
     """Recovery cannot run as asked, or training diverged."""
 
 

@@ -22,15 +22,28 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunekit.errors import PrunekitError
+from prunekit.evaluate.speed import format_speed_markdown
 from prunekit.export.files import OutputExistsError, atomic_write_text
-from prunekit.export.huggingface import PROVENANCE_FILE, provenance_plans
-from prunekit.models.structure import LayerCosts, LayerShape, ModelStructure, format_count, model_structure
-from prunekit.plan.plan import structure_signature, surviving_layers
-from prunekit.report.analysis import describe_calibration
+from prunekit.export.model_card import (
+    PROVENANCE_FILE,
+    final_model_dir,
+    local_structure,
+    model_role,
+    perplexity_rows,
+    perplexity_table,
+    refresh_run_card,
+    removal_rows,
+    removal_table,
+    settings_lines,
+    skeleton_structure,
+    source_structure,
+)
+from prunekit.models.structure import ModelStructure
 from prunekit.report.plots import (
     plot_channel_scores,
     plot_head_heatmap,
@@ -45,11 +58,9 @@ MARKER = "<!-- written by `prunekit report`; it replaces this file when run agai
 REPORT_FILE = "report.md"
 FALLBACK_FILE = "run_report.md"  # when report.md is not ours (the demo writes its own)
 FIGURES_DIR = "figures"
-_BASIS_NAMES = {"non-embedding": "non-embedding parameters", "total": "all parameters", "flops": "FLOPs per token",
-                "kv-cache": "the KV cache"}
 
 
-class RunReportError(ValueError):
+class RunReportError(PrunekitError, ValueError):
     """The run directory cannot be reported on as asked."""
 
 
@@ -99,69 +110,6 @@ def _read_json(path: Path, context: _Context) -> Any | None:
 # ----------------------------------------------------------------------------- the pruned model
 
 
-def _model_dir(run_dir: Path) -> Path | None:
-    for candidate in (run_dir, run_dir / "recovered", run_dir / "model"):  # the final model first
-        if (candidate / PROVENANCE_FILE).is_file():
-            return candidate
-    return None
-
-
-def _skeleton_structure(spec: str | os.PathLike) -> ModelStructure:
-    from prunekit.models.loading import load_skeleton, resolve_model_source
-
-    return model_structure(load_skeleton(resolve_model_source(spec)))
-
-
-def _local_structure(spec: str | None) -> ModelStructure | None:
-    """The structure of a model named by a local directory or the embedded model; None for a Hub id
-    (no network for a report) or anything that does not load."""
-    from prunekit.models.loading import ModelLoadError, resolve_model_source
-    from prunekit.models.architecture import UnsupportedModelError
-
-    if not spec:
-        return None
-    try:
-        if resolve_model_source(spec).kind not in ("directory", "embedded"):
-            return None
-        return _skeleton_structure(spec)
-    except (ModelLoadError, UnsupportedModelError, OSError, ValueError):
-        return None
-
-
-def _dropped_layers(plans: list[dict], num_layers: int) -> list[int]:
-    """Source layers that no step kept."""
-    return sorted(set(range(num_layers)) - set(surviving_layers(plans, num_layers)))
-
-
-def _before_structure(
-    signature: dict, after: ModelStructure, dropped: list[int], source: str | None
-) -> ModelStructure | None:
-    """The source model's structure: its skeleton when it is at hand and matches the plan, else
-    the plan's per-layer widths costed with the pruned model's per-unit parameters; None when no
-    pruned layer has an attention or no pruned layer has an MLP to take those from."""
-    shapes = tuple(LayerShape(*widths) for widths in signature["layers"])
-    skeleton = _local_structure(source)
-    if skeleton is not None and structure_signature(skeleton)["layers"] == signature["layers"]:
-        return skeleton
-    # Per-unit costs depend on the hidden size, head_dim and biases, which pruning leaves alone;
-    # a pruned layer that lost a sublayer borrows them from a layer that kept it.
-    def donor(has: Callable[[LayerShape], bool]) -> LayerCosts | None:
-        return next((c for s, c in zip(after.layers, after.layer_costs) if has(s)), None)
-
-    attention_donor, mlp_donor = donor(lambda s: s.num_attention_heads > 0), donor(lambda s: s.intermediate_size > 0)
-    if attention_donor is None or mlp_donor is None:
-        return None
-    base = replace(
-        attention_donor, mlp_fixed=mlp_donor.mlp_fixed, per_channel=mlp_donor.per_channel, other=attention_donor.other
-    )
-    survivors = [index for index in range(len(shapes)) if index not in set(dropped)]
-    costs = [base] * len(shapes)
-    for source_index, kept_costs, kept_shape in zip(survivors, after.layer_costs, after.layers):
-        if kept_shape.num_attention_heads and kept_shape.intermediate_size:
-            costs[source_index] = kept_costs
-    return replace(after, layers=shapes, layer_costs=tuple(costs), layer_types=None)
-
-
 def _width_cell(before: int, after: int | None) -> str:
     if after is None:
         return f"{before} → –"
@@ -187,45 +135,6 @@ def _widths_table(before: ModelStructure, after: ModelStructure, dropped: list[i
     return _table(["layer", "query heads", "KV groups", "FFN channels"], rows)
 
 
-def _params_table(before: ModelStructure | None, after: ModelStructure, recorded: dict) -> str:
-    old_total = recorded.get("before", before.total_params if before else None)
-    old_inner = recorded.get("non_embedding_before", before.non_embedding_params if before else None)
-    rows = []
-    for label, old, new in (("total", old_total, after.total_params),
-                            ("non-embedding", old_inner, after.non_embedding_params)):
-        if old is None:
-            rows.append([label, "not recorded", format_count(new), "–"])
-        else:
-            rows.append([label, format_count(old), format_count(new), f"{100 * (1 - new / old):.1f}%"])
-    rows.append(["layers", before.num_layers if before else "–", after.num_layers, ""])
-    return _table(["parameters", "before", "after", "removed"], rows, align="l")
-
-
-def _settings_lines(provenance: dict) -> list[str]:
-    pruning = provenance.get("pruning")
-    if pruning:
-        settings = pruning["settings"]
-        calibration = settings.get("calibration") or {}
-        removed = pruning.get("removed") or {}
-        lines = [
-            f"- **Target:** {settings['target']:.0%} of {settings.get('basis', 'non-embedding')} parameters, "
-            f"in {_count(settings.get('steps', 1), 'step')}; pruned kinds: {', '.join(settings.get('prune', [])) or '–'}.",
-            f"- **Criterion:** `{settings['criterion']}`; **allocation:** `{settings['allocation']}`; "
-            f"**compensation:** `{settings['compensation']}`.",
-            f"- **Calibration:** {describe_calibration({**calibration, 'source': calibration.get('source')})}, "
-            f"seed {calibration.get('seed', '–')}" + (f", task {calibration['task']}" if calibration.get("task") else "") + ".",
-        ]
-        if removed:
-            lines.append("- **Removed:** " + ", ".join(
-                f"{value:.1%} of {_BASIS_NAMES.get(basis, basis)}" for basis, value in removed.items()) + ".")
-        return lines
-    plan = provenance.get("plan") or {}
-    meta = plan.get("meta") or {}
-    made_by = ", ".join(f"{key} = {value}" for key, value in meta.items() if not isinstance(value, dict))
-    return [f"- **Settings:** pruned to a given plan (`prunekit prune --plan`)"
-            + (f"; plan meta: {made_by}." if made_by else "; the plan records no settings.")]
-
-
 def _fits_table(provenance: dict) -> str | None:
     steps = (provenance.get("pruning") or {}).get("steps") or []
     rows = []
@@ -245,38 +154,27 @@ def _fits_table(provenance: dict) -> str | None:
 
 
 def _model_section(context: _Context) -> str | None:
-    model_dir = _model_dir(context.run_dir)
+    model_dir = final_model_dir(context.run_dir)
     if model_dir is None:
         context.missing.append(f"no pruned model (a directory with {PROVENANCE_FILE}, here or in `model/`).")
         return None
     provenance = _read_json(model_dir / PROVENANCE_FILE, context)
     if provenance is None:
         return None
-    after = _skeleton_structure(model_dir)
-    plans = provenance_plans(provenance)
+    after = skeleton_structure(model_dir)
     source = provenance.get("source_model")
     lines = ["## Pruned model", "",
              f"`{os.path.relpath(model_dir, context.report_dir)}`, pruned from `{source or 'an unrecorded model'}` "
              f"({after.model_type}, saved in the {provenance.get('format', '?')} format).", ""]
-    lines += _settings_lines(provenance)
+    lines += settings_lines(provenance)
 
-    signature = plans[0].get("model") if plans else None
-    if signature is None and plans:  # a hand-written plan need not record the model; its source may be at hand
-        skeleton = _local_structure(source)
-        signature = structure_signature(skeleton) if skeleton is not None else None
-    before = None
-    if signature is None:
-        context.missing.append(f"neither the plan nor a local copy of `{source}` gives the source model's widths: "
-                               "no widths table or kept-width figure.")
-    else:
-        dropped = _dropped_layers(plans, len(signature["layers"]))
-        before = _before_structure(signature, after, dropped, source)
-        if before is None:
-            context.missing.append(
-                f"the source model `{source}` is not at hand, and the pruned model has no attention or no MLP left "
-                "to cost it from: no widths table or kept-width figure."
-            )
-    lines += ["", "### Parameters", "", _params_table(before, after, (provenance.get("pruning") or {}).get("params") or {})]
+    before, dropped = source_structure(provenance, after)
+    if before is None:
+        context.missing.append(f"neither the plan nor a local copy of `{source}` gives the source model's widths "
+                               "(or the pruned model has no attention or no MLP left to cost them from): no widths "
+                               "table or kept-width figure.")
+    recorded = (provenance.get("pruning") or {}).get("params") or {}
+    lines += ["", "### What was removed", "", removal_table(removal_rows(before, after, recorded))]
     if before is not None:
         figure = plot_kept_widths(before, after, context.figure("kept_widths.png"), dropped_layers=dropped)
         lines += ["", "### Widths per layer", "", "Source layer index; one number means the width was kept.", "",
@@ -295,7 +193,7 @@ def _model_section(context: _Context) -> str | None:
 
 
 def _recovery_section(context: _Context) -> str | None:
-    model_dir = _model_dir(context.run_dir)
+    model_dir = final_model_dir(context.run_dir)
     provenance = _read_json(model_dir / PROVENANCE_FILE, context) if model_dir is not None else None
     recovery = (provenance or {}).get("recovery")
     if not recovery:
@@ -376,7 +274,7 @@ def _json_files(context: _Context, prefix: str, expected_format: str) -> list[tu
 def _non_embedding_params(entry: dict, known: dict[int, int]) -> int | None:
     """Non-embedding parameters of an eval entry's model: from its skeleton, or from a total count
     that prunekit.json matched to a non-embedding one."""
-    structure = _local_structure(entry.get("location"))
+    structure = local_structure(entry.get("location"))
     if structure is not None:
         return structure.non_embedding_params
     return known.get(entry.get("parameters"))
@@ -384,7 +282,7 @@ def _non_embedding_params(entry: dict, known: dict[int, int]) -> int | None:
 
 def _known_counts(context: _Context) -> dict[int, int]:
     """Total → non-embedding parameter counts that the pruned model's record gives."""
-    model_dir = _model_dir(context.run_dir)
+    model_dir = final_model_dir(context.run_dir)
     if model_dir is None:
         return {}
     try:
@@ -417,7 +315,9 @@ def _quality_figure(reports: list[tuple[Path, dict]], context: _Context) -> list
         if len(measured) < 2:
             continue
         dense_size, dense = max(measured, key=lambda pair: pair[0])
-        points = [{"label": "pruned", "params": size, "perplexity": report["perplexity"][dataset]["perplexity"]}
+        # each point named for what it is (its prunekit.json says pruned or recovered), the dense one apart
+        points = [{"label": model_role(report["model"].get("location"), context.run_dir), "params": size,
+                   "perplexity": report["perplexity"][dataset]["perplexity"]}
                   for size, report in measured if report is not dense]
         reference = {"params": dense_size, "perplexity": dense["perplexity"][dataset]["perplexity"]}
         name = "quality_vs_size.png" if len(datasets) == 1 else f"quality_vs_size_{number}.png"
@@ -431,19 +331,14 @@ def _eval_section(context: _Context) -> str | None:
     if not reports:
         context.missing.append("no `eval*.json` (`prunekit eval --json`): no perplexity or task tables.")
         return None
-    ppl_rows, task_rows = [], []
+    ppl_rows, task_rows = perplexity_rows(reports, context.run_dir), []
     for path, report in reports:
         model = f"`{report['model']['spec']}`"
-        for dataset, entry in report["perplexity"].items():
-            protocol = entry.get("protocol") or {}
-            ppl_rows.append([model, dataset, protocol.get("seq_len", "–"), f"{entry['n_windows']:,}",
-                             f"{entry['perplexity']:.2f}"])
         for task, entry in report["tasks"].items():
             task_rows.append([model, task, f"{entry['n']:,}", *(_accuracy(entry, name) for name in ("acc", "acc_norm"))])
     lines = ["## Quality", "", f"From {', '.join(f'`{path.name}`' for path, _ in reports)}."]
     if ppl_rows:
-        lines += ["", "### Perplexity", "",
-                  _table(["model", "text", "window (tokens)", "windows", "perplexity"], ppl_rows, align="ll")]
+        lines += ["", "### Perplexity", "", perplexity_table(ppl_rows)]
     if task_rows:
         lines += ["", "### Zero-shot tasks", "", _table(["model", "task", "n", "acc", "acc_norm"], task_rows, align="ll")]
     return "\n".join(lines + _quality_figure(reports, context))
@@ -456,42 +351,6 @@ def _accuracy(entry: dict, name: str) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
-def _spread(spread: dict, ratio: bool = False) -> str:
-    if ratio:
-        return f"{spread['median']:.2f}× ({spread['low']:.2f}–{spread['high']:.2f})"
-    number = lambda value: f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"  # noqa: E731
-    return f"{number(spread['median'])} ({number(spread['low'])}–{number(spread['high'])})"
-
-
-def _speed_table(speed: dict) -> str:
-    """A speed record (`SpeedResult.to_dict()`) as a Markdown table: model, baseline, measured and ideal speedup."""
-    from prunekit.evaluate.speed import SpeedSettings, metric_label, metric_names
-
-    settings = SpeedSettings(**{**speed["settings"], "decode_batches": tuple(speed["settings"]["decode_batches"])})
-    model, baseline, speedup = speed["model"], speed.get("baseline"), speed.get("speedup")
-    ideal = f"{speed['ideal_speedup']:.2f}×" if speed.get("ideal_speedup") else "–"
-    rows = []
-    for metric in metric_names(settings):
-        row = [metric_label(metric, settings), _spread(model["timings"][metric])]
-        if baseline is not None:
-            row += [_spread(baseline["timings"][metric]), _spread(speedup[metric], ratio=True), ideal]
-        rows.append(row)
-    if baseline is not None:
-        memory = (model.get("peak_memory_mib"), baseline.get("peak_memory_mib"))
-        if None not in memory:
-            rows.append(["peak memory (MiB)", f"{memory[0]:,.0f}", f"{memory[1]:,.0f}", f"{memory[1] / memory[0]:.2f}×", "–"])
-        rows.append(["parameters", format_count(model["parameters"]), format_count(baseline["parameters"]),
-                     f"{baseline['parameters'] / model['parameters']:.2f}×", "–"])
-        header = ["metric", "pruned", "baseline", "measured speedup", "ideal speedup"]
-    else:
-        header = ["metric", "model"]
-    notes = (f"{settings.device}, {settings.dtype}, median (min–max) of {settings.repeats} repeats after "
-             f"{settings.warmup} warm-up" + (", compiled" if settings.use_compile else ""))
-    if baseline is not None:
-        notes += f"; speedup > 1 means the pruned model is faster; ideal: {speed.get('ideal_basis') or 'not recorded'}"
-    return _table(header, rows, align="l") + "\n\n" + _note(notes + ".")
-
-
 def _bench_section(context: _Context) -> str | None:
     reports = _json_files(context, "bench", "prunekit.bench/1")
     if not reports:
@@ -500,7 +359,7 @@ def _bench_section(context: _Context) -> str | None:
     lines = ["## Speed"]
     for path, report in reports:
         against = f" against `{report['baseline']['spec']}`" if report.get("baseline") else ""
-        lines += ["", f"`{report['model']['spec']}`{against} (`{path.name}`):", "", _speed_table(report["speed"])]
+        lines += ["", f"`{report['model']['spec']}`{against} (`{path.name}`):", "", format_speed_markdown(report["speed"])]
     return "\n".join(lines)
 
 
@@ -523,7 +382,7 @@ def _summary_section(context: _Context) -> str | None:
                              [[perplexity.get("protocol", "–"), f"{perplexity['dense']:.2f}", f"{perplexity['pruned']:.2f}",
                                f"{change:+.0%}"]], align="l")]
     if summary.get("speed"):
-        lines += ["", "### Speed (dense interleaved with pruned)", "", _speed_table(summary["speed"])]
+        lines += ["", "### Speed (dense interleaved with pruned)", "", format_speed_markdown(summary["speed"])]
     return "\n".join(lines)
 
 
@@ -571,6 +430,10 @@ def write_run_report(run_dir: Path, out: Path | None = None) -> Path:
             f"nothing to report in {run_dir}: no pruned model ({PROVENANCE_FILE}), scores.json, eval*.json, "
             f"bench*.json or summary.json; pass the folder a prune, eval or demo run wrote"
         )
+    card = refresh_run_card(run_dir)  # from the same records, so the card and this report agree
+    if card is not None:
+        found.append(f"The model card `{os.path.relpath(card, context.report_dir)}` was written again with these "
+                     "figures.")
     if context.missing:
         found.append("## Not found\n\n" + "\n".join(f"- {item[0].upper()}{item[1:]}" for item in context.missing))
     text = "\n\n".join([MARKER, f"# Run report: `{run_dir.name}`", *found]) + "\n"

@@ -14,6 +14,7 @@ key, its type and the valid keys. `key=value` overrides address any key by its d
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -24,15 +25,17 @@ from typing import Any
 import yaml
 
 from prunekit.data.sources import SELF_SOURCE
+from prunekit.errors import PrunekitError
 from prunekit.pipeline import CalibrationSettings, PruneSettings
 from prunekit.recover.data import RecoveryData
 from prunekit.recover.train import RecoverySettings
 
 AUTO_SOURCE = "auto"
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"  # installed with the package
 STAGE_ORDER = ("analyze", "plan", "prune", "recover", "evaluate", "bench", "export", "report")
 
 
-class RecipeError(ValueError):
+class RecipeError(PrunekitError, ValueError):
     """The recipe cannot run as written; the message names the key and the fix."""
 
 
@@ -72,7 +75,18 @@ class BenchSettings:
 
 @dataclass(frozen=True)
 class ExportSettings:
-    name: str = "export"                      # the final model directory under the run directory
+    name: str = "export"                      # what the final model is written as, under the run directory
+    format: str = "huggingface"               # huggingface: NAME/ as hard links to the final model; gguf: NAME.gguf
+    quant: str = "f16"                        # gguf: f16, q8_0 or q4_k_m
+
+
+@dataclass(frozen=True)
+class HardwareSettings:
+    """The machine a recipe is written for. `prunekit run` checks the machine it runs on; the
+    tests preflight every shipped recipe against this one, so a recipe that names a GPU must fit it."""
+    cpu_memory_gib: float = 24.0
+    gpus: int = 0
+    gpu_memory_gib: float = 0.0               # free memory of each GPU
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class Recipe:
     bench: BenchSettings = field(default_factory=BenchSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     report: ReportSettings = field(default_factory=ReportSettings)
+    hardware: HardwareSettings = field(default_factory=HardwareSettings)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -197,14 +212,21 @@ def parse_recipe(data: dict) -> Recipe:
     return recipe
 
 
+def shipped_recipes() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_RECIPES.glob("*.yaml"))
+
+
 def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """A Recipe from a YAML path or a mapping, with `key=value` overrides applied."""
     if isinstance(recipe, dict):
-        data = dict(recipe)
+        data = copy.deepcopy(recipe)  # overrides must not reach into the caller's mapping
     else:
         path = Path(recipe)
+        if not path.is_file() and (SHIPPED_RECIPES / f"{recipe}.yaml").is_file():
+            path = SHIPPED_RECIPES / f"{recipe}.yaml"  # a shipped recipe by name: `prunekit run demo`
         if not path.is_file():
-            raise RecipeError(f"recipe {path} does not exist; pass a YAML file (recipes/ has examples)")
+            raise RecipeError(f"recipe {path} does not exist; pass a YAML file or the name of a shipped recipe "
+                              f"({', '.join(shipped_recipes())})")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
@@ -212,19 +234,34 @@ def load_recipe(recipe: str | Path | dict, overrides: list[str] | tuple[str, ...
     return parse_recipe(apply_overrides(data or {}, list(overrides)))
 
 
+def has_local_data(data_dir: str | None) -> bool:
+    """Whether the data directory (given, or $PRUNEKIT_DATA_DIR) holds C4 and WikiText-2, which
+    sources `auto` then mean; without them, `auto` means text the model writes itself."""
+    from prunekit.data import resolve_data_dir
+
+    try:
+        root = resolve_data_dir(data_dir)
+    except PrunekitError:  # an unusable data directory means: run on self text
+        return False
+    return root is not None and (root / "c4").is_dir() and (root / "wikitext-2-raw").is_dir()
+
+
+def auto_source(source: str, local: bool, *, evaluation: bool = False) -> str:
+    """`auto` as c4 (calibration and training) or wikitext2 (evaluation) with local data, else self."""
+    if source != AUTO_SOURCE:
+        return source
+    return ("wikitext2" if evaluation else "c4") if local else SELF_SOURCE
+
+
 def resolve_auto(recipe: Recipe, has_local_data: bool) -> Recipe:
     """Replace data sources `auto` with c4 (local data present) or self (none)."""
-    source = "c4" if has_local_data else SELF_SOURCE
-
     def fix(settings):
-        return dataclasses.replace(settings, source=source) if settings.source == AUTO_SOURCE else settings
+        return dataclasses.replace(settings, source=auto_source(settings.source, has_local_data))
 
     prune = dataclasses.replace(recipe.prune, calibration=fix(recipe.prune.calibration))
     analyze = dataclasses.replace(recipe.analyze, calibration=fix(recipe.analyze.calibration))
     data: RecoveryData = recipe.recover.data
     recover = dataclasses.replace(recipe.recover, data=fix(data))
-    evaluate = recipe.evaluate
-    if AUTO_SOURCE in evaluate.ppl:
-        evaluate = dataclasses.replace(evaluate, ppl=tuple("wikitext2" if has_local_data else SELF_SOURCE if p == AUTO_SOURCE
-                                                           else p for p in evaluate.ppl))
+    evaluate = dataclasses.replace(recipe.evaluate, ppl=tuple(auto_source(p, has_local_data, evaluation=True)
+                                                              for p in recipe.evaluate.ppl))
     return dataclasses.replace(recipe, prune=prune, analyze=analyze, recover=recover, evaluate=evaluate)

@@ -6,6 +6,14 @@ record in the run directory.
       records/<stage>.json     settings, seconds, versions and key figures of each finished stage
       analysis/  plan.json  model/  recovered/  eval.json  eval_dense.json  bench.json  export/  report.md
 
+Each stage is one `Stage`: a preflight and a run. The run calls the same function as the
+single-stage command (`prunekit analyze`, `prune`, `recover`, `eval`, `bench`, `export`,
+`report`), with paths in the run directory. Before the first stage runs, every stage is
+preflighted (settings, data, reachability of the target, memory on its device for the shapes it
+will see, disk for what it writes), so a recipe whose last stage cannot run is refused in
+seconds; `--dry-run` prints the preflights and stops. Between stages, whatever a stage put on a
+device is released, so the next stage sees the device's real free memory.
+
 A stage whose record exists with the same settings is skipped, so running the recipe again
 continues a killed run at the first unfinished stage (recovery also resumes inside the stage, from
 its checkpoints). A finished stage whose settings changed is an error: results in one directory
@@ -13,10 +21,14 @@ never mix settings. Every artifact appears under its final name only when comple
 """
 from __future__ import annotations
 
+import dataclasses
+import errno
+import gc
 import json
-import shutil
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,170 +36,116 @@ import torch
 import yaml
 
 from prunekit.data.sources import SELF_SOURCE
+from prunekit.evaluate import self_text
 from prunekit.export.files import atomic_directory, atomic_write_text
-from prunekit.export.huggingface import save_model, versions
+from prunekit.export.huggingface import versions
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, format_count, model_structure
+from prunekit.pipeline import LOAD_SECONDS, analyze_settings, canonical_dtype, rate
 from prunekit.plan.plan import Plan
-from prunekit.plan.planner import check_reachable
-from prunekit.runner.recipe import STAGE_ORDER, Recipe, RecipeError, load_recipe, resolve_auto
+from prunekit.preflight import Machine, Preflight, check_all, format_preflights
+from prunekit.runner.recipe import STAGE_ORDER, Recipe, RecipeError, has_local_data, load_recipe, resolve_auto
 
 RECORDS_DIR = "records"
-SELF_HELD_OUT_TOKENS = 16 * 256  # the original's text that evaluate's `self` perplexity scores
-LOAD_SECONDS = 15  # each stage that loads the model (SmolLM2 from its GGUF file: 15 s)
-# Rough sustained rates for the cost estimate of --dry-run (measured on this project's machines:
-# BENCHMARKS.md, GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and
-# trains at ~0.15; it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~57,000
-# (16 TFLOP/s: decoding is bound by kernel launches and the growing KV cache, not by arithmetic).
-RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12, "sample": 0.05e12},
-         "cuda": {"infer": 150e12, "train": 60e12, "sample": 16e12}}
+ANALYSIS_DIR = "analysis"
 
 
-def _has_local_data(data_dir: str | None) -> bool:
-    from prunekit.demo import _has_local_data as has
-
-    return has(data_dir)
-
-
-def _final_model(run_dir: Path) -> Path:
+def final_model(run_dir: Path) -> Path:
+    """The model a run ends with: the recovered one when there is one, else the pruned one."""
     return run_dir / "recovered" if (run_dir / "recovered").is_dir() else run_dir / "model"
 
 
-# ----------------------------------------------------------------------------- validation and cost
+def release_devices() -> None:
+    """Free what the last stage left: unreachable models and their cached device blocks, so that
+    the next stage's preflight and memory checks see the device's real free memory."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def validate_settings(recipe: Recipe) -> None:
-    """Every check that needs neither the model nor the data files: the settings of each stage."""
-    stages = set(recipe.stages)
-    if {"plan", "prune"} & stages:
-        recipe.prune.validate()
-        if "plan" in stages and recipe.prune.steps != 1:
-            raise RecipeError(f"the plan stage plans one step, but prune.steps={recipe.prune.steps}; drop the plan "
-                              "stage (prune then plans each step itself) or set prune.steps to 1")
-    if "analyze" in stages:
-        from prunekit.score import get_criterion
+@dataclass(frozen=True)
+class Context:
+    """What the preflight of a stage knows: the recipe's model, its shape and the shape each earlier
+    stage will leave (`leaves`), where the run goes and the machine it is checked against."""
 
-        from prunekit.pipeline import check_run_options
+    recipe: Recipe
+    run_dir: Path
+    machine: Machine
+    structure: ModelStructure
+    leaves: ModelStructure
 
-        get_criterion(recipe.analyze.criterion).check_options(recipe.analyze.criterion_options)
-        recipe.analyze.calibration.validate()
-        check_run_options(recipe.analyze.criterion, recipe.analyze.device, recipe.analyze.layer_by_layer)
-    if "recover" in stages:
-        recipe.recover.validate()
-    if "evaluate" in stages:
-        unknown = [p for p in recipe.evaluate.ppl if p != SELF_SOURCE and not p.endswith((".txt", ".jsonl"))
-                   and p not in ("wikitext2", "c4", "ptb")]
-        if unknown:
-            raise RecipeError(f"evaluate.ppl: unknown source {unknown[0]!r}; use wikitext2, c4, ptb, self, auto or a "
-                              ".txt / .jsonl file")
-    for stage in ("evaluate", "bench"):
-        device = getattr(recipe, stage).device
-        if stage in stages and device not in ("cpu", "cuda"):
-            raise RecipeError(f"{stage}.device must be cpu or cuda, got {device!r}")
+    @property
+    def gpu(self) -> bool:
+        return self.machine.has_gpu
 
 
-def validate(recipe: Recipe) -> ModelStructure:
-    """validate_settings, then the checks that read the model's config (no weights) and the data
-    files: that the model loads, its target is reachable and the evaluation tasks have their data."""
-    validate_settings(recipe)
-    for stage in ("evaluate", "bench"):  # here, not in validate_settings: a GPU recipe still parses anywhere
-        if stage in recipe.stages and getattr(recipe, stage).device == "cuda" and not torch.cuda.is_available():
-            raise RecipeError(f"{stage}.device is cuda, but torch finds no CUDA GPU here; set {stage}.device=cpu")
-    structure = model_structure(load_skeleton(resolve_model_source(recipe.model)))
-    if {"plan", "prune"} & set(recipe.stages):
-        check_reachable(structure, recipe.prune.planner_settings())
-    if "evaluate" in recipe.stages and recipe.evaluate.tasks:
-        from prunekit.evaluate.run import _check_tasks
-
-        _check_tasks(list(recipe.evaluate.tasks), recipe.data_dir)
-    return structure
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]                          # the recipe sections it depends on: it re-runs (or refuses) when one changes
+    preflight: Callable[[Context], Preflight]
+    run: Callable[[Recipe, Path], dict]              # returns the figures its record keeps
 
 
-def estimate(recipe: Recipe, structure: ModelStructure, *, gpu: bool) -> list[tuple[str, str, float]]:
-    """(stage, what it does, rough seconds) for each stage: forward FLOPs per token times tokens over
-    the RATES of the stage's device (recovery trains on the GPU when there is one, `gpu`), plus the
-    writing of self text where a stage's data is the model's own."""
-    flops = structure.flops_per_token(512)
-    prune, recover, evaluate = recipe.prune, recipe.recover, recipe.evaluate
-
-    def rate(device: str | None, kind: str) -> float:
-        return RATES["cuda" if (device or "cpu").startswith("cuda") else "cpu"][kind]
-
-    def sampling(source: str, tokens: int, device: str | None) -> float:
-        return flops * tokens / rate(device, "sample") if source == SELF_SOURCE else 0.0
-
-    calib = prune.calibration.n_samples * prune.calibration.seq_len
-    rows = []
-    for stage in recipe.stages:
-        if stage == "analyze":
-            a = recipe.analyze
-            tokens = a.calibration.n_samples * a.calibration.seq_len
-            passes = 232 if a.criterion == "sensitivity" else 3  # BENCHMARKS.md: sensitivity cost
-            what = f"{a.criterion} scores on {tokens:,} tokens"
-            seconds = passes * flops * tokens / rate(a.device, "infer") + sampling(a.calibration.source, tokens, a.device)
-        elif stage == "plan":
-            what = f"{prune.criterion} scores on {calib:,} tokens, plan to {prune.target:.0%}"
-            seconds = (3 * flops * calib / rate(prune.device, "train")
-                       + sampling(prune.calibration.source, calib, prune.device))
-        elif stage == "prune":
-            work = 3 * prune.steps + (2 if prune.compensation == "sequential" else 1)
-            what = (f"{prune.steps} step(s) of {prune.criterion} + {prune.compensation} compensation, "
-                    f"{prune.target:.0%} of {prune.basis}")
-            seconds = (work * flops * calib / rate(prune.device, "train")
-                       + sampling(prune.calibration.source, calib, prune.device))
-        elif stage == "recover":
-            device = "cuda" if gpu else "cpu"
-            teacher = 1 / 3 if recover.needs_teacher else 0  # a teacher forward is a third of a training step
-            written = recover.tokens + recover.data.held_out * recover.data.seq_len
-            what = f"{recover.method}, {recover.tokens:,} tokens on {device}"
-            seconds = ((1 - prune.target) * (1 + teacher) * 3 * flops * recover.tokens / rate(device, "train")
-                       + sampling(recover.data.source, written, device))
-        elif stage == "evaluate":
-            tokens = sum(300_000 // evaluate.window_every if p != SELF_SOURCE else SELF_HELD_OUT_TOKENS
-                         for p in evaluate.ppl)
-            tokens += len(evaluate.tasks) * (evaluate.limit or 2000) * 4 * 100
-            written = SELF_HELD_OUT_TOKENS if SELF_SOURCE in evaluate.ppl else 0  # sampled once, for both models
-            what = f"perplexity on {', '.join(evaluate.ppl) or '-'}; tasks {', '.join(evaluate.tasks) or '-'}"
-            seconds = ((2 if evaluate.dense else 1) * flops * tokens / rate(evaluate.device, "infer")
-                       + flops * written / rate(evaluate.device, "sample"))
-        elif stage == "bench":
-            b = recipe.bench
-            tokens = b.repeats * (b.prefill_batch * b.prefill_len + sum(b.decode_batches) * b.decode_tokens * 20)
-            what = f"speed on {b.device}" + (", beside the original" if b.baseline else "")
-            seconds = (2 if b.baseline else 1) * flops * tokens / rate(b.device, "infer")
-        else:
-            rows.append((stage, {"export": f"final model to {recipe.export.name}/",
-                                 "report": "report.md with tables and figures"}[stage], 5.0))
-            continue
-        rows.append((stage, what, LOAD_SECONDS + seconds))
-    return rows
+# ----------------------------------------------------------------------------- analyze
 
 
-def format_estimate(rows: list[tuple[str, str, float]]) -> str:
-    def human(seconds: float) -> str:
-        return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-    width = max(len(what) for _, what, _ in rows)
-    lines = [f"{'stage':9s} {'what':{width}s}  rough time"]
-    lines += [f"{stage:9s} {what:{width}s}  ~{human(seconds)}" for stage, what, seconds in rows]
-    lines.append(f"{'total':9s} {'':{width}s}  ~{human(sum(s for *_, s in rows))}")
-    return "\n".join(lines)
+def _analyze_settings(recipe: Recipe):
+    a = recipe.analyze
+    return analyze_settings(a.criterion, a.criterion_options, a.calibration, a.batch_size, a.device, a.layer_by_layer)
 
 
-# ----------------------------------------------------------------------------- stages
+def _preflight_analyze(context: Context) -> Preflight:
+    from prunekit.pipeline import preflight_analyze
+
+    source = resolve_model_source(context.recipe.model)
+    return preflight_analyze(source, _analyze_settings(context.recipe), context.recipe.dtype,
+                             structure=context.structure)
 
 
-def _stage_analyze(recipe: Recipe, run_dir: Path) -> dict:
+def _run_analyze(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.pipeline import analyze
 
     a = recipe.analyze
-    report = analyze(recipe.model, run_dir / "analysis", criterion=a.criterion, criterion_options=a.criterion_options,
+    report = analyze(recipe.model, run_dir / ANALYSIS_DIR, criterion=a.criterion, criterion_options=a.criterion_options,
                      calibration=a.calibration, batch_size=a.batch_size, dtype=recipe.dtype, force=True,
                      device=a.device, layer_by_layer=a.layer_by_layer)
     return {"report": str(report.relative_to(run_dir))}
 
 
-def _stage_plan(recipe: Recipe, run_dir: Path) -> dict:
+# ----------------------------------------------------------------------------- plan and prune
+
+
+def _scores_from_analysis(recipe: Recipe) -> bool:
+    """The analyze stage computes exactly what prune would score first (same criterion, options,
+    calibration and batch): prune then plans from its scores.json instead of scoring again."""
+    a, p = recipe.analyze, recipe.prune
+    return ("analyze" in recipe.stages and p.scores is None and p.steps == 1 and a.criterion == p.criterion
+            and _analyze_settings(recipe).criterion_options == p.criterion_options and a.calibration == p.calibration
+            and a.batch_size == p.batch_size)
+
+
+def prune_settings(recipe: Recipe, run_dir: Path):
+    if _scores_from_analysis(recipe):
+        return dataclasses.replace(recipe.prune, scores=str(run_dir / ANALYSIS_DIR / "scores.json"))
+    return recipe.prune
+
+
+def _preflight_plan(context: Context) -> Preflight:
+    from prunekit.pipeline import preflight_prune
+
+    recipe = context.recipe
+    if recipe.prune.steps != 1:
+        raise RecipeError(f"the plan stage plans one step, but prune.steps={recipe.prune.steps}; drop the plan "
+                          "stage (prune then plans each step itself) or set prune.steps to 1")
+    settings = dataclasses.replace(recipe.prune, compensation="none", scores=None)
+    preflight = preflight_prune(resolve_model_source(recipe.model), settings, recipe.dtype, structure=context.structure,
+                                stage="plan")
+    return dataclasses.replace(preflight, what=f"{settings.criterion} scores, a plan to {settings.target:.0%} of "
+                                               f"{settings.basis}")
+
+
+def _run_plan(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.pipeline import load_device, plan_loaded
 
     model, tokenizer = load(recipe.model, dtype=recipe.dtype,
@@ -197,23 +155,54 @@ def _stage_plan(recipe: Recipe, run_dir: Path) -> dict:
     return {"plan": "plan.json", "drop_layers": list(plan.drop_layers)}
 
 
-def _stage_prune(recipe: Recipe, run_dir: Path) -> dict:
-    from prunekit.pipeline import load_device, prune_loaded
+def _preflight_prune(context: Context) -> Preflight:
+    from prunekit.pipeline import preflight_prune
 
-    model, tokenizer = load(recipe.model, dtype=recipe.dtype,
-                            device=load_device(recipe.prune.device, recipe.prune.layer_by_layer))
+    recipe = context.recipe
+    settings = recipe.prune
+    if _scores_from_analysis(recipe):  # its file is written by the analyze stage; check the rest now
+        settings = dataclasses.replace(settings, scores=None)
+    preflight = preflight_prune(resolve_model_source(recipe.model), settings, recipe.dtype,
+                                structure=context.structure)
+    if "plan" in recipe.stages or _scores_from_analysis(recipe):
+        from prunekit.pipeline import memory_needs
+
+        source = "the plan stage's plan.json" if "plan" in recipe.stages else "the analyze stage's scores.json"
+        preflight = dataclasses.replace(preflight, needs=memory_needs(context.structure, recipe.dtype, settings,
+                                                                     scoring=False),
+                                        what=f"from {source}: {settings.compensation} compensation, cut, save")
+    return preflight
+
+
+def _run_prune(recipe: Recipe, run_dir: Path) -> dict:
+    from prunekit.pipeline import prune
+
     plan = Plan.load(run_dir / "plan.json") if "plan" in recipe.stages else None
-    record = prune_loaded(model, tokenizer, recipe.prune, plan=plan)
-    model.to("cpu")  # saved from CPU memory
-    source = resolve_model_source(recipe.model)
-    plans = [s["plan"] for s in record["steps"]]
-    save_model(model, tokenizer, run_dir / "model", plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None,
-               source=recipe.model, protected=source.local_paths, force=True,
-               extra_provenance={"pruning": {k: v for k, v in record.items() if k != "scores"}})
-    return {"removed": record["removed"], "params": record["params"]}
+    saved = prune(recipe.model, run_dir / "model", prune_settings(recipe, run_dir), plan=plan, force=True,
+                  dtype=recipe.dtype)
+    pruning = json.loads((saved.path / "prunekit.json").read_text())["pruning"]
+    return {"removed": pruning["removed"], "params": pruning["params"]}
 
 
-def _stage_recover(recipe: Recipe, run_dir: Path) -> dict:
+# ----------------------------------------------------------------------------- recover
+
+
+def _preflight_recover(context: Context) -> Preflight:
+    from prunekit.recover.run import preflight_recover
+
+    recipe = context.recipe
+    teacher = context.structure if recipe.teacher is None else model_structure(
+        load_skeleton(resolve_model_source(recipe.teacher)))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.recover.shard and processes < 2:
+        from prunekit.recover.train import SHARD_NEEDS_LAUNCHER, RecoveryError
+
+        raise RecoveryError(SHARD_NEEDS_LAUNCHER)
+    return preflight_recover(context.leaves, teacher if recipe.recover.needs_teacher else None, recipe.recover,
+                             canonical_dtype(recipe.dtype), gpu=context.gpu, processes=processes)
+
+
+def _run_recover(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.recover import recover
 
     saved = recover(run_dir / "model", run_dir / "recovered", recipe.recover, teacher=recipe.teacher or recipe.model,
@@ -223,31 +212,52 @@ def _stage_recover(recipe: Recipe, run_dir: Path) -> dict:
             "tokens_per_second": record["tokens_per_second"]}
 
 
+# ----------------------------------------------------------------------------- evaluate
+
+
+def _texts(recipe: Recipe) -> list[str]:
+    return [p for p in recipe.evaluate.ppl if p != SELF_SOURCE]
+
+
+def _preflight_evaluate(context: Context) -> Preflight:
+    from prunekit.evaluate.run import preflight_evaluate
+
+    recipe, e = context.recipe, context.recipe.evaluate
+    if e.device == "cuda" and not context.gpu:
+        raise RecipeError("evaluate.device is cuda, but torch finds no CUDA GPU here; set evaluate.device=cpu")
+    structures = [context.leaves] + ([context.structure] if e.dense else [])
+    uses_self = SELF_SOURCE in e.ppl
+    written = self_text.TOKENS if uses_self else 0  # sampled once, for both models
+    extra = context.structure.flops_per_token(512) * written / rate(e.device, "sample")
+    if not _texts(recipe) and not e.tasks:  # only the model's own text
+        return Preflight("evaluate", "perplexity on self", LOAD_SECONDS * len(structures) + extra)
+    return preflight_evaluate(recipe.model, structures, ppl=_texts(recipe) or (), seq_len=e.seq_len,
+                              window_every=e.window_every, tasks=e.tasks, limit=e.limit, dtype=e.dtype,
+                              data_dir=recipe.data_dir, device=e.device, extra_seconds=extra)
+
+
 def _self_perplexities(model_specs: list[str | Path], recipe: Recipe) -> list[float]:
     """Perplexity of each model on one held-out sample of the original model's own text (sampled
     once for all of them: sampling costs more than scoring here)."""
-    from prunekit.data import calibration_tokens
-    from prunekit.evaluate.perplexity import perplexity
-
     device = recipe.evaluate.device
     original, tokenizer = load(recipe.model, dtype=recipe.dtype, device=device)
-    held_out = calibration_tokens(SELF_SOURCE, tokenizer, n_samples=SELF_HELD_OUT_TOKENS // 256, seq_len=256,
-                                  seed=1234, model=original)
+    held_out = self_text.held_out_self_tokens(original, tokenizer)
     values = []
     for spec in model_specs:
         model = original if str(spec) == recipe.model else load(spec, dtype=recipe.dtype, device=device)[0]
-        values.append(perplexity(model, tokenizer, dataset=held_out.reshape(-1), seq_len=256, progress=False).perplexity)
+        values.append(self_text.self_perplexity(model, tokenizer, held_out))
+        del model
     return values
 
 
-def _stage_evaluate(recipe: Recipe, run_dir: Path) -> dict:
+def _run_evaluate(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.evaluate.run import evaluate_model
 
     e = recipe.evaluate
     figures: dict[str, Any] = {}
-    texts = [p for p in e.ppl if p != SELF_SOURCE]
-    targets = [("final", _final_model(run_dir), "eval.json")] + ([("original", recipe.model, "eval_dense.json")]
-                                                                  if e.dense else [])
+    texts = _texts(recipe)
+    targets = [("final", final_model(run_dir), "eval.json")] + ([("original", recipe.model, "eval_dense.json")]
+                                                                 if e.dense else [])
     for name, model, file in targets:
         if texts or e.tasks:
             report = evaluate_model(model, ppl=texts, seq_len=e.seq_len, window_every=e.window_every, tasks=e.tasks,
@@ -261,81 +271,195 @@ def _stage_evaluate(recipe: Recipe, run_dir: Path) -> dict:
     return figures
 
 
-def _stage_bench(recipe: Recipe, run_dir: Path) -> dict:
+# ----------------------------------------------------------------------------- bench
+
+
+def _bench_options(recipe: Recipe) -> dict:
+    b = recipe.bench
+    return dict(device=b.device, dtype=b.dtype, prefill_batch=b.prefill_batch, prefill_len=b.prefill_len,
+                decode_batches=b.decode_batches, decode_tokens=b.decode_tokens, repeats=b.repeats)
+
+
+def _preflight_bench(context: Context) -> Preflight:
+    from prunekit.evaluate.run import preflight_bench
+
+    recipe = context.recipe
+    if recipe.bench.device == "cuda" and not context.gpu:
+        raise RecipeError("bench.device is cuda, but torch finds no CUDA GPU here; set bench.device=cpu")
+    structures = [context.leaves] + ([context.structure] if recipe.bench.baseline else [])
+    return preflight_bench(recipe.model, structures, **_bench_options(recipe))
+
+
+def _run_bench(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.evaluate.run import bench_models
 
-    b = recipe.bench
-    report = bench_models(_final_model(run_dir), baseline=recipe.model if b.baseline else None, device=b.device,
-                          dtype=b.dtype, prefill_batch=b.prefill_batch, prefill_len=b.prefill_len,
-                          decode_batches=b.decode_batches, decode_tokens=b.decode_tokens, repeats=b.repeats,
-                          json_out=run_dir / "bench.json")
+    report = bench_models(final_model(run_dir), baseline=recipe.model if recipe.bench.baseline else None,
+                          json_out=run_dir / "bench.json", **_bench_options(recipe))
     speed = report["speed"]
     return {"ideal_speedup": speed.get("ideal_speedup"),
             "speedup": {k: v["median"] for k, v in (speed.get("speedup") or {}).items()}}
 
 
-def _stage_export(recipe: Recipe, run_dir: Path) -> dict:
-    final = _final_model(run_dir)
-    with atomic_directory(run_dir / recipe.export.name, force=True) as tmp:
-        shutil.copytree(final, tmp, dirs_exist_ok=True)
-    return {"from": final.name, "to": recipe.export.name}
+# ----------------------------------------------------------------------------- export and report
 
 
-def _stage_report(recipe: Recipe, run_dir: Path) -> dict:
+def _preflight_export(context: Context) -> Preflight:
+    x = context.recipe.export
+    if x.format == "gguf":  # the checks export_gguf makes, on the original (the pruned model keeps its family)
+        from prunekit.export.gguf import check_config, check_quant, tokenizer_metadata
+        from prunekit.models.loading import load_config, load_tokenizer
+
+        check_quant(x.quant)
+        source = resolve_model_source(context.recipe.model)
+        config = load_config(source)
+        check_config(config)
+        tokenizer_metadata(load_tokenizer(source), config.vocab_size)
+        size = context.leaves.total_params * {"f16": 2, "q8_0": 1.07, "q4_k_m": 0.7}.get(x.quant, 2)
+        return Preflight("export", f"llama.cpp GGUF ({x.quant}) to {x.name}.gguf", 5.0 + context.leaves.total_params
+                         / 5e7, disk_bytes=int(size))
+    return Preflight("export", f"final model to {x.name}/ (hard links: no second copy)", 1.0)
+
+
+def link_tree(source: Path, destination: Path) -> None:
+    """`destination` as a tree of hard links to the files of `source` (no second copy on disk);
+    where the two lie on different disks, a copy."""
+    import shutil
+
+    for path in sorted(source.rglob("*")):
+        target = destination / path.relative_to(source)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            shutil.copy2(path, target)
+
+
+def _run_export(recipe: Recipe, run_dir: Path) -> dict:
+    final, x = final_model(run_dir), recipe.export
+    if x.format == "gguf":
+        from prunekit.export.gguf import export_gguf
+
+        written = export_gguf(final, run_dir / f"{x.name}.gguf", quant=x.quant, force=True)
+        return {"from": final.name, "to": f"{x.name}.gguf", "bytes": Path(written.path).stat().st_size}
+    with atomic_directory(run_dir / x.name, force=True) as tmp:
+        link_tree(final, tmp)
+    return {"from": final.name, "to": x.name}
+
+
+def _preflight_report(context: Context) -> Preflight:
+    return Preflight("report", "report.md with tables and figures", 5.0)
+
+
+def _run_report(recipe: Recipe, run_dir: Path) -> dict:
     from prunekit.report.run_report import write_run_report
 
     return {"report": write_run_report(run_dir).name}
 
 
-STAGES: dict[str, Callable[[Recipe, Path], dict]] = {
-    "analyze": _stage_analyze, "plan": _stage_plan, "prune": _stage_prune, "recover": _stage_recover,
-    "evaluate": _stage_evaluate, "bench": _stage_bench, "export": _stage_export, "report": _stage_report,
-}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("analyze", ("model", "dtype", "analyze"), _preflight_analyze, _run_analyze),
+    Stage("plan", ("model", "dtype", "prune"), _preflight_plan, _run_plan),
+    Stage("prune", ("model", "dtype", "prune"), _preflight_prune, _run_prune),
+    Stage("recover", ("model", "dtype", "prune", "recover", "teacher"), _preflight_recover, _run_recover),
+    Stage("evaluate", ("model", "dtype", "prune", "recover", "evaluate"), _preflight_evaluate, _run_evaluate),
+    Stage("bench", ("model", "dtype", "prune", "recover", "bench"), _preflight_bench, _run_bench),
+    Stage("export", ("model", "prune", "recover", "export"), _preflight_export, _run_export),
+    Stage("report", (), _preflight_report, _run_report),
+)}
 assert tuple(STAGES) == STAGE_ORDER
-# The recipe sections each stage depends on: a stage re-runs (or refuses) when one of them changes.
-STAGE_INPUTS = {"analyze": ("model", "dtype", "analyze"), "plan": ("model", "dtype", "prune"),
-                "prune": ("model", "dtype", "prune"), "recover": ("model", "dtype", "prune", "recover", "teacher"),
-                "evaluate": ("model", "dtype", "prune", "recover", "evaluate"),
-                "bench": ("model", "dtype", "prune", "recover", "bench"), "export": ("model", "prune", "recover", "export"),
-                "report": ()}
+
+
+# ----------------------------------------------------------------------------- validation and preflight
+
+
+def validate_settings(recipe: Recipe) -> None:
+    """Every check that needs neither the model nor the data files: the settings of each stage."""
+    stages = set(recipe.stages)
+    if {"plan", "prune"} & stages:
+        recipe.prune.validate()
+        if "plan" in stages and recipe.prune.steps != 1:
+            raise RecipeError(f"the plan stage plans one step, but prune.steps={recipe.prune.steps}; drop the plan "
+                              "stage (prune then plans each step itself) or set prune.steps to 1")
+    if "analyze" in stages:
+        _analyze_settings(recipe)
+    if "recover" in stages:
+        recipe.recover.validate()
+    if "evaluate" in stages:
+        from prunekit.evaluate.run import check_eval_options
+
+        e = recipe.evaluate
+        if not e.ppl and not e.tasks:
+            raise RecipeError("evaluate names no text (evaluate.ppl) and no task (evaluate.tasks); name one, or drop "
+                              "the evaluate stage")
+        if _texts(recipe):  # names and ranges here; the tasks' data, the device and the texts in the preflight
+            check_eval_options(ppl=_texts(recipe), seq_len=e.seq_len, stride=None, window_every=e.window_every,
+                               tasks=(), limit=None, dtype=e.dtype, batch_size=8, device="cpu", data_dir=None)
+    for stage in ("evaluate", "bench"):
+        device = getattr(recipe, stage).device
+        if stage in stages and device not in ("cpu", "cuda"):
+            raise RecipeError(f"{stage}.device must be cpu or cuda, got {device!r}")
+    if "export" in stages and recipe.export.format not in ("huggingface", "gguf"):
+        raise RecipeError(f"export.format must be huggingface (hard links to the final model) or gguf, got "
+                          f"{recipe.export.format!r}")
+
+
+def preflight(recipe: Recipe, run_dir: Path, machine: Machine | None = None) -> list[Preflight]:
+    """Validate the recipe and preflight every stage, in order, before any runs: each stage sees the
+    shape the earlier ones leave. Raises the first problem; checks memory and disk on `machine`
+    (this one by default)."""
+    validate_settings(recipe)
+    machine = machine or Machine.here(run_dir)
+    structure = model_structure(load_skeleton(resolve_model_source(recipe.model)))
+    context = Context(recipe, run_dir, machine, structure, structure)
+    preflights = []
+    for name in recipe.stages:
+        result = STAGES[name].preflight(context)
+        preflights.append(result)
+        if name == "prune" and result.leaves is not None:
+            context = dataclasses.replace(context, leaves=result.leaves)
+    check_all(preflights, machine, recipe.model, run_dir)
+    return preflights
 
 
 # ----------------------------------------------------------------------------- the runner
 
 
 def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: tuple[str, ...] = (),
-        dry_run: bool = False, progress_print: Callable[[str], None] = print) -> dict:
-    """Run (or with dry_run, only validate and estimate) a recipe into `run_dir`; returns the records."""
+        dry_run: bool = False, progress_print: Callable[[str], None] = print, machine: Machine | None = None) -> dict:
+    """Run (or with dry_run, only preflight) a recipe into `run_dir`; returns the records."""
     loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    loaded = resolve_auto(loaded, _has_local_data(loaded.data_dir))
-    structure = validate(loaded)
+    loaded = resolve_auto(loaded, has_local_data(loaded.data_dir))
     run_dir = Path(run_dir)
-    progress_print(format_estimate(estimate(loaded, structure, gpu=torch.cuda.is_available())))
-    if dry_run:
-        return {"dry_run": True, "recipe": loaded.to_dict()}
     source_paths = resolve_model_source(loaded.model).local_paths
     if any(run_dir.resolve() == p.resolve() or p.resolve() in run_dir.resolve().parents for p in source_paths):
         raise RecipeError(f"the run directory {run_dir} lies inside the model {loaded.model}; choose another")
+    pending = [s for s in loaded.stages if not _finished(run_dir, s, loaded)]
+    preflights = preflight(loaded, run_dir, machine)
+    shown = [p for p in preflights if p.stage in pending] or preflights
+    progress_print(format_preflights(shown))
+    if dry_run:
+        return {"dry_run": True, "recipe": loaded.to_dict(), "preflight": [_plain(p) for p in preflights]}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECORDS_DIR).mkdir(exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(loaded.to_dict(), sort_keys=False))
-    settings = loaded.to_dict()
     records = {}
     for stage in loaded.stages:
-        inputs = {key: settings[key] for key in STAGE_INPUTS[stage]}
+        inputs = _inputs(loaded, stage)
         path = run_dir / RECORDS_DIR / f"{stage}.json"
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            if previous["inputs"] == inputs:
-                progress_print(f"[{stage}] done before ({previous['seconds']:.0f} s): skipped")
-                records[stage] = previous
-                continue
-            changed = sorted(k for k in inputs if previous["inputs"].get(k) != inputs[k])
-            raise RecipeError(f"stage {stage} finished in {run_dir} with other settings ({', '.join(changed)}); use a "
-                              f"new run directory, or delete {path} to run it again")
+        previous = _finished(run_dir, stage, loaded)
+        if previous:
+            progress_print(f"[{stage}] done before ({previous['seconds']:.0f} s): skipped")
+            records[stage] = previous
+            continue
         progress_print(f"[{stage}] running")
         started = time.perf_counter()
-        figures = STAGES[stage](loaded, run_dir)
+        figures = STAGES[stage].run(loaded, run_dir)
+        release_devices()
         record = {"stage": stage, "inputs": inputs, "seconds": round(time.perf_counter() - started, 1),
                   "versions": versions(), "figures": figures}
         atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")  # last: the stage is done
@@ -347,6 +471,30 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     if "report" in records:
         progress_print(f"report: {run_dir / records['report']['figures']['report']}")
     return records
+
+
+def _inputs(recipe: Recipe, stage: str) -> dict:
+    settings = recipe.to_dict()
+    return {key: settings[key] for key in STAGES[stage].inputs}
+
+
+def _finished(run_dir: Path, stage: str, recipe: Recipe) -> dict | None:
+    """The record of `stage` when it finished with these settings; None when it has not run.
+    A record with other settings is an error: results in one directory never mix settings."""
+    path = run_dir / RECORDS_DIR / f"{stage}.json"
+    if not path.is_file():
+        return None
+    previous, inputs = json.loads(path.read_text()), _inputs(recipe, stage)
+    if previous["inputs"] == inputs:
+        return previous
+    changed = sorted(k for k in inputs if previous["inputs"].get(k) != inputs[k])
+    raise RecipeError(f"stage {stage} finished in {run_dir} with other settings ({', '.join(changed)}); use a "
+                      f"new run directory, or delete {path} to run it again")
+
+
+def _plain(preflight: Preflight) -> dict:
+    return {"stage": preflight.stage, "what": preflight.what, "seconds": round(preflight.seconds, 1),
+            "memory": {need.device: need.estimate.total for need in preflight.needs}, "disk": preflight.disk_bytes}
 
 
 def format_summary(records: dict) -> str:
@@ -378,3 +526,7 @@ def format_summary(records: dict) -> str:
     lines = [f"{'':<{width}}  {'original':>16}  {'final':>20}"]
     lines += [f"{name:<{width}}  {before:>16}  {after:>20}" for name, before, after in rows]
     return "\n".join(lines)
+
+
+__all__ = ["STAGES", "Context", "Stage", "final_model", "format_summary", "link_tree", "preflight", "release_devices",
+           "run", "validate_settings"]

@@ -16,19 +16,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prunekit.compensate import compensate, compensate_sequential
-from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens
+from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError
+from prunekit.evaluate import self_text
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.evaluate.speed import benchmark_speed
-from prunekit.export.files import atomic_directory
+from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
 from prunekit.models.structure import model_structure
-from prunekit.pipeline import PruneSettings, _score, calibration_batch
+from prunekit.pipeline import PruneSettings, calibration_batch, load_device, preflight_prune, prune_loaded, score_loaded
 from prunekit.plan.plan import PlanError
-from prunekit.plan.planner import check_reachable, make_plan, removed_fraction
-from prunekit.prune.surgery import apply_plan
+from prunekit.preflight import Machine
 from prunekit.report.plots import plot_quality_vs_size, plot_speedup_vs_size
-from prunekit.score import collect_layer_stats, get_criterion
+from prunekit.runner.recipe import auto_source, has_local_data
 
 
 @dataclass(frozen=True)
@@ -55,27 +54,23 @@ class SweepSettings:
 
 def _evaluator(model, tokenizer, settings: SweepSettings, data_dir):
     if settings.eval_source == SELF_SOURCE:
-        held_out = calibration_tokens(SELF_SOURCE, tokenizer, n_samples=16, seq_len=256, seed=1234, model=model)
-        name = "held-out text sampled from the dense model (16 x 256 tokens)"
-        return name, lambda m: perplexity(m, tokenizer, dataset=held_out.reshape(-1), seq_len=256, progress=False).perplexity
+        held_out = self_text.held_out_self_tokens(model, tokenizer)
+        return self_text.DESCRIPTION, lambda m: self_text.self_perplexity(m, tokenizer, held_out)
     name = f"{settings.eval_source}, {settings.eval_seq_len}-token windows, every {settings.window_every}th"
     return name, lambda m: perplexity(m, tokenizer, dataset=settings.eval_source, seq_len=settings.eval_seq_len,
                                       window_every=settings.window_every, data_dir=data_dir, progress=False).perplexity
 
 
 def sweep(model: str | Path, out: str | Path, settings: SweepSettings, *, force: bool = False,
-          progress: bool = True) -> dict:
-    """See the module docstring. Settings, the output path and every target's reachability are
-    checked before the weights are loaded."""
-    from prunekit.runner.stages import _has_local_data
-
+          progress: bool = True, dtype: str = "float32", machine: Machine | None = None) -> dict:
+    """See the module docstring: a loop over the prune step (`prune_loaded`) at each target, from
+    one set of scores. Settings, the output path, every target's reachability and the memory of the
+    prune step are checked before the weights are loaded."""
     data_dir = settings.prune.calibration.data_dir
-    if settings.eval_source == "auto":
-        settings = replace(settings, eval_source="wikitext2" if _has_local_data(data_dir) else SELF_SOURCE)
-    if settings.prune.calibration.source == "auto":
-        source = "c4" if _has_local_data(data_dir) else SELF_SOURCE
-        settings = replace(settings, prune=replace(settings.prune, calibration=replace(settings.prune.calibration,
-                                                                                       source=source)))
+    local = has_local_data(data_dir)
+    settings = replace(settings, eval_source=auto_source(settings.eval_source, local, evaluation=True),
+                       prune=replace(settings.prune, calibration=replace(
+                           settings.prune.calibration, source=auto_source(settings.prune.calibration.source, local))))
     settings.validate()
     spec = resolve_model_source(model)
     skeleton = load_skeleton(spec)
@@ -84,17 +79,18 @@ def sweep(model: str | Path, out: str | Path, settings: SweepSettings, *, force:
     if settings.eval_source != SELF_SOURCE and positions is not None and settings.eval_seq_len > positions:
         raise PlanError(f"eval_seq_len={settings.eval_seq_len} exceeds the model's max_position_embeddings={positions}; "
                         "lower it")
-    for target in settings.targets:
-        check_reachable(structure, settings.prune.planner_settings(target))
     out = Path(out)
+    check_output_dir(out, force=force, protected=spec.local_paths)
+    for target in settings.targets:  # every target's reachability, and the prune step's memory at the first
+        preflight = preflight_prune(spec, replace(settings.prune, target=target), dtype, structure=structure)
+    preflight.check(machine or Machine.here(out), str(model))
     with atomic_directory(out, force=force, protected=spec.local_paths) as tmp:
-        dense, tokenizer = load(model)
-        ids, labels = calibration_batch(dense, tokenizer, settings.prune.calibration)
+        dense, tokenizer = load(model, dtype=dtype, device=load_device(settings.prune.device,
+                                                                       settings.prune.layer_by_layer))
+        calibration = calibration_batch(dense, tokenizer, settings.prune.calibration)
         started = time.perf_counter()
-        scores, _ = _score(dense, ids, labels, replace(settings.prune, compensation="none"), progress)
+        scores, _ = score_loaded(dense, *calibration, replace(settings.prune, compensation="none"), progress)
         score_seconds = time.perf_counter() - started
-        stats = (collect_layer_stats(dense, ids, batch_size=settings.prune.batch_size, with_gram=True, progress=progress)
-                 if settings.prune.compensation == "one-shot" else None)
         eval_name, evaluate = _evaluator(dense, tokenizer, settings, data_dir)
         record = {"model": str(model), "settings": asdict(settings), "evaluation": eval_name,
                   "score_seconds": round(score_seconds, 1), "dense": {"perplexity": round(evaluate(dense), 4),
@@ -103,18 +99,12 @@ def sweep(model: str | Path, out: str | Path, settings: SweepSettings, *, force:
         for target in tqdm(settings.targets, desc="sweep: targets", unit="target", disable=not progress):
             t0 = time.perf_counter()
             pruned = copy.deepcopy(dense)
-            plan = make_plan(structure, scores, settings.prune.planner_settings(target),
-                             comparable=get_criterion(settings.prune.criterion).comparable)
-            if settings.prune.compensation == "one-shot":
-                compensate(pruned, plan, stats, ridge=settings.prune.ridge, bias=settings.prune.bias_compensation)
-            elif settings.prune.compensation == "sequential":
-                compensate_sequential(pruned, plan, ids, ridge=settings.prune.ridge,
-                                      batch_size=settings.prune.batch_size, progress=False)
-            after = apply_plan(pruned, plan)
+            step = prune_loaded(pruned, tokenizer, replace(settings.prune, target=target), calibration=calibration,
+                                scores=scores, progress=False)
             point = {"target": target, "label": f"{settings.prune.criterion}, {settings.prune.allocation}",
-                     "fraction_removed": round(removed_fraction(structure, after, "non-embedding"), 4),
-                     "params": after.non_embedding_params, "prune_seconds": round(time.perf_counter() - t0, 1),
-                     "perplexity": round(evaluate(pruned), 4), "plan": plan.to_dict()}
+                     "fraction_removed": round(step["removed"]["non-embedding"], 4),
+                     "params": step["params"]["non_embedding_after"], "prune_seconds": round(time.perf_counter() - t0, 1),
+                     "perplexity": round(evaluate(pruned), 4), "plan": step["steps"][0]["plan"]}
             if settings.speed:
                 speed = benchmark_speed(pruned, baseline=dense, dtype="bfloat16", prefill_batch=4, prefill_len=256,
                                         decode_batches=(1,), decode_tokens=16, repeats=settings.speed_repeats)

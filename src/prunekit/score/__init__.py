@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunekit.errors import PrunekitError
 from prunekit.score.criteria import (
     activation_scores,
     block_influence_scores,
@@ -19,10 +20,10 @@ from prunekit.score.scores import KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
                                         sensitivity_scores)
 from prunekit.score.statistics import LayerStats, collect_layer_stats
-from prunekit.score.taylor import TAYLOR_VARIANTS, taylor_scores
+from prunekit.score.taylor import DEFAULT_TAYLOR_TOKENS, TAYLOR_VARIANTS, taylor_scores
 
 
-class CriterionError(ValueError):
+class CriterionError(PrunekitError, ValueError):
     """An unknown criterion or option, caught before any model is loaded."""
 
 
@@ -114,9 +115,12 @@ register_criterion(Criterion(
     description="1 - cos(x_in, x_out) of layers and sublayers (ShortGPT); angular distance with angular=true"))
 register_criterion(Criterion(
     "taylor",
-    lambda model, ids, labels, stats, batch_size, progress, variant: taylor_scores(
-        model, ids, labels, variant=variant, batch_size=batch_size, progress=progress),
-    KINDS, needs_data=True, needs_stats=False, comparable=True, options={"variant": (str, "element", TAYLOR_VARIANTS)},
+    lambda model, ids, labels, stats, batch_size, progress, variant, tokens, autocast: taylor_scores(
+        model, ids, labels, variant=variant, batch_size=batch_size, progress=progress, tokens=tokens,
+        autocast=autocast),
+    KINDS, needs_data=True, needs_stats=False, comparable=True,
+    options={"variant": (str, "element", TAYLOR_VARIANTS), "tokens": (int, DEFAULT_TAYLOR_TOKENS, None),
+             "autocast": (bool, True, None)},
     description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise", needs_gradients=True,
     whole_model=True))
 register_criterion(Criterion(

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from prunekit.errors import PrunekitError
+
 KINDS = ("layer", "attention", "mlp", "kv_group", "head", "channel")
 LAYER_KINDS = ("layer", "attention", "mlp")   # one value per layer
 UNIT_KINDS = ("kv_group", "head", "channel")  # one value per unit of a layer
@@ -26,7 +28,7 @@ def first_non_finite(values: dict[str, list[torch.Tensor]]) -> tuple[str, int] |
     return None
 
 
-class ScoreError(ValueError):
+class ScoreError(PrunekitError, ValueError):
     """Scores that cannot be planned with (NaN or inf), found before any planning."""
 
 
