@@ -59,6 +59,23 @@ def build_world(root: Path) -> dict[str, str]:
         (root / "recipe_type.yaml").write_text(f"model: {model}\nstages: [prune]\nprune: {{target: lots}}\n")
         (root / "recipe_stage.yaml").write_text(f"model: {model}\nstages: [prune, distil]\n")
         (root / "exists").mkdir()
+        calibration = f"calibration: {{source: {root / 'text.txt'}, n_samples: 4, seq_len: 32}}"
+        # the last stage is the wrong one: refused before the first stage loads a weight
+        (root / "recipe_last.yaml").write_text(f"model: {model}\nstages: [prune, evaluate, bench]\nprune: {{target: 0.2, "
+                                               f"{calibration}}}\nevaluate: {{ppl: [{root / 'text.txt'}], seq_len: 32}}\n"
+                                               "bench: {repeats: 0}\n")
+        (root / "recipe_eval_text.yaml").write_text(f"model: {model}\nstages: [prune, evaluate]\nprune: {{target: 0.2, "
+                                                    f"{calibration}}}\nevaluate: {{ppl: [{root / 'short.txt'}], "
+                                                    "seq_len: 64}\n")
+        (root / "recipe_memory.yaml").write_text(f"model: {model}\nstages: [prune, recover]\nprune: {{target: 0.2, "
+                                                 f"{calibration}}}\nrecover: {{method: distill, tokens: 10000000000000, "
+                                                 f"batch_size: 100000000, data: {{source: {root / 'text.txt'}, "
+                                                 "seq_len: 32}}\n")
+        (root / "recipe_export.yaml").write_text(f"model: {model}\nstages: [prune, export]\nprune: {{target: 0.2, "
+                                                 f"{calibration}}}\nexport: {{format: onnx}}\n")
+        from prunekit.score import score_model
+
+        score_model(tiny_model("llama", intermediate_size=32, vocab_size=320), "magnitude").save(root / "other_scores.json")
         prunekit.save_model(tiny_model("llama"), byte_tokenizer(), root / "corrupt")
         (root / "corrupt" / "model.safetensors").write_bytes(b"not safetensors" * 10)
         pruned = root / "pruned"
@@ -77,7 +94,8 @@ def build_world(root: Path) -> dict[str, str]:
     return {name: str(root / name) for name in (
         "model", "other", "text.txt", "empty.txt", "latin1.txt", "short.txt", "not_a_model", "bad_config", "gpt2",
         "broken.gguf", "other_plan.json", "bad_plan.json", "recipe_key.yaml", "recipe_type.yaml", "recipe_stage.yaml",
-        "exists", "pruned", "corrupt", "nan_weights", "overflow")} | {"root": str(root)}
+        "exists", "pruned", "corrupt", "nan_weights", "overflow", "recipe_last.yaml", "recipe_eval_text.yaml",
+        "recipe_memory.yaml", "recipe_export.yaml", "other_scores.json")} | {"root": str(root)}
 
 
 # (case, command line with {names} from build_world, a fragment the message must contain)
@@ -143,6 +161,20 @@ CASES: list[tuple[str, str, str]] = [
     ("recipe value of the wrong type", "run {recipe_type.yaml} --out {root}/run3", "must be float"),
     ("unknown recipe stage", "run {recipe_stage.yaml} --out {root}/run4", "unknown stage 'distil'"),
     ("malformed recipe override", "run {recipe_key.yaml} prune.target --out {root}/run5", "KEY=VALUE"),
+    ("recipe whose last stage cannot run", "run {recipe_last.yaml} --out {root}/run6",
+     "repeats must be an integer >= 1"),
+    ("recipe evaluation text shorter than one window", "run {recipe_eval_text.yaml} --out {root}/run7",
+     "shorter than one window"),
+    ("recipe whose recovery cannot fit in memory", "run {recipe_memory.yaml} --out {root}/run8",
+     "recover of"),
+    ("unknown export format in a recipe", "run {recipe_export.yaml} --out {root}/run9",
+     "export.format must be huggingface"),
+    ("scores computed for another model",
+     "prune {model} --target 0.2 --scores {other_scores.json} --out {root}/o16 --calib {text.txt}",
+     "computed for another model"),
+    ("scores file that does not exist",
+     "prune {model} --target 0.2 --scores {root}/no_scores.json --out {root}/o17 --calib {text.txt}",
+     "scores file"),
     ("sweep target outside (0, 1)", "sweep {model} --targets 0.2,1.5 --out {root}/s1 --calib {text.txt}",
      "fractions in (0, 1)"),
     ("unknown sweep evaluation source", "sweep {model} --eval wikitext3 --out {root}/s2 --calib {text.txt}",

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from prunekit.data.sources import SELF_SOURCE
+from prunekit.errors import PrunekitError
 from prunekit.evaluate import self_text
 from prunekit.export.files import atomic_directory, atomic_write_text
 from prunekit.export.huggingface import versions
@@ -418,7 +419,11 @@ def preflight(recipe: Recipe, run_dir: Path, machine: Machine | None = None) -> 
     context = Context(recipe, run_dir, machine, structure, structure)
     preflights = []
     for name in recipe.stages:
-        result = STAGES[name].preflight(context)
+        try:
+            result = STAGES[name].preflight(context)
+        except PrunekitError as error:  # say which stage of the recipe it is about
+            error.args = (f"the {name} stage: {error.args[0]}", *error.args[1:]) if error.args else error.args
+            raise
         preflights.append(result)
         if name == "prune" and result.leaves is not None:
             context = dataclasses.replace(context, leaves=result.leaves)
