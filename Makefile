@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	echo "installed into $(VENV) in $$(( $$(date +%s) - start )) s"
 
 demo: install
-	$(BIN)/prunekit run recipes/demo.yaml --out runs/demo
+	$(BIN)/prunekit demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -116,6 +116,12 @@ def test_gpu_only_scripts_refuse_without_a_gpu(tmp_path, script, message):
     assert_refused(result, message, tmp_path / "r.json")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_stage_memory_benchmark_refuses_without_a_gpu(tmp_path):
+    result = run("gpu_stage_memory.py", "--shape", "tiny", "--out", str(tmp_path / "r.json"))
+    assert_refused(result, "what stages leave on a CUDA GPU; no GPU is visible here", tmp_path / "r.json")
+
+
 def test_self_text_speed_checks_its_batch_sizes_first(tmp_path):
     result = run("self_text_speed.py", "--tokenizer", str(tmp_path), "--batch-sizes", "2048,many",
                  "--out", str(tmp_path / "r.json"))
