@@ -30,13 +30,39 @@ import torch
 
 from prunekit.compensate import compensate_sequential
 from prunekit.export.huggingface import save_model, versions
-from prunekit.models.loading import load, load_skeleton, resolve_model_source
+from prunekit.models.loading import load, load_skeleton, load_tokenizer, resolve_model_source
 from prunekit.models.memory import pruning_estimate
 from prunekit.models.structure import model_structure
 from prunekit.pipeline import CalibrationSettings, PruneSettings, calibration_batch
 from prunekit.plan.planner import make_plan
 from prunekit.prune.surgery import apply_plan
 from prunekit.score import get_criterion, score_model
+
+
+# Gemma 3 270M's text config: a 262,144-token vocabulary on a 640-wide model, the case whose
+# full logits (4.3 GB per batch of 8 x 512 in float32) did not fit a 24 GB machine.
+# SmolLM2-135M's shape: the default model, for timings on a machine without its GGUF file.
+RANDOM_SHAPES = {"smollm2-135m": ("llama", dict(
+    vocab_size=49_152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100_000.0,
+    tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)),
+    "gemma3-270m": ("gemma3_text", dict(
+    vocab_size=262_144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+    num_key_value_heads=1, head_dim=256, max_position_embeddings=32_768, sliding_window=512,
+    query_pre_attn_scalar=256, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1))}
+
+
+def random_model(shape: str, device: str):
+    """A model of `shape` (RANDOM_SHAPES) with transformers' random initialisation, on `device`
+    (built there, not on the meta device: Gemma's embedding scale is a buffer that filling the
+    parameters alone would leave uninitialised)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, config = RANDOM_SHAPES[shape]
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config), dtype=torch.float32)
+    return model.eval()
 
 
 class PeakRSS:
@@ -72,10 +98,11 @@ def _sync(device: str | None) -> None:
         torch.cuda.synchronize()
 
 
-def plan_summary(plan_dict: dict) -> list[dict]:
-    """Per layer: kept query heads, KV groups and FFN channels (what a plan comparison needs)."""
-    return [{k: (len(v) if isinstance(v, list) else v) for k, v in layer.items()}
-            for layer in plan_dict.get("layers", [])]
+def plan_summary(plan_dict: dict) -> dict[str, dict]:
+    """Per pruned layer: how many query heads and FFN channels it keeps (the record also holds the
+    whole plan, for exact comparisons)."""
+    return {index: {k: len(v) for k, v in layer.items() if isinstance(v, list)}
+            for index, layer in plan_dict.get("layers", {}).items()}
 
 
 def held_out_c4_stream(tokenizer, data_dir: str | None, *, seq_len: int, seeds=range(5)) -> torch.Tensor:
@@ -113,6 +140,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "every 16th, fp32), not part of the prune's time")
     parser.add_argument("--held-out-windows", type=int, default=0, help="with --eval: also the perplexity of this many "
                         "512-token windows of the C4 documents that calibration (seeds 0-4) never draws from")
+    parser.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
+                        help="prune a model of this shape with random weights, built in memory (the 'load' stage), "
+                        "tokenized with --model's tokenizer: memory and time do not depend on the values")
+    parser.add_argument("--tokenizer", default=None, help="with --random-shape: a tokenizer directory "
+                        "(default: --model's tokenizer)")
     parser.add_argument("--label", default="")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
@@ -136,21 +168,37 @@ def main(argv: list[str] | None = None) -> dict:
         with PeakRSS() as rss:
             yield
             _sync(args.device)
-        record = {"seconds": round(time.perf_counter() - started, 2), "peak_rss_gib": round(rss.peak / 2**30, 3)}
+        # The 1-minute load average at the end: above the cores of this process's threads, another
+        # job shared the CPU and the seconds are inflated.
+        record = {"seconds": round(time.perf_counter() - started, 2), "peak_rss_gib": round(rss.peak / 2**30, 3),
+                  "load_average": round(os.getloadavg()[0], 2)}
         if args.device and args.device.startswith("cuda"):
             record["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         stages[name] = record
         print(f"[{name}] {record}", file=sys.stderr, flush=True)
 
-    source = resolve_model_source(args.model)
-    structure = model_structure(load_skeleton(source))
+    if args.random_shape:
+        family, config = RANDOM_SHAPES[args.random_shape]
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            structure = model_structure(AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config)))
+    else:
+        structure = model_structure(load_skeleton(resolve_model_source(args.model)))
     estimate = pruning_estimate(structure, args.dtype, gradients=criterion.needs_gradients,
                                 batch_size=settings.batch_size, seq_len=calibration.seq_len,
                                 n_samples=calibration.n_samples, cached_layers=1)
     baseline_rss = PeakRSS().current()
     total_started = time.perf_counter()
     with stage("load"):
-        model, tokenizer = load(args.model, dtype=args.dtype, device=args.device or "cpu")
+        if args.random_shape:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else load_tokenizer(args.model)
+            model = random_model(args.random_shape, args.device or "cpu")
+            model.to(torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+        else:
+            model, tokenizer = load(args.model, dtype=args.dtype, device=args.device or "cpu")
     with stage("calibration"):
         ids, labels = calibration_batch(model, tokenizer, calibration)
     with stage("scoring"):
@@ -176,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
                    + (f", {torch.cuda.get_device_name()}" if args.device and args.device.startswith("cuda") else ""),
         "versions": versions(),
-        "model": args.model, "target": args.target, "dtype": args.dtype, "device": args.device or "cpu",
+        "model": args.random_shape and f"{args.random_shape} (random weights)" or args.model, "target": args.target, "dtype": args.dtype, "device": args.device or "cpu",
         "calibration": f"{calibration.source} {rows} x {calibration.seq_len}, seed {calibration.seed}",
         "criterion": settings.criterion, "criterion_options": scores.meta.get("options", {}),
         "stages": stages, "total_seconds": round(total, 1),
@@ -185,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "process_rss_before_load_gib": round(baseline_rss / 2**30, 3),
                    "peak_rss_gib": max(s["peak_rss_gib"] for s in stages.values())},
         "removed_fraction": round(1 - model_structure(model).non_embedding_params / structure.non_embedding_params, 5),
-        "plan": plan_summary(plan.to_dict()),
+        "plan_widths": plan_summary(plan.to_dict()),
+        "plan": plan.to_dict(),
         "compensation_error_after_mean": round(sum(f.error_after for f in report.fits) / max(len(report.fits), 1), 5),
     }
     if rows != default_rows:
@@ -211,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
                                               f"{calibration.seq_len}) draws from, joined, first {held.n_windows} "
                                               "windows of 512, fp32")
         record["eval_seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps({k: v for k, v in record.items() if k != "plan"}, indent=1))
+    print(json.dumps({k: v for k, v in record.items() if k not in ("plan", "plan_widths")}, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

@@ -102,3 +102,26 @@ def test_working_memory_is_one_chunk_not_the_vocabulary_times_the_batch():
     # Gemma 3's vocabulary at 8 x 512 positions: the full logits would be 4.3 GB in float32.
     held = loss_working_bytes(262_144, 640, 8 * 512, dtype_bytes=4, gradients=True)
     assert held < 300 * 2**20
+
+
+@pytest.mark.slow
+def test_taylor_of_a_128k_vocabulary_in_bfloat16_on_the_cpu_takes_seconds():
+    """The issue's case: a 4-layer random model with a 128,256-token vocabulary (hidden 256) loaded
+    in bf16, Taylor-scored on 4 x 512 tokens on the CPU, took 682 s with the loss in bf16; the
+    chunked float32 loss takes seconds."""
+    import time
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunekit.score import score_model
+
+    config = AutoConfig.for_model("llama", vocab_size=128_256, hidden_size=256, intermediate_size=768,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=1024, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    ids = torch.randint(128_256, (4, 512), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    scores = score_model(model, "taylor", ids, batch_size=8, progress=False)
+    assert time.perf_counter() - started < 20
+    assert all(torch.isfinite(v).all() for v in scores.values["channel"])
