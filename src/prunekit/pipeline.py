@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,8 +31,8 @@ from prunekit.plan.planner import (PlannerSettings, basis_value, check_reachable
 from prunekit.preflight import Machine, Need, Preflight
 from prunekit.prune.surgery import apply_plan
 from prunekit.report.analysis import write_analysis_report
-from prunekit.score import (CRITERIA, ScoreError, Scores, check_layer_by_layer, collect_layer_stats, get_criterion,
-                            score_model)
+from prunekit.score import (CRITERIA, Criterion, ScoreError, Scores, check_layer_by_layer, collect_layer_stats,
+                            get_criterion, score_model)
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,15 @@ class PruneSettings:
             protect_layers=tuple(self.protect_layers),
         )
 
+    @cached_property
+    def criterion_spec(self) -> Criterion:
+        """The registered criterion `criterion` names, looked up once (an unknown name fails here)."""
+        return get_criterion(self.criterion)
+
     def validate(self) -> None:
         """Everything that can be checked without a model."""
         self.planner_settings().validate()
-        criterion = get_criterion(self.criterion)
+        criterion = self.criterion_spec
         criterion.check_options(self.criterion_options)
         missing = set(self.prune) - set(criterion.kinds)
         if self.criterion == "sensitivity":
@@ -161,7 +167,7 @@ def _stats(model, ids, settings: PruneSettings, *, with_gram: bool, progress: bo
 def score_loaded(model, ids, labels, settings: PruneSettings, progress: bool = True) -> tuple[Scores, list | None]:
     """The scores of `settings.criterion` on a loaded model, and the layer statistics one-shot
     compensation reuses (None when neither needed them)."""
-    criterion = get_criterion(settings.criterion)
+    criterion = settings.criterion_spec
     stats = None
     one_shot = settings.compensation == "one-shot"
     if criterion.needs_stats or one_shot:
@@ -199,7 +205,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         scores = load_scores_for(settings.scores, original)
     _check_and_place(model, settings)
     ids, labels = calibration if calibration is not None else (None, None)
-    needs_scores = plan is None and scores is None and get_criterion(settings.criterion).needs_data
+    needs_scores = plan is None and scores is None and settings.criterion_spec.needs_data
     if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
     dense_layers = dense_layer_copies(model) if settings.reconstruct_steps else None
@@ -296,12 +302,12 @@ def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progres
     if settings.steps != 1:
         raise PlanError(f"iterative pruning (steps={settings.steps}) scores again after each cut, so it cannot be "
                         "planned ahead; plan with steps=1, or prune without a separate plan")
-    needs_data = get_criterion(settings.criterion).needs_data
+    needs_data = settings.criterion_spec.needs_data
     _check_and_place(model, settings)
     ids, labels = calibration_batch(model, tokenizer, settings.calibration) if needs_data else (None, None)
     scores, _ = score_loaded(model, ids, labels, replace(settings, compensation="none"), progress)
     plan = make_plan(model_structure(model), scores, settings.planner_settings(),
-                     comparable=get_criterion(settings.criterion).comparable)
+                     comparable=settings.criterion_spec.comparable)
     return plan, scores
 
 
@@ -380,7 +386,7 @@ def memory_needs(structure: ModelStructure, dtype: str, settings: PruneSettings,
     dtype = canonical_dtype(dtype)
     if dtype not in BYTES:
         return ()
-    criterion = get_criterion(settings.criterion)
+    criterion = settings.criterion_spec
     device = settings.device or "cpu"
     if settings.layer_by_layer:
         needs = [Need(device, layer_by_layer_estimate(structure, dtype, n_samples=settings.calibration.n_samples,
@@ -424,7 +430,7 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
     scoring = plan is None and settings.scores is None and stage != "compensate"
     calibration = settings.calibration
     tokens = calibration.n_samples * calibration.seq_len
-    uses_data = (scoring and get_criterion(settings.criterion).needs_data) or settings.compensation != "none"
+    uses_data = (scoring and settings.criterion_spec.needs_data) or settings.compensation != "none"
     flops = structure.flops_per_token(512)
     passes = (3 * settings.steps if scoring else 0) + {"none": 0, "one-shot": 1, "sequential": 2}.get(
         settings.compensation, 2)
