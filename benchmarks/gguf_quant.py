@@ -108,11 +108,43 @@ def transformers_reference(model, windows: list[list[int]]) -> dict:
     return {"ppl": math.exp(nll / scored), "scored_tokens": scored, "top1": top1}
 
 
-def llama_cpp_quality(path: Path, windows: list[list[int]], reference: dict, text: str, stream: list[int]) -> dict:
+def _llama_cpp_has_amx() -> bool:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=SEQ_LEN, n_batch=SEQ_LEN, n_ubatch=SEQ_LEN,
-                          n_threads=THREADS, n_threads_batch=THREADS, logits_all=True, verbose=False)
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def _llama(path: Path, **kwargs):
+    """llama-cpp-python's `Llama`, with llama.cpp's extra weight buffers off on a CPU with AMX.
+
+    There llama.cpp moves Q8_0/Q4_K weights into its AMX buffer, whose matmul (0.3.36's vendored
+    ggml, built by gcc 12) loads a half-written tile config and dies with SIGSEGV at `ldtilecfg`
+    (llama.cpp issues #20824, #26954). The only switch, llama_model_params.use_extra_bufts, also
+    turns off the REPACK kernels, so it stays on elsewhere (the recorded AMD EPYC runs had it on);
+    the record says which (machine.llama_cpp_extra_buffers). `Llama()` has no argument for the
+    flag, so its default model params are patched while it loads."""
+    import llama_cpp
+
+    if not _llama_cpp_has_amx():
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    bindings = llama_cpp.llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
+def llama_cpp_quality(path: Path, windows: list[list[int]], reference: dict, text: str, stream: list[int]) -> dict:
+    llm = _llama(path, n_ctx=SEQ_LEN, n_batch=SEQ_LEN, n_ubatch=SEQ_LEN, n_threads=THREADS,
+                 n_threads_batch=THREADS, logits_all=True)
     try:
         nll, agree = 0.0, 0
         for window, hf_top1 in zip(windows, reference["top1"]):
@@ -138,11 +170,8 @@ def llama_cpp_quality(path: Path, windows: list[list[int]], reference: dict, tex
 
 
 def _speed_instance(path: Path):
-    import llama_cpp
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_TOKENS + GEN_TOKENS, n_batch=PROMPT_TOKENS,
-                           n_ubatch=PROMPT_TOKENS, n_threads=THREADS, n_threads_batch=THREADS, logits_all=False,
-                           verbose=False)
+    return _llama(path, n_ctx=PROMPT_TOKENS + GEN_TOKENS, n_batch=PROMPT_TOKENS, n_ubatch=PROMPT_TOKENS,
+                  n_threads=THREADS, n_threads_batch=THREADS, logits_all=False)
 
 
 def _time_prompt(llm, prompt: list[int]) -> float:
@@ -242,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "threads": THREADS, "os_cpus": os.cpu_count()},
+        "machine": {"cpu": _cpu_model(), "threads": THREADS, "os_cpus": os.cpu_count(),
+                    "llama_cpp_extra_buffers": not _llama_cpp_has_amx()},
         "versions": _versions(),
         "protocol": {"data": "wikitext-2-raw wiki.test.raw as it is, tokenized once without special tokens",
                      "seq_len": SEQ_LEN, "window_every": args.window_every,

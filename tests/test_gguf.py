@@ -52,9 +52,33 @@ def bpe_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+def _llama_cpp_model(path, **kwargs):
+    """llama-cpp-python's `Llama` on the plain CPU kernels (llama_model_params.use_extra_bufts off).
+
+    With extra buffer types on, llama.cpp moves Q8_0/Q4_K weights on a CPU with AMX (Sapphire
+    Rapids and later) into its AMX buffer, whose matmul (ggml_backend_amx_mul_mat, llama.cpp 0.3.36's
+    vendored copy built by gcc 12) loads a tile config the compiler left half-written: `ldtilecfg`
+    faults and the process dies with SIGSEGV (llama.cpp issues #20824, #26954). These tests check the
+    file, not llama.cpp's kernels, so every machine runs the same reference kernels. `Llama()` has
+    no argument for the flag, so its default model params are patched while it loads."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False)
+    bindings = llama_cpp.llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
+def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:
+    llm = _llama_cpp_model(path, n_ctx=64, n_batch=64, n_threads=1, logits_all=True)
     try:
         llm.eval(ids)
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
@@ -234,10 +258,7 @@ def test_real_smollm2_f16_in_llama_cpp_matches_transformers(plan, shared_data_di
     text = (shared_data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:60_000]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     windows = [ids[i:i + 256] for i in range(0, 4 * 256, 256)]
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(exported.path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
-                          verbose=False)
+    llm = _llama_cpp_model(exported.path, n_ctx=256, n_batch=256, n_threads=2, logits_all=True)
     try:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
         nll = {"transformers": 0.0, "llama.cpp": 0.0}
