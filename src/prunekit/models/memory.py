@@ -67,10 +67,13 @@ def _gram_bytes(structure: ModelStructure, index: int) -> int:
     return 8 * ((shape.num_attention_heads * structure.head_dim) ** 2 + shape.intermediate_size ** 2)
 
 
-# Bytes per token and decoder layer that a backward pass keeps, per unit of width, in the
-# activations' dtype: measured with benchmarks/profile_prune.py (peak RSS of Taylor scoring on
-# SmolLM2-135M and on a Gemma-3-270M-shaped model, BENCHMARKS.md), not derived.
-SAVED_PER_HIDDEN = 16
+# Elements per token and decoder layer that a backward pass keeps, per unit of each width, in the
+# activations' dtype: fitted to the peak RSS of Taylor scoring under bf16 autocast on SmolLM2-135M
+# (hidden 576, q+k+v 960, FFN 1536: 20.7k measured) and on a Gemma-3-270M-shaped model (640,
+# 1536, 2048: 30.9k) with benchmarks/profile_prune.py (BENCHMARKS.md), not derived; the
+# attention's inputs and outputs (q, k, v, rotary, attention output) dominate the hidden-sized ones.
+SAVED_PER_HIDDEN = 2
+SAVED_PER_ATTENTION_WIDTH = 11  # per unit of q + k + v width
 SAVED_PER_FFN = 6
 
 
@@ -103,7 +106,10 @@ def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, 
         # gradients of the decoder layers in their dtype; under autocast, the bf16 copies of their
         # weights that the backward pass keeps
         layer_weights = structure.non_embedding_params * (size + (2 if act < size else 0))
-        kept = tokens * structure.num_layers * (SAVED_PER_HIDDEN * structure.hidden_size + SAVED_PER_FFN * ffn) * act
+        qkv = max(((s.num_attention_heads + 2 * s.num_key_value_heads) * structure.head_dim for s in structure.layers),
+                  default=0)
+        kept = tokens * structure.num_layers * act * (SAVED_PER_HIDDEN * structure.hidden_size
+                                                      + SAVED_PER_ATTENTION_WIDTH * qkv + SAVED_PER_FFN * ffn)
         scoring = layer_weights + kept + loss
     else:
         scoring = tokens * (6 * structure.hidden_size + 3 * ffn) * 4 + loss
