@@ -379,9 +379,10 @@ def test_two_processes_train_like_one_process_with_their_batches_together(text_f
     two = _launched(tmp_path, "two", 2, text_file, method=method, shard=shard, grad_accum=grad_accum,
                     recompute=recompute)
     assert two["world"] == 2 and one["world"] == 1
-    # Accumulating sums the gradient in another order; AdamW at lr 1e-2 turns that rounding into
-    # up to ~1e-4 on weights whose gradient is near zero. A missed synchronisation moves them by ~lr.
-    _assert_same_training(two, one, atol=1e-5 if grad_accum == 1 else 2e-4)
+    # Accumulating, or reduce-scattering the shards, sums the gradient in another order; AdamW at lr
+    # 1e-2 turns that rounding into up to ~1e-4 on weights whose gradient is near zero (6e-5 seen
+    # sharded on an AVX-512 machine). A missed synchronisation moves them by ~lr, 100x more.
+    _assert_same_training(two, one, atol=1e-5 if grad_accum == 1 and not shard else 2e-4)
 
 
 def test_a_killed_sharded_run_resumes_to_the_same_weights(text_file, tmp_path):
@@ -453,7 +454,7 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
         recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("weights were loaded"))
     settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
-    with pytest.raises(memory.InsufficientMemoryError, match=r"prune of .* gradients.*bfloat16"):
+    with pytest.raises(memory.InsufficientMemoryError, match=r"prune of .*gradients.*bfloat16"):
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
 
 

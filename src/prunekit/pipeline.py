@@ -9,7 +9,6 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -99,9 +98,9 @@ class PruneSettings:
             protect_layers=tuple(self.protect_layers),
         )
 
-    @cached_property
+    @property
     def criterion_spec(self) -> Criterion:
-        """The registered criterion `criterion` names, looked up once (an unknown name fails here)."""
+        """The registered criterion that `criterion` names (an unknown name fails here)."""
         return get_criterion(self.criterion)
 
     def validate(self) -> None:
