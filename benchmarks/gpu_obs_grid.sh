@@ -20,7 +20,7 @@ if [ ! -f $MODEL ]; then
 fi
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
 export PYTHONPATH=/tmp/site:.gpu/site:src PRUNEKIT_DATA_DIR=.gpu/data PYTHONUNBUFFERED=1
-GRID="python3 benchmarks/pruning_grid.py --model $MODEL --data-dir .gpu/data --criteria taylor --allocations global"
+GRID="python3 benchmarks/pruning_grid.py --model $MODEL --data-dir .gpu/data --criteria taylor --allocations global --tf32-scoring"
 case "$1" in
 grid)
     # What each method does alone: OBS against the least-squares refit, widths (heads, KV groups,
