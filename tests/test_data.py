@@ -50,9 +50,11 @@ def bos_tokenizer(tokenizer):
 
 @pytest.fixture
 def offline_hub(monkeypatch):
+    """A Hub that answers the reachability probe, then fails the download."""
     def unreachable(*args, **kwargs):
         raise ConnectionError("Name or service not known")
 
+    monkeypatch.setattr(sources, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(sources, "_hub_dataset", unreachable)
 
 
@@ -111,6 +113,7 @@ def test_ptb_reads_local_mikolov_files(tmp_path, offline_hub):
 
 
 def test_named_sets_fall_back_to_the_hub_without_a_local_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "hub_unreachable_reason", lambda: None)
     monkeypatch.setattr(sources, "_hub_dataset", lambda *args, **kwargs: {"text": [" = A = \n", "", " b \n"]})
     assert load_texts("wikitext2", data_dir=tmp_path, text_protocol="joined") == [" = A = \n\n\n\n\n b \n"]
 
@@ -120,6 +123,88 @@ def test_hub_failure_says_how_to_point_at_local_data(tmp_path, offline_hub):
         load_texts("wikitext2", data_dir=tmp_path)
     with pytest.raises(DataError, match="ptb/ptb.test.txt"):
         load_texts("ptb", data_dir=tmp_path)
+
+
+# --------------------------------------------------------------------------- resolved before the model loads
+
+
+@pytest.fixture
+def no_hub_cache(tmp_path, monkeypatch):
+    """No data dir and an empty Hugging Face cache: only the Hub could serve a named set."""
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE", "HF_HUB_OFFLINE",
+                     "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(variable, raising=False)
+    sources._can_connect.cache_clear()
+    yield
+    sources._can_connect.cache_clear()
+
+
+def _fails_fast_naming_the_fixes(call, *fragments: str) -> str:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(DataError) as raised:
+        call()
+    assert time.monotonic() - started < 5  # one probe, no retries
+    message = str(raised.value)
+    assert "\n" not in message
+    for fragment in (DATA_DIR_ENV, "--data-dir", "local .txt/.jsonl file", "'self'", *fragments):
+        assert fragment in message, message
+    return message
+
+
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_an_offline_hub_without_a_data_dir_fails_in_one_sentence(no_hub_cache, monkeypatch, variable):
+    monkeypatch.setenv(variable, "1")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(sources, "_hub_dataset", never)
+    message = _fails_fast_naming_the_fixes(lambda: sources.resolve_source("c4"), f"{variable}=1 keeps the Hugging Face Hub "
+                                           "offline", "no data directory is set", "c4/c4_en_train_shard00000_first1000.jsonl")
+    assert message.startswith("c4 (train) cannot be read")
+    # the read itself refuses the same way, before `datasets` would retry
+    assert _fails_fast_naming_the_fixes(lambda: load_texts("wikitext2")).startswith("wikitext2 (test) cannot be read")
+
+
+def test_an_unreachable_hub_is_found_by_one_connection(no_hub_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    _fails_fast_naming_the_fixes(lambda: sources.resolve_source("wikitext2", data_dir=tmp_path),
+                                 "the Hugging Face Hub (http://127.0.0.1:9) cannot be reached",
+                                 f"the data directory {tmp_path} has no wikitext-2-raw/wiki.test.raw")
+
+
+def test_a_cached_hub_copy_is_read_offline(no_hub_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "hf_home" / "hub" / "datasets--allenai--c4").mkdir(parents=True)
+    assert sources.resolve_source("c4").kind == "hub"
+
+
+def test_sources_resolve_without_the_hub_where_they_are_local(data_dir, no_hub_cache, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert sources.resolve_source("c4", data_dir).path == data_dir / "c4/c4_en_train_shard00000_first1000.jsonl"
+    monkeypatch.setenv(DATA_DIR_ENV, str(data_dir))
+    assert sources.resolve_source("wikitext2", split="validation").kind == "local"
+    assert sources.resolve_source("self").kind == "self"
+    text = tmp_path / "mine.txt"
+    text.write_text("text")
+    assert sources.resolve_source(str(text)).kind == "file"
+    write_jsonl(tmp_path / "mine.jsonl", [{"body": "text"}])
+    assert sources.resolve_source(f"{tmp_path}/mine.jsonl:body").path == tmp_path / "mine.jsonl"
+
+
+def test_bad_specs_are_refused_before_any_reading(tmp_path):
+    with pytest.raises(DataError, match="does not exist; check the path"):
+        sources.resolve_source(str(tmp_path / "absent.jsonl:body"))
+    with pytest.raises(DataError, match="unknown text source 'wikitext3'"):
+        sources.resolve_source("wikitext3")
+    with pytest.raises(DataError, match="calibration and recovery only"):
+        sources.resolve_source("self", allow_self=False)
+    with pytest.raises(DataError, match="has no split 'dev'"):
+        sources.resolve_source("c4", split="dev")
 
 
 # --------------------------------------------------------------------------- files

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -196,16 +199,43 @@ CASES: list[tuple[str, str, str]] = [
     ("memory estimate beyond the device, layer by layer",
      "prune {model} --target 0.2 --criterion activation --layer-by-layer --out {root}/o15 --calib {text.txt} "
      "--calib-samples 100000000 --calib-seq-len 64", "lower --calib-samples"),
+    ("calibration set with the Hub offline and no data directory",
+     "HF_HUB_OFFLINE=1 PRUNEKIT_DATA_DIR= HF_HOME={root}/hf_home prune {model} --target 0.2 --out {root}/o16 --calib c4",
+     "HF_HUB_OFFLINE=1 keeps the Hugging Face Hub offline; set PRUNEKIT_DATA_DIR"),
+    ("evaluation set with the Hub offline and no data directory",
+     "HF_HUB_OFFLINE=1 PRUNEKIT_DATA_DIR= HF_HOME={root}/hf_home eval {model} --ppl wikitext2 --seq-len 16",
+     "wikitext2 (test) cannot be read: no data directory is set"),
 ]
 
 
+@contextlib.contextmanager
+def environment(assignments: list[str]):
+    """The environment with `NAME=VALUE` assignments made (an empty VALUE unsets NAME), restored after."""
+    saved = {}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        saved[name] = os.environ.pop(name, None)
+        if value:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
 def run_case(command: str, world: dict[str, str]) -> tuple[int, str]:
-    """Exit code and stderr of `prunekit COMMAND`, with {name} replaced by the world's paths."""
+    """Exit code and stderr of `prunekit COMMAND`, with {name} replaced by the world's paths; leading
+    NAME=VALUE words set the environment for the command, as a shell would."""
     for name, path in world.items():
         command = command.replace("{" + name + "}", path)
-    args = command.split()
+    words = command.split()
+    assignments = list(itertools.takewhile(lambda word: re.fullmatch(r"[A-Z_]+=\S*", word), words))
+    args = words[len(assignments):]
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with environment(assignments), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
             code = cli_main(args)
         except SystemExit as exit_:  # argparse

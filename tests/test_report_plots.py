@@ -195,3 +195,32 @@ def test_analysis_report_refuses_scores_of_another_model(structure, uneven, tmp_
     with pytest.raises(ValueError, match="report on the model that was scored"):
         write_analysis_report(fake_scores(uneven), structure, tmp_path, title="x", calibration=CALIBRATION)
     assert not (tmp_path / "analysis.md").exists()
+
+
+def _drawn(monkeypatch) -> list[Figure]:
+    """The figures the plot functions save, kept for inspection."""
+    from prunekit.report import plots
+
+    figures: list[Figure] = []
+    save = plots._save
+
+    def keep(figure, path):
+        figures.append(figure)
+        return save(figure, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_quality_vs_size_labels_every_point_with_its_value(tmp_path, monkeypatch):
+    figures = _drawn(monkeypatch)
+    points = [{"label": "pruned", "params": 70, "perplexity": 31.25}, {"label": "recovered", "params": 70, "perplexity": 24.5}]
+    plot_quality_vs_size(points, tmp_path / "q.png", dense={"params": 100, "perplexity": 20.0}, data="wikitext2")
+    (axes,) = figures[0].axes
+    assert {text.get_text() for text in axes.texts} == {"pruned: 31.25", "recovered: 24.5", "dense: 20"}
+    assert set(axes.get_legend_handles_labels()[1]) == {"pruned", "recovered", "dense (20)"}
+    # a series of several points labels each point with its value only
+    figures.clear()
+    sweep = [{"label": "taylor", "fraction_removed": f, "perplexity": p} for f, p in ((0.2, 30.0), (0.4, 55.5))]
+    plot_quality_vs_size(sweep, tmp_path / "s.png")
+    assert {text.get_text() for text in figures[0].axes[0].texts} == {"30", "55.5"}

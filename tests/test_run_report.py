@@ -15,7 +15,8 @@ from prunekit import LayerPlan, Plan, apply_plan, model_structure, save_model
 from prunekit.evaluate.speed import ModelSpeed, SpeedResult, SpeedSettings, Spread, metric_names
 from prunekit.export.files import OutputExistsError
 from prunekit.plan import structure_signature
-from prunekit.report.run_report import MARKER, REPORT_COMMAND, RunReportError, _before_structure, write_run_report
+from prunekit.export.model_card import before_structure
+from prunekit.report.run_report import MARKER, REPORT_COMMAND, RunReportError, write_run_report
 from prunekit.score.scores import Scores
 
 # Layer 0 loses a KV group, layer 1 its attention, layer 2 goes, layer 3 keeps half its channels.
@@ -42,9 +43,13 @@ def _bench_json(model_params: int, baseline_params: int) -> dict:
     settings = SpeedSettings(device="cpu", dtype="float32", prefill_batch=2, prefill_len=32, decode_batches=(1,),
                              decode_context=16, decode_tokens=8, warmup=1, repeats=3, use_compile=False, seed=0,
                              memory_method="weights")
-    timings = {name: Spread(10.0, 9.0, 11.0) for name in metric_names(settings)}
-    result = SpeedResult(settings, ModelSpeed(timings, 50.0, model_params), ModelSpeed(timings, 60.0, baseline_params),
-                         speedup={name: Spread(1.2, 1.1, 1.3) for name in timings}, ideal_speedup=1.3, ideal_basis="FLOPs")
+    # the pruned model 1.2x faster on every metric: more tokens/s, fewer ms
+    faster, slower = Spread(12.0, 11.5, 12.5), Spread(10.0, 9.5, 10.5)
+    names = metric_names(settings)
+    model = {name: slower if name.startswith("time_") else faster for name in names}
+    baseline = {name: faster if name.startswith("time_") else slower for name in names}
+    result = SpeedResult(settings, ModelSpeed(model, 50.0, model_params), ModelSpeed(baseline, 60.0, baseline_params),
+                         speedup={name: Spread(1.2, 1.1, 1.3) for name in names}, ideal_speedup=1.3, ideal_basis="FLOPs")
     return {"format": "prunekit.bench/1", "model": {"spec": "pruned"}, "baseline": {"spec": "dense"},
             "speed": result.to_dict(), "environment": {}}
 
@@ -82,13 +87,13 @@ def test_report_has_every_section_and_its_figures(run_dir):
     assert report == run_dir / "report.md"
     text = report.read_text(encoding="utf-8")
     assert text.startswith(MARKER)
-    for heading in ("## Pruned model", "### Parameters", "### Widths per layer", "## Quality", "### Perplexity",
+    for heading in ("## Pruned model", "### What was removed", "### Widths per layer", "## Quality", "### Perplexity",
                     "### Zero-shot tasks", "## Speed", "## Importance scores", "## Not found"):
         assert heading in text, heading
     assert "| 1 | 8 → 0 (removed) | 2 → 0 (removed) | 80 |" in text
     assert "| 2 | dropped | dropped | dropped |" in text
     assert "| 3 | 8 | 2 | 80 → 40 |" in text
-    assert "1.20× (1.10–1.30)" in text and "1.30×" in text  # measured and ideal speedup
+    assert "1.20× (1.10–1.32)" in text and "1.30×" in text  # measured (12 / 10, 11.5 / 10.5, 12.5 / 9.5) and ideal
     assert "0.6000 ± 0.0100" in text
     assert "No compensation fits" in text and "No `summary.json`" in text
     images = _linked_images(report)
@@ -103,7 +108,7 @@ def test_before_structure_is_costed_exactly_without_the_source_model():
     dense = model_structure(model)
     plan = Plan(LAYERS, drop_layers=(2,), model=structure_signature(dense))
     after = apply_plan(model, plan)
-    before = _before_structure(plan.model, after, [2], source="tiny-llama")  # not resolvable: rebuilt from the plan
+    before = before_structure(plan.model, after, [2], source="tiny-llama")  # not resolvable: rebuilt from the plan
     assert before.layers == dense.layers
     assert before.non_embedding_params == dense.non_embedding_params
     assert before.total_params == dense.total_params
@@ -153,3 +158,67 @@ def test_command_shape(run_dir, capsys, tmp_path):
     assert "wrote" in capsys.readouterr().out
     assert run(parser.parse_args([str(tmp_path)])) == 2
     assert "prunekit report: error: nothing to report" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- labels, the card, trust
+
+
+def test_quality_points_are_named_dense_pruned_and_recovered(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from prunekit.report import run_report
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    recovered = tmp_path / "recovered"  # outside the run, so the pruned model stays the run's final one
+    shutil.copytree(run / "model", recovered)
+    provenance = json.loads((recovered / "prunekit.json").read_text())
+    (recovered / "prunekit.json").write_text(json.dumps({**provenance, "recovery": {"settings": {}}}))
+    (run / "eval_recovered.json").write_text(json.dumps(
+        _eval_json("recovered", recovered, provenance["params"]["total"], 25.0)))
+    drawn = []
+    plot = run_report.plot_quality_vs_size
+    monkeypatch.setattr(run_report, "plot_quality_vs_size",
+                        lambda points, path, **kwargs: drawn.append((points, kwargs)) or plot(points, path, **kwargs))
+    write_run_report(run)
+    (points, kwargs), = drawn
+    assert sorted((p["label"], p["perplexity"]) for p in points) == [("pruned", 30.0), ("recovered", 25.0)]
+    assert kwargs["dense"]["perplexity"] == 20.0
+
+
+def _section(text: str, heading: str) -> str:
+    start = text.index(heading)
+    end = text.find("\n#", start + len(heading))
+    return text[start:end if end >= 0 else None]
+
+
+def test_the_report_writes_the_final_models_card_with_the_same_figures(run_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    report = write_run_report(run).read_text()
+    card = (run / "model" / "README.md").read_text()
+    assert yaml.safe_load(card[4:card.index("\n---", 4)])["library_name"] == "transformers"
+    assert "The model card `model/README.md` was written again" in report
+    perplexity = _section(report, "### Perplexity").strip()
+    assert "| pruned (`pruned`) | wikitext2 | 64 | 100 | 30.00 |" in perplexity
+    assert "| dense (`dense`) | wikitext2 | 64 | 100 | 20.00 |" in perplexity
+    assert perplexity in card  # the same table, row for row
+    speed = report[report.index("| metric | pruned | dense"):].split("\n\n")[0]
+    assert speed in card and "1.20× (1.10–1.32)" in speed
+    removed = _section(report, "### What was removed").split("\n", 2)[2].strip().split("\n\n")[0]
+    assert removed in card
+
+
+def test_an_unreliable_speed_row_is_marked_in_the_report(tmp_path):
+    record = _bench_json(100, 120)
+    timings = record["speed"]["model"]["timings"]
+    timings["prefill_tokens_per_s"] = {"median": 12.0, "low": 4.0, "high": 12.5}  # repeats on a busy machine
+    (tmp_path / "bench.json").write_text(json.dumps(record))
+    text = write_run_report(tmp_path).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| prefill tokens/s"))
+    assert "| unreliable |" in row and "×" not in row.split("|")[4]
+    assert "prefill tokens/s (2 x 32): unreliable, not a result: the pruned model's repeats spread 71%" in text

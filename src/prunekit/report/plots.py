@@ -353,6 +353,10 @@ def _removed_percent(point: Mapping, dense: Mapping | None) -> float:
     raise ValueError(f"point {dict(point)!r} needs 'fraction_removed' (0-1) or 'params' (non-embedding, kept)")
 
 
+def _label_point(ax, x: float, y: float, text: str, color: str) -> None:
+    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8, color=color)
+
+
 def plot_quality_vs_size(
     points: Sequence[Mapping],
     path: str | os.PathLike,
@@ -362,9 +366,10 @@ def plot_quality_vs_size(
 ) -> Path:
     """Perplexity against the share of non-embedding parameters removed, one series per label.
 
-    Each point has `label` (its series: method or criterion), `perplexity`, and either
-    `fraction_removed` (0-1) or `params` (non-embedding parameters kept, then `dense` needs
-    `params`). `dense` may give the unpruned model's `perplexity`, drawn as a reference.
+    Each point has `label` (its series: method or criterion, or what the model is: pruned,
+    recovered), `perplexity`, and either `fraction_removed` (0-1) or `params` (non-embedding
+    parameters kept, then `dense` needs `params`). `dense` may give the unpruned model's
+    `perplexity`, drawn as a reference. Every point is written with its value beside it.
     """
     if not points:
         raise ValueError("no points to plot")
@@ -375,12 +380,15 @@ def plot_quality_vs_size(
     figure, ax = _figure("Perplexity against size" + (f" on {data}" if data else ""))
     for label, pairs in series.items():
         removed, perplexity = zip(*sorted(pairs))
-        ax.plot(removed, perplexity, marker="o", markersize=4, linewidth=1.2, label=label or None)
+        line, = ax.plot(removed, perplexity, marker="o", markersize=4, linewidth=1.2, label=label or None)
+        for x, y in zip(removed, perplexity):
+            _label_point(ax, x, y, f"{label}: {y:.4g}" if label and len(pairs) == 1 else f"{y:.4g}", line.get_color())
     if dense and "perplexity" in dense:
         reference = float(dense["perplexity"])
         ax.axhline(reference, color="#555555", linestyle="--", linewidth=0.9)
         ax.plot([0.0], [reference], marker="*", markersize=11, color="black", linestyle="none",
-                label=f"dense ({reference:.3g})")
+                label=f"dense ({reference:.4g})")
+        _label_point(ax, 0.0, reference, f"dense: {reference:.4g}", "black")
     ax.set_yscale("log")
     _plain_log_ticks(ax)
     ax.set_xlim(left=-1.0)
