@@ -104,11 +104,10 @@ def test_working_memory_is_one_chunk_not_the_vocabulary_times_the_batch():
     assert held < 300 * 2**20
 
 
-@pytest.mark.slow
 def test_taylor_of_a_128k_vocabulary_in_bfloat16_on_the_cpu_takes_seconds():
     """The issue's case: a 4-layer random model with a 128,256-token vocabulary (hidden 256) loaded
     in bf16, Taylor-scored on 4 x 512 tokens on the CPU, took 682 s with the loss in bf16; the
-    chunked float32 loss takes seconds."""
+    chunked float32 loss takes seconds (4.5 s for this test on the project's 2-core CPU)."""
     import time
 
     from transformers import AutoConfig, AutoModelForCausalLM
