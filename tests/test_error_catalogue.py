@@ -205,6 +205,8 @@ CASES: list[tuple[str, str, str]] = [
     ("evaluation set with the Hub offline and no data directory",
      "HF_HUB_OFFLINE=1 PRUNEKIT_DATA_DIR= HF_HOME={root}/hf_home eval {model} --ppl wikitext2 --seq-len 16",
      "wikitext2 (test) cannot be read: no data directory is set"),
+    ("unknown save dtype", "prune {model} --target 0.2 --out {root}/o17 --calib {text.txt} --save-dtype int8",
+     "unknown save dtype 'int8'; choose one of source, float32, fp32, bfloat16, bf16, float16, fp16"),
 ]
 
 
@@ -277,7 +279,11 @@ if __name__ == "__main__":
     print("| case | command | message |\n|---|---|---|")
     for case, command, _ in CASES:
         _, message = run_case(command, world)
+        words = command.split()
+        assignments = list(itertools.takewhile(lambda word: re.fullmatch(r"[A-Z_]+=\S*", word), words))
+        subcommand = words[len(assignments)]
         # the error itself, without the progress bars of the loading that came before it
-        message = message[message.rfind(f"prunekit {command.split()[0]}: error:"):] if "error:" in message else message
+        message = message[message.rfind(f"prunekit {subcommand}: error:"):] if "error:" in message else message
         shown = message.replace(world["root"] + "/", "").replace("|", "\\|").replace("\n", " ")
-        print(f"| {case} | `prunekit {command.replace('{root}/', '').replace('{', '').replace('}', '')}` | {shown} |")
+        line = " ".join(assignments + ["prunekit"] + words[len(assignments):])
+        print(f"| {case} | `{line.replace('{root}/', '').replace('{', '').replace('}', '')}` | {shown} |")

@@ -155,7 +155,10 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", default=None, help="plan from this scores.json (what `prunekit analyze` wrote) "
                         "instead of scoring again")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load, prune and save in")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and prune in")
+    parser.add_argument("--save-dtype", default="source", metavar="DTYPE",
+                        help="dtype of the saved weights: source (default: the dtype the source declares, bfloat16 "
+                        "for a GGUF file), float32, bfloat16 or float16")
     parser.add_argument("--dry-run", action="store_true", help="check everything and print the predicted size, time, "
                         "memory and disk; load no weights")
     _add_device_arguments(parser)
@@ -192,11 +195,14 @@ def _run_prune(args: argparse.Namespace) -> int:
     from prunekit.pipeline import prune, prune_summary
     from prunekit.preflight import format_preflights
 
+    from prunekit.export.huggingface import parse_save_dtype
+
     if args.plan and args.target is None:
         args.target = 0.3  # unused with a plan; a valid value keeps the settings' checks quiet
+    save_dtype = parse_save_dtype(args.save_dtype)  # a bad name, before anything loads
     started = time.perf_counter()
     result = prune(args.model, args.out, _prune_settings(args), plan=args.plan, force=args.force, dtype=args.dtype,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, **({"save_dtype": save_dtype} if save_dtype is not None else {}))
     if args.dry_run:
         print(format_preflights([result]))
         return 0
