@@ -125,8 +125,7 @@ def test_the_preflight_prices_each_stage_on_its_device_and_counts_self_text(tiny
                                                      / RATES["cuda"]["train"])
     assert on_gpu["prune"] == on_cpu["prune"] and on_gpu["evaluate"] == on_cpu["evaluate"]
     moved = seconds(gpu=True, **{"prune.device": "cuda"})
-    assert moved["prune"] - load == pytest.approx((on_cpu["prune"] - load) * RATES["cpu"]["train"]
-                                                  / RATES["cuda"]["train"])
+    assert 0 < moved["prune"] - load < (on_cpu["prune"] - load) / 100  # scoring and compensation on the GPU
     # the model writing its own text is priced, as the demo without data showed it costs
     self_text = seconds(**{"recover.data.source": "self"})
     recover = load_recipe(tiny_recipe).recover

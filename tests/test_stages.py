@@ -108,6 +108,9 @@ def test_the_export_stage_links_the_final_model_instead_of_copying_it(world, tmp
     prunekit.run(world["recipe"], run_dir)
     for path in (run_dir / "model").iterdir():
         exported = run_dir / "export" / path.name
+        if path.name == "README.md":  # the model card, rewritten (atomically) by the report with the same figures
+            assert exported.read_text() == path.read_text()
+            continue
         assert exported.stat().st_ino == path.stat().st_ino  # one file on disk, two names
     reloaded, _ = prunekit.load(run_dir / "export")
     assert prunekit.model_structure(reloaded).total_params < prunekit.model_structure(

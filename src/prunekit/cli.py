@@ -192,17 +192,16 @@ def _prune_settings(args: argparse.Namespace):
 def _run_prune(args: argparse.Namespace) -> int:
     import time
 
+    from prunekit.export.huggingface import parse_save_dtype
     from prunekit.pipeline import prune, prune_summary
     from prunekit.preflight import format_preflights
-
-    from prunekit.export.huggingface import parse_save_dtype
 
     if args.plan and args.target is None:
         args.target = 0.3  # unused with a plan; a valid value keeps the settings' checks quiet
     save_dtype = parse_save_dtype(args.save_dtype)  # a bad name, before anything loads
     started = time.perf_counter()
     result = prune(args.model, args.out, _prune_settings(args), plan=args.plan, force=args.force, dtype=args.dtype,
-                   dry_run=args.dry_run, **({"save_dtype": save_dtype} if save_dtype is not None else {}))
+                   dry_run=args.dry_run, save_dtype=save_dtype)
     if args.dry_run:
         print(format_preflights([result]))
         return 0

@@ -18,6 +18,7 @@ from prunekit.compensate import compensate, compensate_sequential
 from prunekit.compensate.obs import select_and_update
 from prunekit.compensate.reconstruct import DEFAULT_LR, check_reconstruction, dense_layer_copies, reconstruct_blocks
 from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
+from prunekit.data.sources import resolve_source
 from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
 from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
@@ -312,13 +313,14 @@ def plan_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progres
 
 def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: Plan | str | Path | None = None,
           force: bool = False, dtype: str = "float32", progress: bool = True, machine: Machine | None = None,
-          dry_run: bool = False) -> SavedModel | Preflight:
+          dry_run: bool = False, save_dtype: str | torch.dtype | None = None) -> SavedModel | Preflight:
     """Load, score, plan, compensate, cut and save: `prunekit prune` and the recipe's prune stage.
 
     With `plan`, scoring and planning are skipped (the plan is compensated for as `settings` say,
     then cut); with `settings.scores`, planning starts from an `analyze` output. The settings, the
     output path, the target's reachability, the calibration data and the memory on the device are
-    checked before any weight is read (`preflight_prune`); `dry_run` returns that preflight."""
+    checked before any weight is read (`preflight_prune`); `dry_run` returns that preflight. The model
+    is saved in `save_dtype` (default: the dtype its source declares, bfloat16 for a GGUF file)."""
     source = resolve_model_source(model)
     out = Path(out)
     plan = plan if plan is None or isinstance(plan, Plan) else Plan.load(plan)
@@ -332,15 +334,16 @@ def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: 
     if plan is not None and model_structure(loaded).total_params != preflight.leaves.total_params:
         raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
     loaded.to("cpu")  # saved from CPU memory
-    return save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force)
+    return save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force,
+                       save_dtype=save_dtype)
 
 
 def save_pruned(model: nn.Module, tokenizer, out: Path, record: dict, *, source: str, protected: tuple[Path, ...] = (),
-                force: bool = False) -> SavedModel:
+                force: bool = False, save_dtype: str | torch.dtype | None = None) -> SavedModel:
     """Save a pruned model with its provenance: the plan (when it was one step) and what the prune did."""
     plans = [s["plan"] for s in record["steps"]]
     return save_model(model, tokenizer, out, plan=Plan.from_dict(plans[-1]) if len(plans) == 1 else None,
-                      source=source, protected=protected, force=force,
+                      source=source, protected=protected, force=force, save_dtype=save_dtype,
                       extra_provenance={"pruning": {k: v for k, v in record.items() if k != "scores"}})
 
 
@@ -358,11 +361,13 @@ def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *
 
 # ----------------------------------------------------------------------------- preflight
 # Rough sustained rates for the time estimates (measured on this project's machines: BENCHMARKS.md,
-# GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s and trains at ~0.15;
+# GPU_BENCHMARKS.md): a 2-core CPU runs SmolLM2's bf16 prefill at ~0.4 TFLOP/s;
 # it writes self text at ~170 tokens/s (0.05 TFLOP/s), an H200 at ~57,000 (16 TFLOP/s: decoding is
 # bound by kernel launches and the growing KV cache, not by arithmetic).
-RATES = {"cpu": {"infer": 0.3e12, "train": 0.12e12, "sample": 0.05e12},
-         "cuda": {"infer": 150e12, "train": 60e12, "sample": 16e12}}
+# Taylor's gradients (bf16 autocast) run at ~0.34 TFLOP/s there and the layer passes of compensation
+# at ~0.65 (BENCHMARKS.md, the default prune stage by stage).
+RATES = {"cpu": {"infer": 0.3e12, "train": 0.34e12, "layers": 0.65e12, "sample": 0.05e12},
+         "cuda": {"infer": 150e12, "train": 60e12, "layers": 150e12, "sample": 16e12}}
 LOAD_SECONDS = 15  # each stage that loads the model (SmolLM2 from its GGUF file: 15 s)
 
 
@@ -373,6 +378,31 @@ def rate(device: str | None, kind: str) -> float:
 def self_text_seconds(structure: ModelStructure, source: str, tokens: int, device: str | None) -> float:
     """The time the model takes to write `tokens` of its own text, when `source` asks for it."""
     return structure.flops_per_token(512) * tokens / rate(device, "sample") if source == SELF_SOURCE else 0.0
+
+
+# Layer passes over every calibration row that each compensation makes (sequential: two, the o_proj
+# fit and the MLP's; obs: its selection passes too, 248 s against sequential's 59 s on SmolLM2-135M
+# on the 2-core CPU, BENCHMARKS.md).
+COMPENSATION_PASSES = {"none": 0, "one-shot": 1, "sequential": 2, "obs": 8}
+RECONSTRUCTION_TOKENS_PER_STEP = 5_000  # 0.33 s a step for a SmolLM2 layer on the 2-core CPU
+
+
+def prune_seconds(structure: ModelStructure, settings: PruneSettings, *, scoring: bool = True) -> float:
+    """A rough time for scoring, compensating and reconstructing on the settings' device, from the
+    FLOPs involved and the RATES measured (the default prune of SmolLM2-135M: 110 s on 2 cores)."""
+    device, tokens = settings.device, settings.calibration.n_samples * settings.calibration.seq_len
+    flops = structure.flops_per_token(512)
+    seconds = 0.0
+    if scoring:
+        spec = settings.criterion_spec
+        options = spec.check_options(settings.criterion_options)
+        scored = min(tokens, options.get("tokens") or tokens)  # Taylor takes its gradient on the first rows
+        passes = 3 if spec.needs_gradients else 1
+        seconds += settings.steps * passes * flops * scored / rate(device, "train" if spec.needs_gradients else "infer")
+    seconds += COMPENSATION_PASSES.get(settings.compensation, 2) * settings.steps * flops * tokens / rate(device, "layers")
+    reconstruct = sum(3 * structure.layer_flops_per_token(i, 512) for i in range(structure.num_layers))
+    seconds += settings.reconstruct_steps * reconstruct * RECONSTRUCTION_TOKENS_PER_STEP / rate(device, "train")
+    return seconds
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -404,7 +434,8 @@ def memory_needs(structure: ModelStructure, dtype: str, settings: PruneSettings,
     cached_layers += 1 if settings.reconstruct_steps else 0  # reconstruction keeps the dense layer's targets too
     estimate = pruning_estimate(structure, dtype, gradients=gradients, batch_size=settings.batch_size,
                                 seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
-                                n_samples=settings.calibration.n_samples, cached_layers=cached_layers)
+                                n_samples=settings.calibration.n_samples, cached_layers=cached_layers,
+                                device=device, sequential=settings.compensation in ("sequential", "obs"))
     layer_by_layer_hint = ("" if criterion.whole_model else
                            "add --layer-by-layer (one layer at a time on the device, the model in CPU memory), ")
     return (Need(device, estimate, hints=f"load it in bfloat16 (--dtype bfloat16), {layer_by_layer_hint}lower "
@@ -429,11 +460,12 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
     scoring = plan is None and settings.scores is None and stage != "compensate"
     calibration = settings.calibration
     tokens = calibration.n_samples * calibration.seq_len
-    uses_data = (scoring and settings.criterion_spec.needs_data) or settings.compensation != "none"
+    uses_data = ((scoring and settings.criterion_spec.needs_data) or settings.compensation != "none"
+                 or settings.reconstruct_steps > 0)
+    if uses_data:
+        check_calibration_source(calibration)
     flops = structure.flops_per_token(512)
-    passes = (3 * settings.steps if scoring else 0) + {"none": 0, "one-shot": 1, "sequential": 2}.get(
-        settings.compensation, 2)
-    seconds = (LOAD_SECONDS + passes * flops * tokens / rate(settings.device, "train")
+    seconds = (LOAD_SECONDS + prune_seconds(structure, settings, scoring=scoring)
                + (self_text_seconds(structure, calibration.source, tokens, settings.device) if uses_data else 0))
     how = "plan given" if plan is not None else f"{settings.criterion} scores" if scoring else f"scores from {settings.scores}"
     what = (f"{how}, {settings.compensation} compensation, "
@@ -445,6 +477,13 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
                      notes=(f"{format_count(structure.total_params)} -> {format_count(leaves.total_params)} parameters "
                             f"({format_count(structure.non_embedding_params)} -> "
                             f"{format_count(leaves.non_embedding_params)} non-embedding)",) if stage == "prune" else ())
+
+
+def check_calibration_source(calibration: CalibrationSettings) -> None:
+    """The calibration text (and task pairs) can be read: a file that exists, a named set with a
+    local copy, or a Hub that answers; in seconds, before any model loads."""
+    for spec in filter(None, (calibration.source, calibration.task)):
+        resolve_source(spec, calibration.data_dir)
 
 
 def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
@@ -494,6 +533,8 @@ def preflight_analyze(source: ModelSource, settings: PruneSettings, dtype: str =
     structure = structure or model_structure(load_skeleton(source))
     calibration = settings.calibration
     tokens = calibration.n_samples * calibration.seq_len
+    if settings.criterion_spec.needs_data:
+        check_calibration_source(calibration)
     passes = 232 if settings.criterion == "sensitivity" else 3  # BENCHMARKS.md: sensitivity cost
     seconds = (LOAD_SECONDS + passes * structure.flops_per_token(512) * tokens / rate(settings.device, "infer")
                + self_text_seconds(structure, calibration.source, tokens, settings.device))

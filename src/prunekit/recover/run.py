@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from prunekit.data.sources import resolve_source
 from prunekit.export.files import OutputExistsError, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, provenance_plans, save_model
 from prunekit.models.loading import load, load_config, load_skeleton, load_tokenizer, resolve_model_source
@@ -64,6 +65,7 @@ def preflight_recover(student: ModelStructure, teacher: ModelStructure | None, s
     its plan predicts) and the teacher: memory per process on the device it trains on (the GPU of
     its local rank when there is one), the weights and checkpoints it writes, a rough time."""
     settings.validate()
+    resolve_source(settings.data.source, settings.data.data_dir)  # readable now, not after an hour of work
     shards = processes if settings.shard else 1
     needs = recovery_estimate(student, teacher, dtype, lora=get_method(settings.method).lora,
                               batch_size=settings.batch_size, seq_len=settings.data.seq_len, shards=shards,

@@ -347,6 +347,9 @@ def _run_export(recipe: Recipe, run_dir: Path) -> dict:
 
         written = export_gguf(final, run_dir / f"{x.name}.gguf", quant=x.quant, force=True)
         return {"from": final.name, "to": f"{x.name}.gguf", "bytes": Path(written.path).stat().st_size}
+    from prunekit.export.model_card import refresh_run_card
+
+    refresh_run_card(run_dir)  # the card with the figures of the stages before (evaluate, bench)
     with atomic_directory(run_dir / x.name, force=True) as tmp:
         link_tree(final, tmp)
     return {"from": final.name, "to": x.name}
@@ -470,6 +473,10 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
         atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")  # last: the stage is done
         records[stage] = record
         progress_print(f"[{stage}] done in {record['seconds']:.0f} s")
+    if final_model(run_dir).is_dir() and "export" not in records:  # the card carries the figures the run measured
+        from prunekit.export.model_card import refresh_run_card
+
+        refresh_run_card(run_dir)
     summary = format_summary(records)
     if summary:
         progress_print(summary)
