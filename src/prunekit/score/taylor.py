@@ -16,11 +16,11 @@ from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_we
 from prunekit.score.scores import Scores
 
 TAYLOR_VARIANTS = ("element", "vector")
-# Calibration tokens the gradient is taken on (0: every row): the first 32 rows of the default
-# 128 x 512, a quarter of the cost, which on a 2-core CPU is most of the prune (11 s per batch of
-# 8 x 512 under bf16 autocast). Measured on SmolLM2-135M at 20% (BENCHMARKS.md, "The default prune
-# on a 2-core CPU"): perplexity as good as with every row; 8,192 tokens were worse on WikiText-2.
-DEFAULT_TAYLOR_TOKENS = 16384
+# Calibration tokens the gradient is taken on (0: every row). Every row by default: on SmolLM2-135M
+# the first 16,384 tokens (a quarter of the cost) were as good at 20% but far worse at 35% and 50%
+# (WikiText-2 101.5 and 226.7 against 81.1 and 140.5: BENCHMARKS.md, "The default prune on a
+# 2-core CPU"), so the saving is an option (`tokens=16384`), not the default.
+DEFAULT_TAYLOR_TOKENS = 0
 
 
 def _saliency(weight: torch.Tensor, grad: torch.Tensor, dims, variant: str) -> torch.Tensor:
