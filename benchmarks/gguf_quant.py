@@ -115,31 +115,13 @@ def _llama_cpp_has_amx() -> bool:
 
 
 def _llama(path: Path, **kwargs):
-    """llama-cpp-python's `Llama`, with llama.cpp's extra weight buffers off on a CPU with AMX.
+    """llama-cpp-python's `Llama`, with llama.cpp's extra weight buffers off on a CPU with AMX only
+    (where its AMX kernels crash: `load_in_llama_cpp`); they also hold the repacked kernels, so they
+    stay on elsewhere (the recorded AMD EPYC runs had them on); the record says which
+    (machine.llama_cpp_extra_buffers)."""
+    from prunekit.export.gguf import load_in_llama_cpp
 
-    There llama.cpp moves Q8_0/Q4_K weights into its AMX buffer, whose matmul (0.3.36's vendored
-    ggml, built by gcc 12) loads a half-written tile config and dies with SIGSEGV at `ldtilecfg`
-    (llama.cpp issues #20824, #26954). The only switch, llama_model_params.use_extra_bufts, also
-    turns off the REPACK kernels, so it stays on elsewhere (the recorded AMD EPYC runs had it on);
-    the record says which (machine.llama_cpp_extra_buffers). `Llama()` has no argument for the
-    flag, so its default model params are patched while it loads."""
-    import llama_cpp
-
-    if not _llama_cpp_has_amx():
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
-    bindings = llama_cpp.llama_cpp
-    defaults = bindings.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = without_extra_buffers
-    try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
-    finally:
-        bindings.llama_model_default_params = defaults
+    return load_in_llama_cpp(path, extra_buffers=not _llama_cpp_has_amx(), **kwargs)
 
 
 def llama_cpp_quality(path: Path, windows: list[list[int]], reference: dict, text: str, stream: list[int]) -> dict:

@@ -13,7 +13,7 @@ from conftest import tiny_model
 
 import prunekit
 from prunekit import LayerPlan, Plan, apply_plan
-from prunekit.export.gguf import GGUFExportError, tensor_types, write_gguf
+from prunekit.export.gguf import GGUFExportError, load_in_llama_cpp, tensor_types, write_gguf
 
 X = [int(i) for i in torch.randint(3, 259, (24,), generator=torch.Generator().manual_seed(1))]
 
@@ -53,28 +53,10 @@ def bpe_tokenizer():
 
 
 def _llama_cpp_model(path, **kwargs):
-    """llama-cpp-python's `Llama` on the plain CPU kernels (llama_model_params.use_extra_bufts off).
-
-    With extra buffer types on, llama.cpp moves Q8_0/Q4_K weights on a CPU with AMX (Sapphire
-    Rapids and later) into its AMX buffer, whose matmul (ggml_backend_amx_mul_mat, llama.cpp 0.3.36's
-    vendored copy built by gcc 12) loads a tile config the compiler left half-written: `ldtilecfg`
-    faults and the process dies with SIGSEGV (llama.cpp issues #20824, #26954). These tests check the
-    file, not llama.cpp's kernels, so every machine runs the same reference kernels. `Llama()` has
-    no argument for the flag, so its default model params are patched while it loads."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    bindings = llama_cpp.llama_cpp
-    defaults = bindings.llama_model_default_params
-
-    def without_extra_buffers():
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    bindings.llama_model_default_params = without_extra_buffers
-    try:
-        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
-    finally:
-        bindings.llama_model_default_params = defaults
+    """llama.cpp on its plain CPU kernels on every machine: these tests check the file, not
+    llama.cpp's kernels (whose AMX path crashes on some CPUs: `load_in_llama_cpp`)."""
+    pytest.importorskip("llama_cpp")
+    return load_in_llama_cpp(path, extra_buffers=False, **kwargs)
 
 
 def _llama_cpp_logits(path, ids: list[int]) -> np.ndarray:

@@ -531,6 +531,35 @@ def write_gguf(model: nn.Module, tokenizer, out: str | Path, *, quant: str = "f1
     return GGUFExport(out, arch, quant, out.stat().st_size, len(blocks), padded, tensor_types(out))
 
 
+def load_in_llama_cpp(path: str | Path, *, extra_buffers: bool = True, **kwargs):
+    """llama-cpp-python's `Llama` for a GGUF file; with `extra_buffers=False`, on llama.cpp's plain
+    CPU kernels (llama_model_params.use_extra_bufts off).
+
+    With extra buffer types on, llama.cpp moves Q8_0/Q4_K weights on a CPU with AMX (Sapphire
+    Rapids and later) into its AMX buffer, whose matmul (ggml_backend_amx_mul_mat in llama-cpp-python
+    0.3.36's vendored copy, built by gcc 12) loads a tile config the compiler left half-written:
+    `ldtilecfg` faults and the process dies with SIGSEGV (llama.cpp issues #20824, #26954). The same
+    switch turns off the repacked kernels elsewhere. `Llama()` has no argument for the flag, so its
+    default model parameters are patched while it loads."""
+    import llama_cpp
+
+    if extra_buffers:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    bindings = llama_cpp.llama_cpp
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kwargs)
+    finally:
+        bindings.llama_model_default_params = defaults
+
+
 def export_gguf(model: str | Path, out: str | Path, *, quant: str = "f16", force: bool = False) -> GGUFExport:
     """Export a model directory (or any model `prunekit.load` reads) as a llama.cpp GGUF file.
 
@@ -551,5 +580,5 @@ def export_gguf(model: str | Path, out: str | Path, *, quant: str = "f16", force
     return write_gguf(loaded, tokenizer, out, quant=quant, force=force, protected=source.local_paths)
 
 
-__all__ = ["GGUFExport", "GGUFExportError", "GGUF_FAMILIES", "QUANT_TYPES", "export_gguf",
+__all__ = ["GGUFExport", "GGUFExportError", "GGUF_FAMILIES", "QUANT_TYPES", "export_gguf", "load_in_llama_cpp",
            "tensor_types", "write_gguf"]
