@@ -55,7 +55,9 @@ def test_removal_equals_zeroing_and_saves(smollm2, tmp_path):
     settings = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     assert torch.equal(pruned.generate(ids, use_cache=True, **settings), pruned.generate(ids, use_cache=False, **settings))
 
-    saved = prunekit.save_model(pruned, tokenizer, tmp_path / "uneven", plan=plan, source="smollm2-135m")
+    # float32 as loaded: the save must reload bit for bit (by default a GGUF source saves in its bf16)
+    saved = prunekit.save_model(pruned, tokenizer, tmp_path / "uneven", plan=plan, source="smollm2-135m",
+                                save_dtype="float32")
     assert saved.format == "prunekit"
     reloaded, _ = prunekit.load(tmp_path / "uneven", attn_implementation="eager")
     with torch.no_grad():
@@ -70,7 +72,8 @@ def test_uniform_plan_gives_a_stock_llama(smollm2, tmp_path):
     plan = Plan(layers={i: LayerPlan(keep_query_heads=(0, 1, 3, 4, 6, 7), keep_channels=tuple(range(1024)))
                         for i in range(30)})
     apply_plan(pruned, plan)
-    saved = prunekit.save_model(pruned, tokenizer, tmp_path / "uniform", plan=plan, source="smollm2-135m")
+    saved = prunekit.save_model(pruned, tokenizer, tmp_path / "uniform", plan=plan, source="smollm2-135m",
+                                save_dtype="float32")  # as loaded, so the reload is exact
     assert saved.format == "stock"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform", attn_implementation="eager").eval()
     assert (reloaded.config.num_attention_heads, reloaded.config.num_key_value_heads, reloaded.config.intermediate_size) == (6, 3, 1024)
