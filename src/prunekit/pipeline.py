@@ -457,7 +457,7 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
             load_scores_for(settings.scores, structure)
         # refuses an unreachable target (make_plan checks it first), naming the largest reachable
         leaves = predicted_structure(shape_only_plan(structure, settings.planner_settings()), structure)
-    scoring = plan is None and settings.scores is None and stage != "compensate"
+    scoring = plan is None and settings.scores is None
     calibration = settings.calibration
     tokens = calibration.n_samples * calibration.seq_len
     uses_data = ((scoring and settings.criterion_spec.needs_data) or settings.compensation != "none"
