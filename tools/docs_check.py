@@ -8,7 +8,8 @@
     | 128 | all 2,370 | **54.61** | 7.7 min | <!-- fig 54.61@stages/ppl-128/perplexity; 7.7@{stages/ppl-128/seconds}/60 -->
 
 Each `PRINTED@REF` pairs a number as it is printed on the line with where it comes from:
-  - a JSON pointer into the current record (`runs/3/ppl/0.2`; `~1` stands for "/" in a key);
+  - a JSON pointer into the current record (`runs/3/ppl/0.2`; `~1` stands for "/" in a key; a final
+    `[N]` reads the N-th number inside a string value);
   - `FILE.json#POINTER` for another record under benchmarks/results/;
   - an expression over such references in braces (`{a/seconds}/60`, `100*{gap}`, `{a}/{b}`);
   - `-` for a number that is not a measurement (a setting, a goal, a constant);
@@ -208,7 +209,8 @@ class Records:
         self.provenance = json.loads(provenance.read_text()) if provenance.exists() else {}
 
     def path(self, name: str) -> Path:
-        return self.root / (name if "/" in name else f"{RESULTS}/{name}")
+        under_results = self.root / RESULTS / name
+        return under_results if under_results.exists() or "/" not in name else self.root / name
 
     def load(self, name: str):
         if name not in self._json:
@@ -293,8 +295,11 @@ def resolve(ref: str, default_record: str | None, records: Records) -> tuple[flo
             raise LookupError("no record: name one with <!-- record: FILE.json --> above, or write FILE.json#KEY")
         if not records.path(name).exists():
             raise LookupError(f"record {name} does not exist under {RESULTS}/")
+        nth = re.search(r"\[(\d+)\]$", key)  # the n-th number inside a string value: "needs 165.5 GiB (...)"
         try:
-            value = lookup(records.load(name), key)
+            value = lookup(records.load(name), key[:nth.start()] if nth else key)
+            if nth and isinstance(value, str):
+                value = float(re.findall(r"\d+(?:\.\d+)?", value)[int(nth.group(1))])
         except (KeyError, IndexError, ValueError, TypeError):
             raise LookupError(f"record {name} has no key {key}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -500,7 +505,7 @@ def suggest(line: Line, record_names: list[str], records: Records, anchor: str =
             picks.append((figure.text, "?"))
             continue
         name, key, form = chosen[i]
-        pointer = key if name == line.record else f"{Path(name).name}#{key}"
+        pointer = key if name == line.record else f"{name}#{key}"
         picks.append((figure.text, pointer if form == "{}" else form.format("{" + pointer + "}")))
     return picks
 
