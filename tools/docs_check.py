@@ -217,22 +217,28 @@ class Records:
             self._json[name] = json.loads(self.path(name).read_text(encoding="utf-8"))
         return self._json[name]
 
-    def script(self, name: str) -> str | None:
-        entry = self.provenance.get(Path(name).name, {})
-        if entry.get("script"):
-            return entry["script"]
+    def scripts(self, name: str) -> list[str] | None:
+        """The files whose change makes the record old: provenance.json's entry, else the script its command names.
+
+        An entry with "script": null says on purpose that no committed script made the record (a command
+        typed by hand); None means nobody said, which the check reports.
+        """
+        entry = self.provenance.get(name) or self.provenance.get(Path(name).name)
+        if entry is not None:
+            script = entry.get("script")
+            return [] if script is None else [script] if isinstance(script, str) else list(script)
         found = re.findall(r"(?:benchmarks/)?([\w-]+\.(?:py|sh))\b", json.dumps(self.load(name)))
         for script in found:
             if (self.root / "benchmarks" / script).exists():
-                return f"benchmarks/{script}"
+                return [f"benchmarks/{script}"]
         return None
 
     def _git(self, *args: str) -> str:
         return subprocess.run(["git", *args], cwd=self.root, capture_output=True, text=True, check=True).stdout.strip()
 
     def made_at(self, name: str) -> str | None:
-        """The commit the record was made from: provenance's, else the last commit that wrote it."""
-        entry = self.provenance.get(Path(name).name, {})
+        """The commit the record was made from: provenance's "made_at", else the last commit that wrote it."""
+        entry = self.provenance.get(name) or self.provenance.get(Path(name).name) or {}
         if entry.get("made_at"):
             return self._git("rev-parse", entry["made_at"])
         rel = str(self.path(name).relative_to(self.root))
@@ -241,15 +247,20 @@ class Records:
         return self._git("log", "-1", "--format=%H", "--", rel) or None
 
     def age(self, name: str) -> tuple[str, str] | None:
-        """(script, the first commit that changed it after the record was made), or None if current."""
+        """(script, the first commit that changed it after the record was made), or None if current.
+
+        Raises LookupError when nothing says which script made the record.
+        """
         if name not in self._age:
-            script = self.script(name)
-            made = self.made_at(name) if script else None
+            scripts = self.scripts(name)
+            if scripts is None:
+                raise LookupError(f"nothing says which script made {name}: its command names none")
+            made = self.made_at(name) if scripts else None
             self._age[name] = None
-            if script and made:
-                changes = self._git("log", "--format=%H", f"{made}..HEAD", "--", script).split()
+            if made:
+                changes = self._git("log", "--format=%H", f"{made}..HEAD", "--", *scripts).split()
                 if changes:
-                    self._age[name] = (script, changes[-1])
+                    self._age[name] = (", ".join(scripts), changes[-1])
         return self._age[name]
 
 
@@ -380,6 +391,9 @@ def check_file(path: Path, root: Path, records: Records, report: Report) -> None
             for name in used:
                 try:
                     age = records.age(name)
+                except LookupError as error:
+                    report.fail(where, str(error), f"add it to {PROVENANCE}")
+                    continue
                 except subprocess.CalledProcessError as error:
                     report.fail(where, f"git could not date {name}: {error.stderr.strip()[:80]}",
                                 "run the check in a git checkout with its history")
