@@ -11,7 +11,7 @@ SHARED_DATA := $(abspath ../shared/data)
 # Tests and the demo read the shared data sets when they lie beside the checkout.
 export PRUNEKIT_DATA_DIR ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-slow test-all docs-check clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ test-slow: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+# Every measured figure in the docs against its record (tools/docs_check.py, CONTRIBUTING.md); it needs only
+# python and git, and `make test` runs it too (tests/test_docs_check.py).
+docs-check:
+	$(PYTHON) tools/docs_check.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
