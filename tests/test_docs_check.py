@@ -159,6 +159,15 @@ def test_a_record_older_than_its_script_is_accepted_only_when_the_docs_say_old(r
     assert len(wrong.failures) == 1 and "differs from its record" in wrong.failures[0]
 
 
+def test_a_script_change_declared_harmless_in_provenance_does_not_age_the_record(repo):
+    commit = _change_script(repo)
+    line = "It scores 49.39. <!-- fig 49.39@speed.json#runs/0/perplexity -->\n"
+    assert len(_check(repo, line).failures) == 1
+    (repo / "benchmarks" / "results" / "provenance.json").write_text(json.dumps(
+        {"speed.json": {"script": "benchmarks/bench.py", "not_affected_by": {commit[:7]: "prints another word"}}}))
+    assert _check(repo, line).failures == []
+
+
 def test_an_old_mark_where_no_figure_is_old_fails(repo):
     report = _check(repo, "It scores 49.39 (old: made before abcdef1). <!-- fig 49.39@speed.json#runs/0/perplexity -->\n")
     assert len(report.failures) == 1 and "names no figure of this block" in report.failures[0]

@@ -45,17 +45,16 @@ DOC_GLOBS = ("README.md", "BENCHMARKS.md", "GPU_BENCHMARKS.md", "docs/*.md")
 # Generated from tests/test_error_catalogue.py: it quotes program messages and holds no measurement.
 NOT_CHECKED = {"docs/ERRORS.md"}
 
-UNITS = (
-    "tokens/s", "tok/s", "TFLOP/s", "TB/s", "GB/s", "minutes", "minute", "seconds", "hours", "hour",
-    "min", "ms", "GiB", "GB", "MiB", "MB", "s", "%", "x",
-)
-_UNIT_RE = "|".join(re.escape(u) for u in UNITS)
-# A number: 1,234.5 or 12 or 0.97; the unit may follow after one space, except "x" and "%", which
-# must touch the number ("1.26x", but "8 x 512" is a shape).
+# Units that may follow a number after a space ("128 s", "15 GiB"); "x" and "%" must touch it
+# ("1.26x", "35%"), so that "8 x 512" stays a shape.
+SPACED_UNITS = ("tokens/s", "tok/s", "TFLOP/s", "TB/s", "GB/s", "minutes", "minute", "seconds", "hours", "hour",
+                "min", "ms", "GiB", "GB", "MiB", "MB", "s")
+# A number (1,234.5, 12, 0.97) that is not part of a name: not after a letter and a hyphen
+# ("Llama-3-8B", "gpt-2"), not followed by letters ("135M", "fp32").
 NUMBER = re.compile(
     r"(?<![\w.,/#=~^])(?<![A-Za-z]-)(?<![A-Za-z]\d-)(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)"
-    r"(?:(?P<tight>[x%])(?![\w])|(?P<space>\s?)(?P<unit>tokens/s|tok/s|TFLOP/s|TB/s|GB/s|minutes|minute|seconds"
-    r"|hours|hour|min|ms|GiB|GB|MiB|MB|s)(?![\w/]))?(?![\w.]*\w)(?![.,]\d)"
+    r"(?:(?P<tight>[x%])(?![\w])|(?P<space>\s?)(?P<unit>" + "|".join(re.escape(u) for u in SPACED_UNITS) + r")(?![\w/]))?"
+    r"(?![\w.]*\w)(?![.,]\d)"
 )
 # Spans that hold no figure: code, comments, link targets, dates, times, versions, identifiers.
 MASKS = (
@@ -258,7 +257,11 @@ class Records:
             made = self.made_at(name) if scripts else None
             self._age[name] = None
             if made:
-                changes = self._git("log", "--format=%H", f"{made}..HEAD", "--", *scripts).split()
+                # Commits that provenance.json declares harmless to this record (with the reason) do not age it.
+                harmless = tuple((self.provenance.get(name) or self.provenance.get(Path(name).name) or {})
+                                 .get("not_affected_by", {}))
+                changes = [c for c in self._git("log", "--format=%H", f"{made}..HEAD", "--", *scripts).split()
+                           if not (harmless and c.startswith(harmless))]
                 if changes:
                     self._age[name] = (", ".join(scripts), changes[-1])
         return self._age[name]
