@@ -285,18 +285,26 @@ def _load_tokenizer_in_a_fresh_process(path, call: str) -> subprocess.CompletedP
 def test_the_tokenizer_of_an_uneven_model_loads_as_its_card_says_without_a_prompt(tokenizer, tmp_path):
     _save("llama", UNEVEN, tmp_path / "out", tokenizer)
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "AutoTokenizer.from_pretrained(PATH, trust_remote_code=False)" in card
-    result = _load_tokenizer_in_a_fresh_process(
-        tmp_path / "out", f"AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r}, trust_remote_code=False)")
+    assert "AutoTokenizer.from_pretrained(PATH)" in card
+    result = _load_tokenizer_in_a_fresh_process(tmp_path / "out", f"AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r})")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"ids {tokenizer('abc')['input_ids']}" in result.stdout
     assert "trust_remote_code" not in result.stdout + result.stderr and "[y/N]" not in result.stdout + result.stderr
 
 
-@pytest.mark.xfail(reason="transformers 5.x AutoTokenizer always reads the config first, and config.json's auto_map "
-                          "sends AutoConfig to modeling_prunekit.py, so it asks before it finds the tokenizer needs no "
-                          "code; only a model_type that transformers knows would avoid it", strict=False)
-def test_the_tokenizer_of_an_uneven_model_loads_with_a_bare_call_without_a_prompt(tokenizer, tmp_path):
+def test_an_uneven_model_says_its_family_model_type_and_is_never_built_silently_as_the_stock_model(tokenizer, tmp_path):
     _save("llama", UNEVEN, tmp_path / "out", tokenizer)
-    result = _load_tokenizer_in_a_fresh_process(tmp_path / "out", f"AutoTokenizer.from_pretrained({str(tmp_path / 'out')!r})")
-    assert result.returncode == 0 and "[y/N]" not in result.stdout + result.stderr
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["layer_shapes"] and "AutoModelForCausalLM" in config["auto_map"]
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(RuntimeError, match="mismatch"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
+
+
+def test_an_uneven_model_saved_with_the_older_prunekit_model_type_still_loads(tokenizer, tmp_path):
+    model, _ = _save("llama", UNEVEN, tmp_path / "out", tokenizer)
+    config_file = tmp_path / "out" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "model_type": "prunekit_llama"}))
+    reloaded, _ = prunekit.load(tmp_path / "out", attn_implementation="eager")
+    torch.testing.assert_close(reloaded(X).logits, model(X).logits, atol=0, rtol=0)

@@ -143,6 +143,8 @@ def save_model(
             }
             (tmp / MODELING_FILE).write_text(_modeling_file_text(arch.model_type, arch.to_dict()), encoding="utf-8")
         to_write.save_pretrained(tmp, safe_serialization=True)
+        if is_pruned_format:
+            _declare_family_model_type(tmp / "config.json", arch.model_type)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         provenance = {
@@ -166,6 +168,18 @@ def save_model(
     del to_write
     return SavedModel(out, provenance["format"], structure.total_params, provenance["dtype"], directory_bytes(out),
                       *_source_size_and_form(source))
+
+
+def _declare_family_model_type(config_file: Path, family: str) -> None:
+    """Write the family's model_type (e.g. "llama") where the in-memory config says "prunekit_llama".
+
+    transformers knows that model_type without remote code, so a bare
+    `AutoTokenizer.from_pretrained(path)` does not stop at a trust_remote_code prompt; `auto_map`
+    and `layer_shapes` still mark the directory as prunekit's format for the model classes.
+    """
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["model_type"] = family
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def directory_bytes(path: Path) -> int:

@@ -393,9 +393,9 @@ def model_card_text(provenance: dict, after: ModelStructure, *, name: str = "pru
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        *(["# the tokenizer runs no code of this folder: trust_remote_code=False keeps transformers from asking",
-            "tokenizer = AutoTokenizer.from_pretrained(PATH, trust_remote_code=False)",
-            "# per-layer widths need modeling_prunekit.py, this folder's modeling code",
+        *(["tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "# per-layer widths need modeling_prunekit.py, this folder's modeling code; without",
+            "# trust_remote_code=True transformers builds the stock model and stops at a size mismatch",
             "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)"]
           if provenance.get("format") == "prunekit" else
           ["tokenizer = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)"]),

@@ -144,7 +144,7 @@ def resolve_model_source(spec: str | Path) -> ModelSource:
     )
 
 
-def _register_pruned_family(model_type: str) -> None:
+def _register_pruned_family(model_type: str):
     """Let the Auto classes build prunekit's own pruned models without running remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -154,6 +154,7 @@ def _register_pruned_family(model_type: str) -> None:
     config_class, model_class = pruned_classes(arch.model_type, arch.to_dict())
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    return config_class
 
 
 def _source_kwargs(source: ModelSource) -> dict:
@@ -181,17 +182,22 @@ def load_config(source: ModelSource):
     """The model's config, read without loading weights; checks the family is supported."""
     from transformers import AutoConfig
 
-    model_type = None
     if source.kind == "directory":
         try:
-            model_type = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8")).get("model_type")
+            raw = json.loads((Path(source.location) / "config.json").read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ModelLoadError(f"{source.location}/config.json is not valid JSON ({error})") from None
+        model_type = raw.get("model_type")
         if model_type is None:
             raise ModelLoadError(f"{source.location}/config.json has no model_type; it is not a transformers model config")
         architecture_for(model_type)  # fail on an unsupported family before anything else
-        if model_type.startswith("prunekit_"):
-            _register_pruned_family(model_type)
+        if model_type.startswith("prunekit_") or "layer_shapes" in raw:
+            # prunekit's own format for uneven layers; saved with the family's model_type
+            # (older saves: "prunekit_<family>"), read here with the pruned classes, never remote code.
+            config_class = _register_pruned_family(model_type)
+            config = config_class.from_dict({**raw, "model_type": config_class.model_type})
+            config.model_type = config_class.model_type
+            return config
     try:
         config = _read_gguf_once("config", source, lambda: AutoConfig.from_pretrained(
             source.location, trust_remote_code=False, **_source_kwargs(source)))
@@ -232,8 +238,10 @@ def load(model: str | Path, *, dtype: str = "float32", device: str = "cpu", attn
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     source = resolve_model_source(model)
-    load_config(source)
+    config = load_config(source)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=False, **_source_kwargs(source))
+    if getattr(config, "layer_shapes", None) is not None:
+        kwargs["config"] = config  # the pruned classes, not the stock family's that config.json names
     if source.gguf_file:
         kwargs.update(_dense_gguf_kwargs())
     if attn_implementation:

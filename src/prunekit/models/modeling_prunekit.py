@@ -146,7 +146,7 @@ def apply_layer_shapes(model: nn.Module, arch: dict, layer_shapes: list[dict]) -
 
 
 @functools.lru_cache(maxsize=None)
-def _pruned_classes(base_model_type: str, architecture_items: tuple):
+def _pruned_classes(base_model_type: str, architecture_items: tuple, config_model_type: str):
     architecture = dict(architecture_items)
     base_config_class = CONFIG_MAPPING[base_model_type]
     base_model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_model_type])
@@ -158,7 +158,7 @@ def _pruned_classes(base_model_type: str, architecture_items: tuple):
         validates them, e.g. that heads divide hidden_size); `layer_shapes` overrides them.
         """
 
-        model_type = f"prunekit_{base_model_type}"
+        model_type = config_model_type
 
         def __init__(self, layer_shapes: list[dict] | None = None, **kwargs):
             self.layer_shapes = list(layer_shapes or [])
@@ -176,10 +176,18 @@ def _pruned_classes(base_model_type: str, architecture_items: tuple):
     return PrunekitConfig, PrunekitForCausalLM
 
 
-def pruned_classes(base_model_type: str, architecture: dict):
-    """The config and model classes for pruned models of one family (built once, then cached)."""
-    return _pruned_classes(base_model_type, tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in architecture.items()))
+def pruned_classes(base_model_type: str, architecture: dict, model_type: str | None = None):
+    """The config and model classes for pruned models of one family (built once, then cached).
+
+    Inside prunekit their model_type is `prunekit_<family>`, so that nothing mistakes a pruned
+    model for a stock one. A saved directory says the family's own model_type instead: transformers
+    then knows the config without remote code, and `AutoTokenizer.from_pretrained(path)` loads the
+    tokenizer without asking to trust remote code; `auto_map` still sends
+    `AutoModelForCausalLM(..., trust_remote_code=True)` to this file, which runs with that model_type.
+    """
+    items = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in architecture.items())
+    return _pruned_classes(base_model_type, items, model_type or f"prunekit_{base_model_type}")
 
 
 if BASE_MODEL_TYPE is not None:
-    PrunekitConfig, PrunekitForCausalLM = pruned_classes(BASE_MODEL_TYPE, ARCHITECTURE)
+    PrunekitConfig, PrunekitForCausalLM = pruned_classes(BASE_MODEL_TYPE, ARCHITECTURE, model_type=BASE_MODEL_TYPE)
