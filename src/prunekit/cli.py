@@ -154,6 +154,12 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
                         help="learning rate of --reconstruct-steps (default %(default)s)")
     parser.add_argument("--scores", default=None, help="plan from this scores.json (what `prunekit analyze` wrote) "
                         "instead of scoring again")
+    parser.add_argument("--search-generations", type=int, default=defaults.search.generations, metavar="N",
+                        help="--allocation search: generations of the evolutionary search (default %(default)s)")
+    parser.add_argument("--search-minutes", type=float, default=defaults.search.minutes, metavar="M",
+                        help="--allocation search: stop after M minutes even if generations remain")
+    parser.add_argument("--search-offspring", type=int, default=defaults.search.offspring, metavar="N",
+                        help="--allocation search: candidates per generation (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype to load and prune in")
     parser.add_argument("--save-dtype", default="source", metavar="DTYPE",
@@ -167,6 +173,7 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
 
 def _prune_settings(args: argparse.Namespace):
     from prunekit.pipeline import PruneSettings
+    from prunekit.plan.search import SearchSettings
 
     limits = {}
     for kind, value in _key_values(args.limit, "--limit").items():
@@ -186,6 +193,8 @@ def _prune_settings(args: argparse.Namespace):
         steps=args.steps, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
         batch_size=args.batch_size, calibration=_calibration_settings(args),
         device=args.device, layer_by_layer=args.layer_by_layer, scores=args.scores,
+        search=SearchSettings(generations=args.search_generations, minutes=args.search_minutes,
+                              offspring=args.search_offspring, seed=args.seed),
     )
 
 

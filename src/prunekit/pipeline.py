@@ -23,12 +23,14 @@ from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
 from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
                                      resolve_model_source)
-from prunekit.models.memory import BYTES, layer_by_layer_estimate, pruning_estimate, weights_estimate
+from prunekit.models.memory import BYTES, MemoryEstimate, layer_by_layer_estimate, pruning_estimate, weights_estimate
 from prunekit.models.structure import ModelStructure, format_count, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure, surviving_layers
 from prunekit.plan.planner import (PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction,
                                    shape_only_plan)
 from prunekit.preflight import Machine, Need, Preflight
+from prunekit.plan.search import SearchSettings
+from prunekit.prune.allocation_search import search_allocation, search_memory_parts
 from prunekit.prune.surgery import apply_plan
 from prunekit.report.analysis import write_analysis_report
 from prunekit.score import (CRITERIA, Criterion, ScoreError, Scores, check_layer_by_layer, collect_layer_stats,
@@ -91,6 +93,8 @@ class PruneSettings:
     # After compensation and cut: Adam steps per layer toward the dense layer (0: none), and their rate.
     reconstruct_steps: int = 0
     reconstruct_lr: float = DEFAULT_LR
+    # allocation "search": its budget and fitness rows (prunekit.plan.search)
+    search: SearchSettings = field(default_factory=SearchSettings)
 
     def planner_settings(self, target: float | None = None) -> PlannerSettings:
         return PlannerSettings(
@@ -126,7 +130,17 @@ class PruneSettings:
             raise PlanError(f"scores file {self.scores} does not exist; pass the scores.json that `prunekit analyze` "
                             "wrote, or drop --scores to score here")
         check_reconstruction(self.reconstruct_steps, self.reconstruct_lr)
-        if (criterion.needs_data and self.scores is None) or self.compensation != "none" or self.reconstruct_steps:
+        if self.allocation == "search":
+            self.search.validate()
+            if self.layer_by_layer:
+                raise PlanError("allocation 'search' assembles candidate models on the device and cannot run layer by "
+                                "layer yet; drop --layer-by-layer or use global allocation")
+            if self.calibration.n_samples <= self.search.held_out_rows:
+                raise PlanError(f"allocation 'search' sets {self.search.held_out_rows} calibration rows apart for its "
+                                f"fitness and needs more to score with; calibrate on more than "
+                                f"{self.search.held_out_rows} samples or lower search.held_out_rows")
+        if ((criterion.needs_data and self.scores is None) or self.compensation != "none" or self.reconstruct_steps
+                or self.allocation == "search"):
             self.calibration.validate()
         check_run_options(self.criterion, self.device, self.layer_by_layer)
 
@@ -188,13 +202,16 @@ def _check_and_place(model: nn.Module, settings: PruneSettings) -> None:
 
 def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
                  calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, plan: Plan | None = None,
-                 scores: Scores | None = None) -> dict:
+                 scores: Scores | None = None, search_state: Path | None = None) -> dict:
     """Score, plan, compensate and cut `model` in place; returns a record of what was done.
 
     This is the prune step that `prunekit prune`, the recipe stage and the sweep all run. With
     `plan` (one made beforehand, e.g. by `plan_loaded`), scoring and planning are skipped: the plan
     is compensated for and cut in one step. With `scores` (computed once for several targets, or
-    read from `settings.scores`), the first step plans from them instead of scoring."""
+    read from `settings.scores`), the first step plans from them instead of scoring. Allocation
+    "search" scores on all calibration rows but the last `settings.search.held_out_rows`, which
+    judge its candidates; its state goes to `search_state` after every generation, so a killed
+    search resumes there."""
     settings.validate()
     if plan is not None and settings.steps != 1:
         raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
@@ -206,8 +223,13 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     _check_and_place(model, settings)
     ids, labels = calibration if calibration is not None else (None, None)
     needs_scores = plan is None and scores is None and settings.criterion_spec.needs_data
-    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps):
+    searching = plan is None and settings.allocation == "search"
+    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps or searching):
         ids, labels = calibration_batch(model, tokenizer, settings.calibration)
+    held = settings.search.held_out_rows
+    if searching and len(ids) <= held:
+        raise PlanError(f"allocation 'search' sets {held} calibration rows apart for its fitness, but there are only "
+                        f"{len(ids)}; calibrate on more samples or lower search.held_out_rows")
     dense_layers = dense_layer_copies(model) if settings.reconstruct_steps else None
     base = basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
@@ -220,13 +242,22 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         if step_target <= 0:
             continue
         if plan is None:
+            # The search's held-out rows judge candidates; nothing it builds from may have seen them.
+            scoring_ids, scoring_labels = ((ids[:-held], labels[:-held] if labels is not None else None)
+                                           if searching else (ids, labels))
             if scores is None:
-                scores, stats = score_loaded(model, ids, labels, settings, progress)
+                scores, stats = score_loaded(model, scoring_ids, scoring_labels, settings, progress)
             else:  # given: only one-shot compensation still needs this pass's statistics
                 stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
                          if settings.compensation == "one-shot" else None)
-            plan = make_plan(current, scores, settings.planner_settings(step_target),
-                             comparable=comparable_scores(scores))
+            if searching:
+                plan, record[f"search_step_{step}" if settings.steps > 1 else "search"] = search_allocation(
+                    model, scores, settings.planner_settings(step_target), settings.search, scoring_ids, ids[-held:],
+                    comparable=comparable_scores(scores), refit=settings.compensation != "none", ridge=settings.ridge,
+                    batch_size=settings.batch_size, device=settings.device, state_path=search_state, progress=progress)
+            else:
+                plan = make_plan(current, scores, settings.planner_settings(step_target),
+                                 comparable=comparable_scores(scores))
         else:
             scores = None
             stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
@@ -330,12 +361,15 @@ def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: 
     if dry_run:
         return preflight
     loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
-    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress)
+    search_state = out.with_name(f".{out.name}.search-state.json")  # beside the output, until it is saved
+    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress, search_state=search_state)
     if plan is not None and model_structure(loaded).total_params != preflight.leaves.total_params:
         raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
     loaded.to("cpu")  # saved from CPU memory
-    return save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force,
-                       save_dtype=save_dtype)
+    saved = save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force,
+                        save_dtype=save_dtype)
+    search_state.unlink(missing_ok=True)
+    return saved
 
 
 def save_pruned(model: nn.Module, tokenizer, out: Path, record: dict, *, source: str, protected: tuple[Path, ...] = (),
@@ -385,6 +419,9 @@ def self_text_seconds(structure: ModelStructure, source: str, tokens: int, devic
 # on the 2-core CPU, BENCHMARKS.md).
 COMPENSATION_PASSES = {"none": 0, "one-shot": 1, "sequential": 2, "obs": 8}
 RECONSTRUCTION_TOKENS_PER_STEP = 5_000  # 0.33 s a step for a SmolLM2 layer on the 2-core CPU
+# log-softmax, exp and the KL sum read and write each logit several times: as costly per logit
+# as this many FLOPs on the CPU (a rough equivalence, from the search's 2-core timings)
+SEARCH_KL_FLOPS_PER_LOGIT = 100
 
 
 def prune_seconds(structure: ModelStructure, settings: PruneSettings, *, scoring: bool = True) -> float:
@@ -402,7 +439,21 @@ def prune_seconds(structure: ModelStructure, settings: PruneSettings, *, scoring
     seconds += COMPENSATION_PASSES.get(settings.compensation, 2) * settings.steps * flops * tokens / rate(device, "layers")
     reconstruct = sum(3 * structure.layer_flops_per_token(i, 512) for i in range(structure.num_layers))
     seconds += settings.reconstruct_steps * reconstruct * RECONSTRUCTION_TOKENS_PER_STEP / rate(device, "train")
+    if settings.allocation == "search":
+        seconds += settings.steps * search_seconds(structure, settings)
     return seconds
+
+
+def search_seconds(structure: ModelStructure, settings: PruneSettings) -> float:
+    """The allocation search: one pass for its Gram matrices, then per generation the candidates'
+    forward passes and their KL over the vocabulary (SEARCH_KL_FLOPS_PER_LOGIT per logit)."""
+    search, seq_len = settings.search, settings.calibration.seq_len
+    per_token = structure.flops_per_token(seq_len) + SEARCH_KL_FLOPS_PER_LOGIT * structure.vocab_size
+    generations = search.generations * search.rows_per_generation() * seq_len * per_token / rate(settings.device, "infer")
+    if search.minutes is not None:
+        generations = min(generations, search.minutes * 60)
+    gram_pass = structure.flops_per_token(seq_len) * settings.calibration.n_samples * seq_len / rate(settings.device, "layers")
+    return gram_pass + generations
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -436,6 +487,9 @@ def memory_needs(structure: ModelStructure, dtype: str, settings: PruneSettings,
                                 seq_len=settings.calibration.seq_len, with_gram=settings.compensation == "one-shot",
                                 n_samples=settings.calibration.n_samples, cached_layers=cached_layers,
                                 device=device, sequential=settings.compensation in ("sequential", "obs"))
+    if settings.allocation == "search":
+        estimate = MemoryEstimate({**estimate.parts, **search_memory_parts(
+            structure, settings.search, seq_len=settings.calibration.seq_len, weight_bytes=BYTES[dtype], device=device)})
     layer_by_layer_hint = ("" if criterion.whole_model else
                            "add --layer-by-layer (one layer at a time on the device, the model in CPU memory), ")
     return (Need(device, estimate, hints=f"load it in bfloat16 (--dtype bfloat16), {layer_by_layer_hint}lower "
@@ -470,7 +524,10 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
     how = "plan given" if plan is not None else f"{settings.criterion} scores" if scoring else f"scores from {settings.scores}"
     what = (f"{how}, {settings.compensation} compensation, "
             + (f"{settings.target:.0%} of {settings.basis}" if plan is None else f"{len(plan.layers)} layers planned")
-            + (f", {settings.steps} steps" if settings.steps > 1 else ""))
+            + (f", {settings.steps} steps" if settings.steps > 1 else "")
+            + (f", allocation searched for {settings.search.generations} generations"
+               + (f" or {settings.search.minutes:g} min" if settings.search.minutes else "")
+               if settings.allocation == "search" and plan is None else ""))
     save_bytes = leaves.total_params * BYTES.get(canonical_dtype(dtype), 4)
     return Preflight(stage, what, seconds, memory_needs(structure, dtype, settings, scoring=scoring),
                      disk_bytes=save_bytes if stage == "prune" else 0, leaves=leaves,

@@ -11,6 +11,9 @@ Allocation decides the scope of a move: `global` ranks moves across all layers, 
 applies each width move to every layer at once (the result exports as a stock model),
 `adaptive` first gives each layer a budget from its importance (less important layers lose
 more, in the spirit of OWL / Adapt-Pruner), then fills each budget with the layer's best moves.
+`search` plans from positions on per-layer chains (`search_space`): each layer's width moves in
+the order its scores rank them; how far each layer goes along its chain is decided by measuring
+assembled candidates (`prunekit.prune.allocation_search`), not by summing scores.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from prunekit.plan.plan import LayerPlan, Plan, PlanError, structure_signature
 from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
-ALLOCATIONS = ("uniform", "global", "adaptive")
+ALLOCATIONS = ("uniform", "global", "adaptive", "search")
 MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 
@@ -58,6 +61,13 @@ class PlannerSettings:
                 raise PlanError(f"limit for {kind} is {limit}; a limit is a fraction in [0, 1]")
         if self.ffn_multiple < 1:
             raise PlanError(f"ffn_multiple must be at least 1, got {self.ffn_multiple}")
+        if self.allocation == "search":
+            beyond_widths = sorted(set(self.prune) - set(WIDTH_KINDS))
+            if beyond_widths:
+                raise PlanError(f"allocation 'search' searches per-layer widths {list(WIDTH_KINDS)} and cannot remove "
+                                f"{beyond_widths} yet; prune only widths with it, or use global allocation")
+            if self.limits:
+                raise PlanError("allocation 'search' does not take limits; drop them or use global allocation")
         if self.allocation == "uniform" and {"attention", "mlp"} & set(self.prune):
             raise PlanError("uniform allocation keeps every layer alike, so it cannot remove single sublayers; "
                             "use global or adaptive allocation, or prune layers instead")
@@ -331,6 +341,78 @@ def _adaptive(planner: _Planner, goal: float) -> None:
 ALLOCATORS = {"uniform": _uniform, "global": _greedy, "adaptive": _adaptive}
 
 
+# ----------------------------------------------------------------------------- search space
+@dataclass(frozen=True)
+class LayerChain:
+    """One layer's width moves, cheapest first by its scores. Position p keeps what is left after
+    the first p moves; `removed[p]` is the basis those moves remove (`removed[0] == 0`)."""
+
+    layer: int
+    moves: tuple[tuple, ...]
+    removed: tuple[float, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.moves)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Every layer's chain, the basis to remove (`goal`) and the positions `global` allocation picks."""
+
+    chains: tuple[LayerChain, ...]
+    goal: float
+    start: tuple[int, ...]
+
+    def removed(self, positions) -> float:
+        return sum(chain.removed[p] for chain, p in zip(self.chains, positions))
+
+
+def search_space(structure: ModelStructure, scores: Scores, settings: PlannerSettings, *,
+                 comparable: bool = True) -> SearchSpace:
+    """The chains the allocation search moves along. Within a layer the moves come in the order
+    global allocation takes them (so the search only decides how far each layer goes), and the
+    start is global allocation's plan: the search begins where the default ends."""
+    settings.validate()
+    check_reachable(structure, settings)
+    kinds = tuple(k for k in settings.prune if k in WIDTH_KINDS)
+    walker = _Planner(structure, scores, settings, comparable)
+    chains = []
+    for state in walker.layers:
+        before = walker._layer_basis(state.index, state.shape())
+        moves, removed = [], [0.0]
+        while candidates := [mv for mv in walker._moves_in_layer(state, kinds=kinds) if mv[2] > 0]:
+            move = min(candidates, key=lambda mv: (walker.scale[mv[0]] * mv[1] / mv[2], mv[0]))
+            walker.apply(move)
+            moves.append(move)
+            removed.append(before - walker._layer_basis(state.index, state.shape()))
+        chains.append(LayerChain(state.index, tuple(moves), tuple(removed)))
+    default = _Planner(structure, scores, replace(settings, allocation="global"), comparable)
+    goal = settings.target * default.basis_total()
+    _greedy(default, goal, kinds=kinds)
+    start = []
+    for chain, state in zip(chains, default.layers):
+        here = default._layer_basis(state.index, structure.layers[state.index]) - default._layer_basis(state.index, state.shape())
+        start.append(min(range(chain.length + 1), key=lambda p: abs(chain.removed[p] - here)))
+    return SearchSpace(tuple(chains), goal, tuple(start))
+
+
+def plan_at(space: SearchSpace, positions, structure: ModelStructure, scores: Scores, settings: PlannerSettings, *,
+            comparable: bool = True, meta: dict | None = None) -> Plan:
+    """The plan that takes each layer `positions[i]` moves along its chain."""
+    if len(positions) != len(space.chains) or any(not 0 <= p <= c.length for p, c in zip(positions, space.chains)):
+        raise PlanError(f"positions {list(positions)} do not fit the chains (lengths {[c.length for c in space.chains]})")
+    planner = _Planner(structure, scores, settings, comparable)
+    for chain, position in zip(space.chains, positions):
+        for move in chain.moves[:position]:
+            planner.apply(move)
+    total = planner.basis_total(list(structure.layers))
+    plan = _to_plan(planner, structure, settings, scores, 1 - planner.basis_total(planner.shapes()) / total)
+    if meta:
+        plan = replace(plan, meta={**plan.meta, **meta})
+    return plan
+
+
 # ----------------------------------------------------------------------------- entry points
 def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettings, *, comparable: bool = True) -> Plan:
     """The plan that removes `settings.target` of the basis with the least predicted damage.
@@ -346,6 +428,9 @@ def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettin
             f"--kinds) or prune only {[k for k in settings.prune if scores.has(k)]}"
         )
     check_reachable(structure, settings)
+    if settings.allocation == "search":
+        raise PlanError("allocation 'search' measures candidate models, so it needs the model and calibration data: "
+                        "run it through prunekit.prune (or `prunekit prune --allocation search`), not make_plan")
     planner = _Planner(structure, scores, settings, comparable)
     total = planner.basis_total()
     ALLOCATORS[settings.allocation](planner, settings.target * total)
@@ -381,6 +466,8 @@ def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Pla
     stages (recovery, evaluation) of a run with it, before any score exists."""
     zeros = Scores("none", {k: [torch.zeros(n, dtype=torch.float64) for n in _unit_counts(structure, k)]
                             for k in MOVE_KINDS})
+    if settings.allocation == "search":  # the search moves widths between layers, around the same total
+        settings = replace(settings, allocation="global")
     return make_plan(structure, zeros, settings, comparable=True)
 
 
@@ -430,5 +517,6 @@ def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, 
     return 1 - basis_value(after, basis, seq_len) / basis_value(before, basis, seq_len)
 
 
-__all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "PlannerSettings", "adaptive_budgets", "layer_importance",
+__all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "LayerChain", "PlannerSettings", "SearchSpace", "adaptive_budgets",
+           "layer_importance", "plan_at", "search_space",
            "basis_value", "check_reachable", "make_plan", "max_removable_fraction", "removed_fraction", "shape_only_plan"]

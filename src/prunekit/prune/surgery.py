@@ -73,6 +73,12 @@ def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, co
     _copy_columns(getattr(mlp, arch.down_proj), old[arch.down_proj], rows)
 
 
+def prune_layer(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config, head_dim: int) -> None:
+    """Cut one decoder layer, in place, to what `kept` keeps of it (`before`: its shape now)."""
+    _prune_attention(layer, arch, kept, before, config, head_dim)
+    _prune_mlp(layer, arch, kept, before, config)
+
+
 def _renumber_layers(model: nn.Module, arch: Architecture, kept: list[KeptLayer]) -> None:
     """Keep only the surviving decoder layers and give them (and their caches) new indices."""
     layers = decoder_layers(model, arch.to_dict())
@@ -143,9 +149,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ModelStructure:
     config.head_dim = before.head_dim  # explicit from now on: heads no longer divide hidden_size
     layers = decoder_layers(model, arch.to_dict())
     for k in kept:
-        layer = layers[k.source_index]
-        _prune_attention(layer, arch, k, before.layers[k.source_index], config, before.head_dim)
-        _prune_mlp(layer, arch, k, before.layers[k.source_index], config)
+        prune_layer(layers[k.source_index], arch, k, before.layers[k.source_index], config, before.head_dim)
     _renumber_layers(model, arch, kept)
     after = model_structure(model)
     _set_model_format(model, arch, after)

@@ -466,3 +466,28 @@ def plot_speedup_vs_size(points: Sequence[Mapping], path: str | os.PathLike) -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     return _save(figure, path)
+
+
+def plot_allocation_search(search: Mapping, path: str | os.PathLike) -> Path:
+    """The allocation search of a prune (its record in prunekit.json): the parent's fitness by
+    generation, and the basis removed per layer by the search next to global allocation's."""
+    figure = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 1.6), dpi=DPI, layout="constrained")
+    figure.suptitle("allocation search", fontsize=11)
+    trace_ax, layers_ax = figure.subplots(2, 1)
+    trace = search["trace"]
+    trace_ax.plot([t["generation"] for t in trace], [t["fitness"] for t in trace], color="C0", label="parent")
+    tried = [t for t in trace if "child_fitness" in t]
+    trace_ax.scatter([t["generation"] for t in tried], [t["child_fitness"] for t in tried], s=6, color="C1",
+                     label="best child")
+    trace_ax.set_xlabel("generation")
+    trace_ax.set_ylabel("KL from the dense model (held-out rows)")
+    trace_ax.legend(fontsize=8)
+    start, found = np.array(search["start_removed_per_layer"]), np.array(search["removed_per_layer"])
+    index = np.arange(len(found))
+    layers_ax.bar(index - 0.2, start, width=0.4, color="C7", label="global (the search's start)")
+    layers_ax.bar(index + 0.2, found, width=0.4, color="C0", label="search")
+    layers_ax.set_ylabel("removed per layer (basis units)")
+    layers_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: format_count(value)))
+    _layer_axis(layers_ax, len(found))
+    layers_ax.legend(fontsize=8)
+    return _save(figure, path)

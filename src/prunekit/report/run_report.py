@@ -45,6 +45,7 @@ from prunekit.export.model_card import (
 )
 from prunekit.models.structure import ModelStructure
 from prunekit.report.plots import (
+    plot_allocation_search,
     plot_channel_scores,
     plot_head_heatmap,
     plot_kept_widths,
@@ -179,6 +180,14 @@ def _model_section(context: _Context) -> str | None:
         figure = plot_kept_widths(before, after, context.figure("kept_widths.png"), dropped_layers=dropped)
         lines += ["", "### Widths per layer", "", "Source layer index; one number means the width was kept.", "",
                   _widths_table(before, after, dropped), "", context.image("Kept width per layer", figure)]
+    search = (provenance.get("pruning") or {}).get("search")
+    if search:
+        figure = plot_allocation_search(search, context.figure("allocation_search.png"))
+        lines += ["", "### Allocation search", "",
+                  f"KL divergence from the dense model on held-out calibration rows: {search['start_fitness']:.4f} "
+                  f"for global allocation's plan, {search['fitness']:.4f} for the plan found in "
+                  f"{len(search['trace']) - 1} generations ({search['evaluations']} candidate measurements, "
+                  f"{search['seconds']:.0f} s).", "", context.image("Allocation search", figure)]
     fits = _fits_table(provenance)
     if fits is None:
         context.missing.append("no compensation fits (compensation was off, or the model was pruned to a given plan).")
