@@ -43,7 +43,8 @@ class SearchSettings:
     def validate(self) -> None:
         for name in ("generations", "offspring", "max_mutations", "held_out_rows"):
             if getattr(self, name) < 1:
-                raise PlanError(f"search {name} must be at least 1, got {getattr(self, name)}")
+                raise PlanError(f"search {name} must be at least 1, got {getattr(self, name)}; pass a positive "
+                                f"--search-{name.replace('_', '-')} (recipes: search.{name})")
         if self.minutes is not None and not self.minutes > 0:
             raise PlanError(f"search minutes must be positive, got {self.minutes}; leave it unset to stop by generations")
 
