@@ -43,8 +43,9 @@ class SearchSettings:
     def validate(self) -> None:
         for name in ("generations", "offspring", "max_mutations", "held_out_rows"):
             if getattr(self, name) < 1:
+                flag = f"--search-{name} or " if name in ("generations", "offspring") else ""
                 raise PlanError(f"search {name} must be at least 1, got {getattr(self, name)}; pass a positive "
-                                f"--search-{name.replace('_', '-')} (recipes: search.{name})")
+                                f"{flag}search.{name} in a recipe")
         if self.minutes is not None and not self.minutes > 0:
             raise PlanError(f"search minutes must be positive, got {self.minutes}; leave it unset to stop by generations")
 
