@@ -51,6 +51,12 @@ class Architecture:
     # transformers' config class rejects hidden_size % num_attention_heads != 0 even when
     # head_dim is explicit (Llama, Gemma 2/3 in transformers 5.x).
     config_requires_heads_divide_hidden: bool = False
+    # Hidden-size pruning folds sqrt(d / d') into every norm over the residual stream: a norm that
+    # multiplies by (offset + weight) (Gemma: 1 + weight) needs the offset to do it.
+    norm_weight_offset: float = 0.0
+    # A buffer of the input embedding that holds sqrt(hidden_size) (Gemma scales embeddings by
+    # it); hidden-size pruning sets it to the new size's value and rescales the embedding.
+    embedding_scale: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict:

@@ -1,5 +1,5 @@
 """Gemma 3 (text): Gemma 2's sandwich norms, q/k norms on head_dim, local/global layer types
-with their own rotary embeddings (chosen per layer from config.layer_types)."""
+with their own rotary embeddings (chosen per layer from config.layer_types); norms scale by 1 + weight, embeddings by sqrt(hidden_size)."""
 from prunekit.models.architecture import Architecture, register
 
 GEMMA3_TEXT = register(Architecture(
@@ -9,4 +9,6 @@ GEMMA3_TEXT = register(Architecture(
     config_requires_heads_divide_hidden=True,
     attention_output_norm="post_attention_layernorm",
     mlp_output_norm="post_feedforward_layernorm",
+    norm_weight_offset=1.0,
+    embedding_scale="embed_scale",
 ))

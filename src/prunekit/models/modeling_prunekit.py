@@ -69,7 +69,7 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _empty_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
+def empty_linear(in_features: int, out_features: int, like: nn.Linear) -> nn.Linear:
     """A Linear of the new size on `like`'s device and dtype, left uninitialised (weights come next)."""
     linear = nn.Linear(in_features, out_features, bias=like.bias is not None, device="meta", dtype=like.weight.dtype)
     return linear if like.weight.is_meta else linear.to_empty(device=like.weight.device)
@@ -93,11 +93,11 @@ def set_attention_width(layer: nn.Module, arch: dict, num_heads: int, num_kv_hea
     o_proj = getattr(attention, arch["o_proj"])
     if arch["qkv_proj"]:
         qkv = getattr(attention, arch["qkv_proj"])
-        setattr(attention, arch["qkv_proj"], _empty_linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, qkv))
+        setattr(attention, arch["qkv_proj"], empty_linear(hidden, (num_heads + 2 * num_kv_heads) * head_dim, qkv))
     else:
         for name, heads in ((arch["q_proj"], num_heads), (arch["k_proj"], num_kv_heads), (arch["v_proj"], num_kv_heads)):
-            setattr(attention, name, _empty_linear(hidden, heads * head_dim, getattr(attention, name)))
-    setattr(attention, arch["o_proj"], _empty_linear(num_heads * head_dim, hidden, o_proj))
+            setattr(attention, name, empty_linear(hidden, heads * head_dim, getattr(attention, name)))
+    setattr(attention, arch["o_proj"], empty_linear(num_heads * head_dim, hidden, o_proj))
     attention.num_key_value_groups = num_heads // num_kv_heads
     # Some families keep the counts as attributes; keep them true.
     for attribute, value in (("num_heads", num_heads), ("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
@@ -122,11 +122,11 @@ def set_mlp_width(layer: nn.Module, arch: dict, intermediate_size: int, config) 
     hidden = config.hidden_size
     if arch["gate_up_proj"]:
         fused = getattr(mlp, arch["gate_up_proj"])
-        setattr(mlp, arch["gate_up_proj"], _empty_linear(hidden, 2 * intermediate_size, fused))
+        setattr(mlp, arch["gate_up_proj"], empty_linear(hidden, 2 * intermediate_size, fused))
     else:
         for name in (arch["gate_proj"], arch["up_proj"]):
-            setattr(mlp, name, _empty_linear(hidden, intermediate_size, getattr(mlp, name)))
-    setattr(mlp, arch["down_proj"], _empty_linear(intermediate_size, hidden, getattr(mlp, arch["down_proj"])))
+            setattr(mlp, name, empty_linear(hidden, intermediate_size, getattr(mlp, name)))
+    setattr(mlp, arch["down_proj"], empty_linear(intermediate_size, hidden, getattr(mlp, arch["down_proj"])))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = intermediate_size
 

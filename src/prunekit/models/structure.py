@@ -3,7 +3,7 @@ parameters and FLOPs per token. Read from the modules themselves, so it is true 
 models as much as for stock ones."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -37,6 +37,24 @@ class LayerCosts:
     mlp_fixed: int         # MLP params that do not scale with channels: its norms, down_proj bias
     per_channel: int       # one FFN channel: its gate and up rows (and biases) plus its down_proj column
     other: int             # params of the layer outside both sublayers
+    # How the counts above grow with one residual channel (hidden pruning): vectors of hidden size
+    # in attention_fixed / mlp_fixed (norm weights, o_proj / down_proj biases); a query head or KV
+    # group reads and writes head_dim weights per channel, an FFN channel three (gate, up, down).
+    attention_hidden_vectors: int = 0
+    mlp_hidden_vectors: int = 0
+    head_dim: int = 0
+
+    def at_hidden_size(self, old: int, new: int) -> LayerCosts:
+        """These costs for a model whose residual stream has `new` channels instead of `old`."""
+        delta = new - old
+        return replace(
+            self,
+            attention_fixed=self.attention_fixed + self.attention_hidden_vectors * delta,
+            per_query_head=self.per_query_head + 2 * self.head_dim * delta,
+            per_kv_group=self.per_kv_group + 2 * self.head_dim * delta,
+            mlp_fixed=self.mlp_fixed + self.mlp_hidden_vectors * delta,
+            per_channel=self.per_channel + 3 * delta,
+        )
 
     def params(self, shape: LayerShape) -> int:
         attention = (
@@ -59,6 +77,22 @@ class ModelStructure:
     other_params: int              # final norm and anything outside the layers
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
+    other_hidden_vectors: int = 0  # vectors of hidden size in other_params (the final norm)
+
+    def at_hidden_size(self, hidden: int) -> ModelStructure:
+        """This structure with `hidden` residual channels: the embedding, the output head, every
+        norm and every projection that reads or writes the residual stream shrink; head_dim and
+        the KV cache do not."""
+        if hidden == self.hidden_size:
+            return self
+        old = self.hidden_size
+        return replace(
+            self,
+            hidden_size=hidden,
+            layer_costs=tuple(c.at_hidden_size(old, hidden) for c in self.layer_costs),
+            embedding_params=self.embedding_params // old * hidden,
+            other_params=self.other_params + self.other_hidden_vectors * (hidden - old),
+        )
 
     @property
     def num_layers(self) -> int:
@@ -157,6 +191,8 @@ def _bias_size(linear: nn.Linear) -> int:
 def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, head_dim: int) -> tuple[LayerShape, LayerCosts]:
     attention = getattr(layer, arch.attention)
     mlp = getattr(layer, arch.mlp)
+    attention_vectors = sum(_params(getattr(layer, n)) for n in arch.attention_norms) // hidden
+    mlp_vectors = sum(_params(getattr(layer, n)) for n in arch.mlp_norms) // hidden
     attention_total = _params(attention) + sum(_params(getattr(layer, n)) for n in arch.attention_norms)
     mlp_total = _params(mlp) + sum(_params(getattr(layer, n)) for n in arch.mlp_norms)
     other = _params(layer) - attention_total - mlp_total
@@ -176,12 +212,14 @@ def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, he
             kv_bias = _bias_size(getattr(attention, arch.k_proj))
         per_query_head = head_dim * (hidden + q_bias) + head_dim * hidden
         per_kv_group = 2 * head_dim * (hidden + kv_bias)
+        attention_vectors += _bias_size(o_proj)
     ffn = per_channel = 0
     if not isinstance(mlp, RemovedMLP):
         down = getattr(mlp, arch.down_proj)
         ffn = down.in_features
         up = getattr(mlp, arch.gate_up_proj or arch.up_proj)
         per_channel = 2 * (hidden + _bias_size(up)) + hidden
+        mlp_vectors += _bias_size(down)
     shape = LayerShape(heads, kv_heads, ffn)
     costs = LayerCosts(
         attention_fixed=attention_total - heads * per_query_head - kv_heads * per_kv_group if heads else attention_total,
@@ -190,6 +228,9 @@ def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, he
         mlp_fixed=mlp_total - ffn * per_channel if ffn else mlp_total,
         per_channel=per_channel,
         other=other,
+        attention_hidden_vectors=attention_vectors if heads else 0,
+        mlp_hidden_vectors=mlp_vectors if ffn else 0,
+        head_dim=head_dim,
     )
     return shape, costs
 
@@ -198,7 +239,7 @@ def model_structure(model: nn.Module) -> ModelStructure:
     """Read the per-layer structure of a causal LM of a supported family."""
     config = model.config
     arch = architecture_for(config.model_type)
-    hidden, head_dim = config.hidden_size, head_dim_of(config)
+    hidden, head_dim = model.get_input_embeddings().weight.shape[1], head_dim_of(config)
     layers = decoder_layers(model, arch.to_dict())
     shapes, costs = zip(*(_layer_shape_and_costs(layer, arch, hidden, head_dim) for layer in layers))
     input_embeddings = model.get_input_embeddings()
@@ -208,6 +249,7 @@ def model_structure(model: nn.Module) -> ModelStructure:
         embedding_params += _params(output_embeddings)
     total = sum(p.numel() for p in model.parameters())  # parameters() counts a tied matrix once
     layer_types = getattr(config, "layer_types", None)
+    final_norm = model.get_submodule(arch.final_norm)
     return ModelStructure(
         model_type=arch.model_type,
         hidden_size=hidden,
@@ -219,4 +261,5 @@ def model_structure(model: nn.Module) -> ModelStructure:
         other_params=total - embedding_params - sum(_params(layer) for layer in layers),
         layer_types=tuple(layer_types) if layer_types else None,
         sliding_window=getattr(config, "sliding_window", None),
+        other_hidden_vectors=_params(final_norm) // hidden,
     )

@@ -5,6 +5,7 @@ surgery executes a plan and never sees a score.
       "format": "prunekit.plan/1",
       "model": {...},                  # optional: the structure the plan was made for
       "drop_layers": [12, 13],         # whole decoder layers, by index in the source model
+      "keep_hidden": [0, 1, 3, ...],   # residual-stream channels kept, one set for the whole model
       "layers": {                      # per source layer; a layer not listed is kept whole
         "3": {"keep_kv_groups": [0, 2]},              # whole GQA groups, with their query heads
         "4": {"keep_query_heads": [0, 1, 3, 4, 6, 7]}, # the same number from every group
@@ -20,6 +21,11 @@ query head of the kept groups stays; given only `keep_query_heads`, the groups t
 a head stay. Every kept group must keep the same number of query heads (that is what GQA
 attention computes with), and emptying a sublayer must be said with `drop_attention` /
 `drop_mlp`, so that a typo cannot silently remove a whole sublayer.
+
+`keep_hidden` prunes the model's hidden size: the embedding columns, the output head's input
+columns, every norm over the residual stream, the input columns of q/k/v/gate/up and the output
+rows of o/down. head_dim and the KV cache do not change. Absent means every channel stays; an
+empty list is refused (it would remove the whole residual stream).
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from prunekit.models.structure import LayerShape, ModelStructure
 
 PLAN_FORMAT = "prunekit.plan/1"
 _LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "drop_attention", "drop_mlp")
-_PLAN_KEYS = ("format", "model", "drop_layers", "layers", "meta")
+_PLAN_KEYS = ("format", "model", "drop_layers", "keep_hidden", "layers", "meta")
 
 
 class PlanError(PrunekitError, ValueError):
@@ -64,15 +70,20 @@ class Plan:
     drop_layers: tuple[int, ...] = ()
     model: dict | None = None
     meta: dict = field(default_factory=dict)
+    keep_hidden: tuple[int, ...] | None = None
 
     def is_empty(self) -> bool:
-        return not self.drop_layers and not any(lp.to_dict() for lp in self.layers.values())
+        """Removes nothing by its own account (a keep_hidden listing every channel still needs the
+        model's hidden size to tell; surgery checks that)."""
+        return not self.drop_layers and not any(lp.to_dict() for lp in self.layers.values()) and self.keep_hidden is None
 
     def to_dict(self) -> dict:
         out: dict = {"format": PLAN_FORMAT}
         if self.model is not None:
             out["model"] = self.model
         out["drop_layers"] = sorted(self.drop_layers)
+        if self.keep_hidden is not None:
+            out["keep_hidden"] = sorted(self.keep_hidden)
         out["layers"] = {str(i): lp.to_dict() for i, lp in sorted(self.layers.items()) if lp.to_dict()}
         if self.meta:
             out["meta"] = self.meta
@@ -107,6 +118,7 @@ class Plan:
         return cls(
             layers=layers,
             drop_layers=_int_list(data.get("drop_layers") or [], "drop_layers"),
+            keep_hidden=_int_list(data["keep_hidden"], "keep_hidden") if data.get("keep_hidden") is not None else None,
             model=data.get("model"),
             meta=data.get("meta") or {},
         )
@@ -211,10 +223,25 @@ def _kept_attention(index: int, shape: LayerShape, lp: LayerPlan) -> tuple[tuple
     return heads, groups
 
 
+def kept_hidden(plan: Plan, structure: ModelStructure) -> tuple[int, ...]:
+    """The residual-stream channels `plan` keeps, sorted (all of them when it names none)."""
+    if plan.keep_hidden is None:
+        return tuple(range(structure.hidden_size))
+    channels = _check_indices(plan.keep_hidden, structure.hidden_size, "keep_hidden")
+    if not channels:
+        raise PlanError(
+            "keep_hidden is empty, which removes the whole residual stream; list the channels to keep, "
+            "or leave keep_hidden out to keep them all"
+        )
+    return channels
+
+
 def resolve_plan(plan: Plan, structure: ModelStructure) -> list[KeptLayer]:
-    """Check `plan` against the model and spell out what every surviving layer keeps."""
+    """Check `plan` against the model and spell out what every surviving layer keeps
+    (`kept_hidden` spells out the residual channels; both check the whole plan)."""
     if plan.model is not None:
         _check_made_for(plan.model, structure)
+    kept_hidden(plan, structure)
     n = structure.num_layers
     dropped = set(_check_indices(plan.drop_layers, n, "drop_layers"))
     for index in plan.layers:
@@ -277,7 +304,7 @@ def predicted_structure(plan: Plan, structure: ModelStructure) -> ModelStructure
         layers=tuple(k.shape for k in kept),
         layer_costs=tuple(structure.layer_costs[k.source_index] for k in kept),
         layer_types=layer_types,
-    )
+    ).at_hidden_size(len(kept_hidden(plan, structure)))
 
 
 def surviving_layers(plans: list[dict], num_layers: int) -> list[int]:

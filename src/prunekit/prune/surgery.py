@@ -2,18 +2,24 @@
 renumbered, the config updated; nothing is masked. Surgery never sees a score."""
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from prunekit.models.architecture import Architecture, architecture_for
 from prunekit.models.modeling_prunekit import (
+    RemovedAttention,
+    RemovedMLP,
+    empty_linear,
     decoder_layers,
     pruned_classes,
     set_attention_width,
     set_mlp_width,
 )
 from prunekit.models.structure import ModelStructure, model_structure
-from prunekit.plan.plan import KeptLayer, Plan, resolve_plan
+from prunekit.plan.plan import KeptLayer, Plan, kept_hidden, resolve_plan
 
 
 def _rows(units: tuple[int, ...], unit_size: int, offset: int = 0) -> torch.Tensor:
@@ -73,6 +79,97 @@ def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, co
     _copy_columns(getattr(mlp, arch.down_proj), old[arch.down_proj], rows)
 
 
+def rms_fold_factor(old_hidden: int, new_hidden: int) -> float:
+    """What a norm over the residual stream must multiply by after hidden pruning: it divides by
+    the RMS over the channels it sees, and d' kept channels of a stream whose removed channels
+    are zero have an RMS sqrt(d / d') times the RMS over all d (up to the norm's epsilon)."""
+    return math.sqrt(old_hidden / new_hidden)
+
+
+def folded_norm_weight(weight: torch.Tensor, channels: torch.Tensor, factor: float, offset: float) -> torch.Tensor:
+    """The kept entries of a norm weight that multiplies by (offset + weight), scaled by `factor`."""
+    kept = weight.index_select(0, channels.to(weight.device))
+    return ((kept.float() + offset) * factor - offset).to(weight.dtype)
+
+
+def _linear_with(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    new = empty_linear(weight.shape[1], weight.shape[0], old)
+    new.weight.copy_(weight)
+    if bias is not None:
+        new.bias.copy_(bias)
+    return new
+
+
+def _read_hidden(module: nn.Module, name: str | None, channels: torch.Tensor) -> None:
+    """Keep the input columns of channels for a projection that reads the residual stream."""
+    if name:
+        old = getattr(module, name)
+        setattr(module, name, _linear_with(old, old.weight.index_select(1, channels.to(old.weight.device)), old.bias))
+
+
+def _write_hidden(module: nn.Module, name: str, channels: torch.Tensor) -> None:
+    """Keep the output rows (and bias) of channels for a projection that writes the residual stream."""
+    old = getattr(module, name)
+    rows = channels.to(old.weight.device)
+    bias = old.bias.index_select(0, rows) if old.bias is not None else None
+    setattr(module, name, _linear_with(old, old.weight.index_select(0, rows), bias))
+
+
+def _fold_norm(module: nn.Module, channels: torch.Tensor, factor: float, offset: float) -> None:
+    if isinstance(module, nn.Identity):  # the norm of a removed sublayer
+        return
+    module.weight = nn.Parameter(folded_norm_weight(module.weight.data, channels, factor, offset),
+                                 requires_grad=module.weight.requires_grad)
+
+
+def prune_hidden(model: nn.Module, arch: Architecture, channels: tuple[int, ...], old_hidden: int) -> None:
+    """Keep `channels` of the residual stream, in place: embedding columns, output-head columns,
+    every norm over the stream (scaled by `rms_fold_factor`), the input columns of q/k/v/gate/up
+    and the output rows of o/down. The model then computes what the dense model computes with
+    the other channels zeroed, up to the norms' epsilon."""
+    new_hidden = len(channels)
+    index = torch.tensor(channels, dtype=torch.long)
+    factor = rms_fold_factor(old_hidden, new_hidden)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    # A family that scales embeddings by sqrt(hidden) scales them by sqrt(d') now: the weights
+    # take the rest, so the residual stream stays what it was.
+    embedding_factor = factor if arch.embedding_scale else 1.0
+    kept_embedding = embedding.weight.data.index_select(1, index.to(embedding.weight.device))
+    embedding.weight = nn.Parameter(kept_embedding * embedding_factor, requires_grad=embedding.weight.requires_grad)
+    embedding.embedding_dim = new_hidden
+    if arch.embedding_scale:
+        getattr(embedding, arch.embedding_scale).fill_(new_hidden**0.5)
+        if hasattr(embedding, "scalar_embed_scale"):
+            embedding.scalar_embed_scale = new_hidden**0.5
+    if tied:
+        head.weight = embedding.weight
+    elif head is not None:
+        head.weight = nn.Parameter(head.weight.data.index_select(1, index.to(head.weight.device)),
+                                   requires_grad=head.weight.requires_grad)
+    if head is not None:
+        head.in_features = new_hidden
+    # A tied head was rescaled with the embedding; the final norm, which feeds only the head, undoes it.
+    final_factor = factor / embedding_factor if tied else factor
+    _fold_norm(model.get_submodule(arch.final_norm), index, final_factor, arch.norm_weight_offset)
+    for layer in decoder_layers(model, arch.to_dict()):
+        for name in arch.attention_norms + arch.mlp_norms:
+            _fold_norm(getattr(layer, name), index, factor, arch.norm_weight_offset)
+        attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
+        if not isinstance(attention, RemovedAttention):
+            for name in (arch.q_proj, arch.k_proj, arch.v_proj, arch.qkv_proj):
+                _read_hidden(attention, name, index)
+            _write_hidden(attention, arch.o_proj, index)
+            own = getattr(attention, "config", None)
+            if own is not None and own is not model.config:
+                own.hidden_size = new_hidden
+        if not isinstance(mlp, RemovedMLP):
+            for name in (arch.gate_proj, arch.up_proj, arch.gate_up_proj):
+                _read_hidden(mlp, name, index)
+            _write_hidden(mlp, arch.down_proj, index)
+    model.config.hidden_size = new_hidden
+
+
 def prune_layer(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config, head_dim: int) -> None:
     """Cut one decoder layer, in place, to what `kept` keeps of it (`before`: its shape now)."""
     _prune_attention(layer, arch, kept, before, config, head_dim)
@@ -123,6 +220,12 @@ def _set_model_format(model: nn.Module, arch: Architecture, structure: ModelStru
             config.__class__ = config_class
             config.model_type = config_class.model_type
         config.layer_shapes = [s.to_dict() for s in structure.layers]
+        if arch.config_requires_heads_divide_hidden and config.hidden_size % config.num_attention_heads:
+            # A pruned hidden size that the source's head count does not divide: the stock fields
+            # only size the constructor (layer_shapes reshapes every layer), so give it counts
+            # that the config class accepts.
+            config.num_attention_heads = math.gcd(config.hidden_size, config.num_attention_heads)
+            config.num_key_value_heads = math.gcd(config.num_attention_heads, config.num_key_value_heads)
     if arch.attention_reads_config:
         # Layers whose head counts now match the model config share it again.
         for layer in decoder_layers(model, arch.to_dict()):
@@ -143,10 +246,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> ModelStructure:
     arch = architecture_for(model.config.model_type)
     before = model_structure(model)
     kept = resolve_plan(plan, before)
-    if plan.is_empty():
+    hidden = kept_hidden(plan, before)
+    prunes_hidden = len(hidden) < before.hidden_size
+    if plan.is_empty() or (not prunes_hidden and replace(plan, keep_hidden=None).is_empty()):
         return before
     config = model.config
     config.head_dim = before.head_dim  # explicit from now on: heads no longer divide hidden_size
+    if prunes_hidden:  # first, so that the layers' new projections are built at the new width
+        prune_hidden(model, arch, hidden, before.hidden_size)
     layers = decoder_layers(model, arch.to_dict())
     for k in kept:
         prune_layer(layers[k.source_index], arch, k, before.layers[k.source_index], config, before.head_dim)
