@@ -26,7 +26,7 @@ from prunekit.plan.plan import LayerPlan, Plan, PlanError, structure_signature
 from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
-ALLOCATIONS = ("uniform", "global", "adaptive", "search")
+ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner")
 MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 
@@ -338,7 +338,113 @@ def _adaptive(planner: _Planner, goal: float) -> None:
         _greedy(planner, remaining)
 
 
-ALLOCATORS = {"uniform": _uniform, "global": _greedy, "adaptive": _adaptive}
+def layer_cosines(scores: Scores, structure: ModelStructure, allocation: str) -> torch.Tensor:
+    """Each layer's mean cos(input, output), as the criterion's calibration pass recorded it."""
+    cos = scores.meta.get("layer_cos")
+    if cos is None or len(cos) != structure.num_layers:
+        raise PlanError(f"allocation {allocation!r} spreads the target by each layer's cos(input, output), which the "
+                        f"{scores.criterion} scores do not record; score with slimllm, adapt_pruner or a criterion "
+                        f"with a calibration pass (activation, fluctuation, block_influence), or use allocation adaptive")
+    return torch.tensor(cos, dtype=torch.float64)
+
+
+def slimllm_alpha(target: float) -> float:
+    """SlimLLM's softmax temperature: 10 at 20% removed and 7 at 50% (its published settings),
+    linear between and held at the ends."""
+    return float(min(10.0, max(7.0, 10.0 - 10.0 * (target - 0.2))))
+
+
+def _rescaled(ratios: torch.Tensor, target: float, weights: torch.Tensor) -> torch.Tensor:
+    """`ratios` scaled so that their `weights`-weighted mean is `target`, each in [0, 0.95]."""
+    for _ in range(50):
+        ratios = ratios.clamp(0, 0.95)
+        mean = (ratios * weights).sum() / weights.sum()
+        if abs(mean - target) < 1e-6 or mean == 0:
+            break
+        ratios = ratios * target / mean
+    return ratios.clamp(0, 0.95)
+
+
+def slimllm_budgets(cos: torch.Tensor, target: float, weights: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
+    """SlimLLM's per-layer removal fractions: proportional to softmax(alpha * cos(in, out)), so a
+    layer that barely turns the residual stream loses more; scaled to the target (SlimLLM sets the
+    scale by hand, `--pruning_ratio`)."""
+    alpha = slimllm_alpha(target) if alpha is None else alpha
+    shares = torch.softmax(alpha * cos.double(), 0) * len(cos)
+    return _rescaled(target * shares, target, weights)
+
+
+# Adapt-Pruner's published scripts (amplitude 0.02 = the per-step increment of pruning ratio 1.0 in
+# 50 steps). No settings key reaches the planner for it yet (PruneSettings.planner_settings).
+ADAPT_PRUNER_AMPLITUDE = 1.0
+
+
+def similarity_budgets(cos: torch.Tensor, target: float, amplitude: float, weights: torch.Tensor) -> torch.Tensor:
+    """Adapt-Pruner's per-layer removal fractions: target * (1 + amplitude * n), n the layer's
+    cos(in, out) minus the mean, over the largest such deviation (in [-1, 1]). Its scripts step
+    each layer by the per-step increment plus amplitude * n with amplitude equal to the increment,
+    which is amplitude 1 here."""
+    centered = cos.double() - cos.double().mean()
+    spread = centered.abs().max()
+    normalized = centered / spread if spread > 0 else torch.zeros_like(centered)
+    return _rescaled(target * (1 + amplitude * normalized), target, weights)
+
+
+def _fill_sublayer_budgets(planner: _Planner, goal: float, ratios: torch.Tensor) -> None:
+    """Each layer's attention and FFN lose its ratio of their own basis (SlimLLM and Adapt-Pruner
+    prune heads and channels of a layer at one ratio), filled from below; what rounding leaves
+    goes, a move at a time, to the layer furthest below its ratio, so no layer is pushed far past it."""
+    s = planner.structure
+    width = tuple(k for k in planner.settings.prune if k in WIDTH_KINDS)
+    attention_kinds = tuple(k for k in width if k in ("head", "kv_group"))
+    start = planner.basis_total(list(s.layers))
+    for i, shape in enumerate(s.layers):
+        if i in planner.settings.protect_layers:
+            continue
+        whole = planner._layer_basis(i, shape)
+        without_attention = replace(shape, num_attention_heads=0, num_key_value_heads=0)
+        parts = ((attention_kinds, whole - planner._layer_basis(i, without_attention)),
+                 (("channel",) if "channel" in width else (), whole - planner._layer_basis(i, replace(shape, intermediate_size=0))))
+        for kinds, part in parts:
+            if kinds and part > 0:
+                _greedy(planner, float(ratios[i]) * part, layers=[i], kinds=kinds, overshoot=False)
+    weights = _layer_weights(planner)
+    while start - planner.basis_total(planner.shapes()) < goal:
+        options = []
+        for state in planner.layers:
+            moves = [mv for mv in planner._moves_in_layer(state, kinds=width) if mv[2] > 0]
+            if moves and weights[state.index] > 0:
+                removed = 1 - planner._layer_basis(state.index, state.shape()) / float(weights[state.index])
+                cheapest = min(moves, key=lambda mv: (planner.scale[mv[0]] * mv[1] / mv[2], mv[0]))
+                options.append((removed - float(ratios[state.index]), state.index, cheapest))
+        if not options:
+            break
+        planner.apply(min(options, key=lambda o: (o[0], o[1]))[2])
+    remaining = goal - (start - planner.basis_total(planner.shapes()))
+    if remaining > 0:  # widths exhausted: whatever else the settings allow
+        _greedy(planner, remaining)
+
+
+def _layer_weights(planner: _Planner) -> torch.Tensor:
+    return torch.tensor([planner._layer_basis(i, shape) for i, shape in enumerate(planner.structure.layers)],
+                        dtype=torch.float64)
+
+
+def _slimllm(planner: _Planner, goal: float) -> None:
+    weights = _layer_weights(planner)
+    cos = layer_cosines(planner.scores, planner.structure, "slimllm")
+    _fill_sublayer_budgets(planner, goal, slimllm_budgets(cos, goal / max(float(weights.sum()), 1.0), weights))
+
+
+def _adapt_pruner(planner: _Planner, goal: float) -> None:
+    weights = _layer_weights(planner)
+    cos = layer_cosines(planner.scores, planner.structure, "adapt_pruner")
+    ratios = similarity_budgets(cos, goal / max(float(weights.sum()), 1.0), ADAPT_PRUNER_AMPLITUDE, weights)
+    _fill_sublayer_budgets(planner, goal, ratios)
+
+
+ALLOCATORS = {"uniform": _uniform, "global": _greedy, "adaptive": _adaptive, "slimllm": _slimllm,
+              "adapt_pruner": _adapt_pruner}
 
 
 # ----------------------------------------------------------------------------- search space
@@ -465,7 +571,8 @@ def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Pla
     have, up to which units go and how the allocation spreads them. Preflights size the later
     stages (recovery, evaluation) of a run with it, before any score exists."""
     zeros = Scores("none", {k: [torch.zeros(n, dtype=torch.float64) for n in _unit_counts(structure, k)]
-                            for k in MOVE_KINDS})
+                            for k in MOVE_KINDS},
+                   {"layer_cos": [1.0] * structure.num_layers})  # layers alike for the slimllm / adapt_pruner allocations
     if settings.allocation == "search":  # the search moves widths between layers, around the same total
         settings = replace(settings, allocation="global")
     return make_plan(structure, zeros, settings, comparable=True)

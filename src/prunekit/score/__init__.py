@@ -16,9 +16,11 @@ from prunekit.score.criteria import (
     magnitude_scores,
     random_scores,
 )
+from prunekit.score.adapt_pruner import adapt_pruner_scores
 from prunekit.score.scores import KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
                                         sensitivity_scores)
+from prunekit.score.slimllm import DEFAULT_PROTECT_LOWEST, HEAD_SEARCHES, slimllm_scores
 from prunekit.score.statistics import LayerStats, collect_layer_stats
 from prunekit.score.taylor import DEFAULT_TAYLOR_TOKENS, TAYLOR_VARIANTS, taylor_scores
 
@@ -132,6 +134,25 @@ register_criterion(Criterion(
     options={"kinds": (tuple, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS), "channel_group_size": (int, 64, None),
              "removals_per_pass": (int, 4, None), "fine_tokens": (int, DEFAULT_FINE_TOKENS, None)},
     description="measured loss increase when each component is removed alone", whole_model=True))
+register_criterion(Criterion(
+    "slimllm",
+    lambda model, ids, labels, stats, batch_size, progress, head_search, protect_lowest: slimllm_scores(
+        model, ids, batch_size=batch_size, progress=progress, head_search=head_search,
+        protect_lowest_fraction=protect_lowest),
+    ("kv_group", "head", "channel"), needs_data=True, needs_stats=False, comparable=False,
+    options={"head_search": (str, "greedy", HEAD_SEARCHES), "protect_lowest": (float, DEFAULT_PROTECT_LOWEST, None)},
+    description="SlimLLM: heads by how well the kept heads reproduce the attention output (greedy elimination), "
+                "channels by norms weighted with the PCA of the FFN output; records layer cos for allocation slimllm"))
+register_criterion(Criterion(
+    "adapt_pruner",
+    lambda model, ids, labels, stats, batch_size, progress, variant, tokens, autocast: adapt_pruner_scores(
+        model, ids, labels, variant=variant, batch_size=batch_size, progress=progress, tokens=tokens,
+        autocast=autocast),
+    KINDS, needs_data=True, needs_stats=False, comparable=True,
+    options={"variant": (str, "element", TAYLOR_VARIANTS), "tokens": (int, DEFAULT_TAYLOR_TOKENS, None),
+             "autocast": (bool, True, None)},
+    description="Adapt-Pruner: Taylor within layers plus each layer's cos(input, output) for allocation "
+                "adapt_pruner", needs_gradients=True, whole_model=True))
 
 
 def check_layer_by_layer(criterion: str) -> None:
@@ -162,6 +183,8 @@ def score_model(model: nn.Module, criterion: str, input_ids: torch.Tensor | None
         stats = collect_layer_stats(model, input_ids, batch_size=batch_size, progress=progress,
                                     layer_by_layer=layer_by_layer, device=device)
     scores = spec.compute(model, input_ids, labels, stats, batch_size, progress, **checked)
+    if stats is not None:  # what the slimllm / adapt_pruner allocations read, free with any statistics pass
+        scores.meta.setdefault("layer_cos", [st.mean_cos("layer") for st in stats])
     # Criteria compute where the weights are; the planner works on CPU float64 values.
     scores.values = {kind: [v.detach().to("cpu", torch.float64) for v in per_layer]
                      for kind, per_layer in scores.values.items()}
