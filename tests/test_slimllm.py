@@ -273,3 +273,29 @@ def test_cli_prunes_with_slimllm_criterion_and_allocation(tmp_path):
         pruning = json.loads((out / "prunekit.json").read_text())["pruning"]
         assert pruning["removed"]["non-embedding"] == pytest.approx(0.3, abs=0.06)
         prunekit.load(out)
+
+
+def test_scale_and_bias_is_the_per_dimension_line_fit_and_the_refit_does_at_least_as_well():
+    from prunekit.compensate import augment_gram, refit_kept_columns
+    from prunekit.compensate.scale_bias import scale_and_bias
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    x = x + torch.randn(12, generator=g, dtype=torch.float64)
+    weight, bias = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 7, 8, 11])
+    y = x @ weight.T + bias
+    new_weight, new_bias = scale_and_bias(weight, keep, x.mean(0), torch.cov(x.T, correction=0), bias)
+    kept = x[:, keep] @ weight[:, keep].T
+    for d in range(5):  # np.polyfit(kept_d, y_d, 1), as the reference runs it
+        design = torch.stack([kept[:, d], torch.ones(400, dtype=torch.float64)], 1)
+        a, b = torch.linalg.lstsq(design, y[:, d:d + 1]).solution.flatten()
+        assert new_weight[d] == pytest.approx((a * weight[d, keep]).tolist(), rel=1e-8)
+        assert float(new_bias[d]) == pytest.approx(float(b), rel=1e-8)
+    line_error = (x[:, keep] @ new_weight.T + new_bias - y).pow(2).sum()
+    augmented = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], 1)
+    gram = augment_gram(x.T @ x, x.sum(0), 400)
+    full = torch.cat([weight, bias[:, None]], 1)
+    refit = refit_kept_columns(full, gram, torch.cat([keep, torch.tensor([12])]), ridge=0.0)
+    refit_error = (augmented[:, torch.cat([keep, torch.tensor([12])])] @ refit.T - y).pow(2).sum()
+    assert refit_error <= line_error * (1 + 1e-9)

@@ -5,6 +5,8 @@ Moves, each removing one unit of structure from a layer (or from every layer, fo
     head      - the lowest-scored query head of every kept KV group (GQA stays balanced)
     kv_group  - the lowest-scored KV group with its query heads
     attention / mlp - the whole sublayer;  layer - the whole decoder layer
+    hidden    - the `hidden_multiple` lowest-scored residual channels, from every layer, the embedding
+                and the output head at once (the hidden size stays a multiple of it)
 A move costs the damage its scores predict and buys a reduction of the target basis (params,
 FLOPs or KV cache). The greedy loop takes the move with the least damage per unit bought.
 Allocation decides the scope of a move: `global` ranks moves across all layers, `uniform`
@@ -27,7 +29,7 @@ from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
 ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner")
-MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer")
+MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 
 
@@ -39,6 +41,7 @@ class PlannerSettings:
     prune: tuple[str, ...] = ("channel", "head", "kv_group")
     limits: dict[str, float] = field(default_factory=dict)   # kind -> max fraction of its units removed
     ffn_multiple: int = 64
+    hidden_multiple: int = 64
     protect_layers: tuple[int, ...] = ()
     adaptive_strength: float = 0.5         # how far layer budgets spread around the target (0 = uniform)
     flops_seq_len: int = 2048
@@ -61,6 +64,8 @@ class PlannerSettings:
                 raise PlanError(f"limit for {kind} is {limit}; a limit is a fraction in [0, 1]")
         if self.ffn_multiple < 1:
             raise PlanError(f"ffn_multiple must be at least 1, got {self.ffn_multiple}")
+        if self.hidden_multiple < 1:
+            raise PlanError(f"hidden_multiple must be at least 1, got {self.hidden_multiple}")
         if self.allocation == "search":
             beyond_widths = sorted(set(self.prune) - set(WIDTH_KINDS))
             if beyond_widths:
@@ -117,6 +122,8 @@ class _Planner:
                 attention=shape.num_attention_heads > 0,
                 mlp=shape.intermediate_size > 0,
             ))
+        self._structure_at: dict[int, ModelStructure] = {}
+        self.hidden = _order(self._hidden_scores(), range(structure.hidden_size))  # kept, least important first
         self.removed_units = {k: 0 for k in MOVE_KINDS}
         self.total_units = self._count_units()
         self.scale = {k: 1.0 for k in MOVE_KINDS} if comparable else self._normalizers()
@@ -130,12 +137,26 @@ class _Planner:
     def _layer_score(self, kind: str, layer: int) -> float:
         return float(self.scores.values[kind][layer]) if self.scores.has(kind) else 0.0
 
+    def _hidden_scores(self) -> torch.Tensor:
+        """One score per residual channel: the sum of every layer's share."""
+        size = self.structure.hidden_size
+        shares = [v.double() for v in self.scores.values.get("hidden", []) if v.numel() == size]
+        return torch.stack(shares).sum(0) if shares else torch.zeros(size, dtype=torch.float64)
+
+    def at_hidden(self, hidden: int | None = None) -> ModelStructure:
+        """The structure's costs at `hidden` residual channels (default: those kept now)."""
+        hidden = len(self.hidden) if hidden is None else hidden
+        if hidden not in self._structure_at:
+            self._structure_at[hidden] = self.structure.at_hidden_size(hidden)
+        return self._structure_at[hidden]
+
     def _count_units(self) -> dict[str, int]:
         shapes = self.structure.layers
         return {
             "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
             "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
             "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
+            "hidden": self.structure.hidden_size,
         }
 
     def _normalizers(self) -> dict[str, float]:
@@ -148,13 +169,16 @@ class _Planner:
                 for move in self._moves_in_layer(state, kinds=(kind,), ignore_limits=True):
                     damages.append(move[1])
                     costs.append(move[2])
+            for move in self._hidden_moves(ignore_limits=True) if kind == "hidden" else ():
+                damages.append(move[1])
+                costs.append(move[2])
             total_damage = sum(abs(d) for d in damages)
             scale[kind] = (sum(costs) / total_damage) if total_damage > 0 else 1.0
         return scale
 
     # --- basis
-    def _layer_basis(self, i: int, shape: LayerShape) -> float:
-        s = self.structure
+    def _layer_basis(self, i: int, shape: LayerShape, hidden: int | None = None) -> float:
+        s = self.at_hidden(hidden)
         if shape == LayerShape(0, 0, 0):
             return 0.0
         basis = self.settings.basis
@@ -164,10 +188,10 @@ class _Planner:
             return s.layer_flops_per_token(i, self.settings.flops_seq_len, shape)
         return 2 * shape.num_key_value_heads * s.head_dim * 2 if shape.num_attention_heads else 0.0
 
-    def basis_total(self, shapes: list[LayerShape] | None = None) -> float:
-        s = self.structure
+    def basis_total(self, shapes: list[LayerShape] | None = None, hidden: int | None = None) -> float:
+        s = self.at_hidden(hidden)
         shapes = shapes or list(s.layers)
-        layers = sum(self._layer_basis(i, shape) for i, shape in enumerate(shapes))
+        layers = sum(self._layer_basis(i, shape, hidden) for i, shape in enumerate(shapes))
         constant = {"non-embedding": s.other_params, "total": s.other_params + s.embedding_params,
                     "flops": s.output_head_flops, "kv-cache": 0}[self.settings.basis]
         return layers + constant
@@ -220,10 +244,23 @@ class _Planner:
             damage = max(self._layer_score("layer", i) - state.damage["attention"] - state.damage["mlp"], 0.0)
             yield ("layer", damage, here, i, 1)
 
+    def _hidden_moves(self, ignore_limits: bool = False):
+        """The hidden move, if one is left: the `hidden_multiple` least important residual channels."""
+        m, n = self.settings.hidden_multiple, len(self.hidden)
+        keep = (n - 1) // m * m
+        if keep < m or not self._allowed("hidden", n - keep, ignore_limits):
+            return
+        damage = float(self._hidden_scores()[self.hidden[:n - keep]].sum())
+        shapes = self.shapes()
+        yield ("hidden", damage, self.basis_total(shapes) - self.basis_total(shapes, keep), -1, n - keep)
+
     def apply(self, move: tuple) -> None:
         kind, damage, _, layer, count = move
         state = self.layers[layer]
         self.removed_units[kind] += count
+        if kind == "hidden":
+            self.hidden = self.hidden[count:]
+            return
         if kind == "channel":
             state.channels = state.channels[count:]
             state.damage["mlp"] += damage
@@ -254,6 +291,8 @@ def _greedy(planner: _Planner, goal: float, layers: list[int] | None = None, kin
     scope = layers if layers is not None else range(len(planner.layers))
     while (removed := start - planner.basis_total(planner.shapes())) < goal:
         moves = [mv for i in scope for mv in planner._moves_in_layer(planner.layers[i], kinds=kinds) if mv[2] > 0]
+        if layers is None and "hidden" in kinds:
+            moves += [mv for mv in planner._hidden_moves() if mv[2] > 0]
         if not moves:
             return
         best = min(moves, key=lambda mv: (planner.scale[mv[0]] * mv[1] / mv[2], mv[3], mv[0]))
@@ -274,6 +313,9 @@ def _uniform(planner: _Planner, goal: float) -> None:
                 damage, gained = sum(mv[1] for mv in per_layer), sum(mv[2] for mv in per_layer)
                 if gained > 0:
                     options.append((planner.scale[kind] * damage / gained, kind, per_layer))
+        hidden = next(planner._hidden_moves(), None)
+        if hidden and hidden[2] > 0:
+            options.append((planner.scale["hidden"] * hidden[1] / hidden[2], "hidden", [hidden]))
         for state in planner.layers:
             mv = next(planner._moves_in_layer(state, kinds=("layer",)), None)
             if mv and mv[2] > 0:
@@ -579,6 +621,8 @@ def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Pla
 
 
 def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
+    if kind == "hidden":
+        return [structure.hidden_size] * structure.num_layers
     return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads}.get(kind, 1)
             for s in structure.layers]
 
@@ -605,6 +649,7 @@ def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSett
     return Plan(
         layers=layers,
         drop_layers=tuple(dropped),
+        keep_hidden=tuple(sorted(planner.hidden)) if len(planner.hidden) < structure.hidden_size else None,
         model=structure_signature(structure),
         meta={"criterion": scores.criterion, "criterion_meta": scores.meta.get("variant") or scores.meta.get("angular"),
               "settings": settings.to_dict(), "achieved": round(achieved, 6)},

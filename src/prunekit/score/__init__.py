@@ -17,7 +17,7 @@ from prunekit.score.criteria import (
     random_scores,
 )
 from prunekit.score.adapt_pruner import adapt_pruner_scores
-from prunekit.score.scores import KINDS, ScoreError, Scores
+from prunekit.score.scores import ALL_KINDS, KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
                                         sensitivity_scores)
 from prunekit.score.slimllm import DEFAULT_PROTECT_LOWEST, HEAD_SEARCHES, slimllm_scores
@@ -79,7 +79,7 @@ CRITERIA: dict[str, Criterion] = {}
 def register_criterion(criterion: Criterion) -> Criterion:
     if criterion.name in CRITERIA:
         raise ValueError(f"criterion {criterion.name!r} is registered twice")
-    bad = set(criterion.kinds) - set(KINDS)
+    bad = set(criterion.kinds) - set(ALL_KINDS)
     if bad:
         raise ValueError(f"criterion {criterion.name!r} names unknown kinds {sorted(bad)}")
     CRITERIA[criterion.name] = criterion
@@ -95,16 +95,17 @@ def get_criterion(name: str) -> Criterion:
 
 register_criterion(Criterion(
     "magnitude", lambda model, ids, labels, stats, batch_size, progress: magnitude_scores(model),
-    KINDS, needs_data=False, needs_stats=False, comparable=False,
+    ALL_KINDS, needs_data=False, needs_stats=False, comparable=False,
     description="L2 norm of each component's weights (baseline)"))
 register_criterion(Criterion(
     "random", lambda model, ids, labels, stats, batch_size, progress, seed: random_scores(model, seed),
-    KINDS, needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
+    ALL_KINDS, needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
     description="uniform random scores (baseline)"))
 register_criterion(Criterion(
     "activation", lambda model, ids, labels, stats, batch_size, progress: activation_scores(model, stats),
-    KINDS, needs_data=True, needs_stats=True, comparable=False,
-    description="|W| x input norm on the consuming projection (Wanda-sp, Minitron)"))
+    ALL_KINDS, needs_data=True, needs_stats=True, comparable=False,
+    description="|W| x input norm on the consuming projection (Wanda-sp, Minitron); hidden channels by the L2 "
+                "norm of what the sublayers' input norms output (Minitron)"))
 register_criterion(Criterion(
     "fluctuation", lambda model, ids, labels, stats, batch_size, progress: fluctuation_scores(model, stats),
     KINDS, needs_data=True, needs_stats=True, comparable=False,
@@ -120,7 +121,7 @@ register_criterion(Criterion(
     lambda model, ids, labels, stats, batch_size, progress, variant, tokens, autocast: taylor_scores(
         model, ids, labels, variant=variant, batch_size=batch_size, progress=progress, tokens=tokens,
         autocast=autocast),
-    KINDS, needs_data=True, needs_stats=False, comparable=True,
+    ALL_KINDS, needs_data=True, needs_stats=False, comparable=True,
     options={"variant": (str, "element", TAYLOR_VARIANTS), "tokens": (int, DEFAULT_TAYLOR_TOKENS, None),
              "autocast": (bool, True, None)},
     description="first-order Taylor |w * dL/dw| (LLM-Pruner), element-wise or vector-wise", needs_gradients=True,

@@ -20,9 +20,10 @@ def _sq(t: torch.Tensor, dims) -> torch.Tensor:
 def magnitude_scores(model: nn.Module) -> Scores:
     """L2 norm of all the weights that go with a component (rows in, columns out)."""
     arch, layers, head_dim = layers_of(model)
-    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel", "hidden")}
     for layer in layers:
         a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
+        values["hidden"].append(per_hidden_channel(a, m, model.get_input_embeddings().weight.shape[1], _sq).sqrt())
         head_sq = _sq(a.q, (1, 2)) + _sq(a.o, (1, 2)) if a else torch.zeros(0, dtype=_f64)
         group_sq = group_sum(head_sq, a.heads_per_group) + _sq(a.k, (1, 2)) + _sq(a.v, (1, 2)) if a else torch.zeros(0, dtype=_f64)
         channel_sq = _sq(m.gate, 1) + _sq(m.up, 1) + _sq(m.down, 1) if m else torch.zeros(0, dtype=_f64)
@@ -33,6 +34,24 @@ def magnitude_scores(model: nn.Module) -> Scores:
         values["mlp"].append(channel_sq.sum().sqrt())
         values["layer"].append((group_sq.sum() + channel_sq.sum()).sqrt())
     return Scores("magnitude", values, {"unit": "weight L2 norm"})
+
+
+def per_hidden_channel(a, m, hidden: int, reduce) -> torch.Tensor:
+    """Per residual channel, the sum of `reduce(tensor, dims)` (which reduces every dim but the
+    hidden one) over the layer's weights that read the channel (columns of q/k/v/gate/up) or
+    write it (rows of o/down)."""
+    total = torch.zeros(hidden, dtype=_f64)
+    if a is not None:
+        total = total + (reduce(a.q, (0, 1)) + reduce(a.k, (0, 1)) + reduce(a.v, (0, 1)) + reduce(a.o, (0, 2))).cpu()
+    if m is not None:
+        total = total + (reduce(m.gate, 0) + reduce(m.up, 0) + reduce(m.down, 0)).cpu()
+    return total
+
+
+def hidden_activation(hidden_sq: torch.Tensor | None, hidden: int) -> torch.Tensor:
+    """Minitron's hidden-size importance, one layer's share: the L2 norm over calibration tokens
+    of each channel of what its sublayers read through their input norms."""
+    return hidden_sq.sqrt().cpu() if hidden_sq is not None else torch.zeros(hidden, dtype=_f64)
 
 
 def random_scores(model: nn.Module, seed: int = 0) -> Scores:
@@ -58,9 +77,11 @@ def activation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
     (mean ||added|| / ||residual||), layers by the sum of both.
     """
     arch, layers, head_dim = layers_of(model)
-    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel", "hidden")}
+    hidden = model.get_input_embeddings().weight.shape[1]
     for layer, st in zip(layers, stats):
         a, m = attention_weights(layer, arch, head_dim), mlp_weights(layer, arch)
+        values["hidden"].append(hidden_activation(st.hidden_sq, hidden))
         if a is not None:
             o_abs = a.o.abs().sum(1, dtype=_f64)  # [heads, head_dim]: column sums of |W_o|
             heads = (st.attention_input.norm.to(o_abs.device).reshape(o_abs.shape) * o_abs).sum(-1).cpu()
@@ -79,7 +100,7 @@ def activation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:
         values["attention"].append(torch.tensor(attention, dtype=_f64))
         values["mlp"].append(torch.tensor(mlp, dtype=_f64))
         values["layer"].append(torch.tensor(attention + mlp, dtype=_f64))
-    return Scores("activation", values, {"unit": "|W| x input norm"})
+    return Scores("activation", values, {"unit": "|W| x input norm; hidden: norm-output L2 norm"})
 
 
 def fluctuation_scores(model: nn.Module, stats: list[LayerStats]) -> Scores:

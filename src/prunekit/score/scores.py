@@ -3,6 +3,8 @@
 Kinds: `layer`, `attention`, `mlp` (one value per layer), `kv_group`, `head`, `channel` (one
 value per unit). A criterion fills the kinds it can measure; the planner uses what is there.
 Ragged lists, so that already-pruned models with uneven layers are scored the same way.
+`hidden` scores the residual stream's channels: per layer, that layer's share (one value per
+channel); the planner ranks channels by the sum over layers.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from prunekit.errors import PrunekitError
 KINDS = ("layer", "attention", "mlp", "kv_group", "head", "channel")
 LAYER_KINDS = ("layer", "attention", "mlp")   # one value per layer
 UNIT_KINDS = ("kv_group", "head", "channel")  # one value per unit of a layer
+HIDDEN_KIND = "hidden"                        # one value per residual channel, from every layer
+ALL_KINDS = KINDS + (HIDDEN_KIND,)
 
 
 def first_non_finite(values: dict[str, list[torch.Tensor]]) -> tuple[str, int] | None:
@@ -39,9 +43,9 @@ class Scores:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = set(self.values) - set(KINDS)
+        unknown = set(self.values) - set(ALL_KINDS)
         if unknown:
-            raise ValueError(f"unknown score kinds {sorted(unknown)}; kinds are {list(KINDS)}")
+            raise ValueError(f"unknown score kinds {sorted(unknown)}; kinds are {list(ALL_KINDS)}")
         bad = first_non_finite(self.values)
         if bad is not None:
             kind, layer = bad

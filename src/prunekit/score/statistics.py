@@ -82,6 +82,9 @@ class LayerStats:
     contribution_norm_sum: dict[str, float]  # "attention" | "mlp" -> sum of ||what it adds|| / ||residual||
     # (while the pass runs, the three sums are float64 tensors on the device)
     tokens: int = 0
+    # per residual channel: sum over tokens of the squared outputs of the sublayers' input norms
+    # (what the layer's projections read of the residual stream): hidden-size importance
+    hidden_sq: torch.Tensor | None = None
 
     def mean_cos(self, kind: str) -> float:
         return self.cos_sum[kind] / max(self.tokens, 1)
@@ -138,6 +141,21 @@ def _hook_layer(layer: nn.Module, arch: Architecture, stats: LayerStats, handles
         down = getattr(mlp, arch.down_proj)
         handles.append(down.register_forward_pre_hook(lambda m, args: stats.mlp_input.add(args[0])))
 
+    def norm_output(module, args, output):
+        squares = output.detach().float().pow(2).reshape(-1, output.shape[-1]).sum(0, dtype=torch.float64)
+        stats.hidden_sq = squares if stats.hidden_sq is None else stats.hidden_sq + squares
+
+    for norm in input_norms(layer, arch):
+        handles.append(norm.register_forward_hook(norm_output))
+
+
+def input_norms(layer: nn.Module, arch: Architecture) -> list[nn.Module]:
+    """The norms through which the layer's sublayers read the residual stream (not Gemma's
+    output norms, nor the stand-ins of removed sublayers)."""
+    outputs = {arch.attention_output_norm, arch.mlp_output_norm}
+    names = [next((n for n in norms if n not in outputs), None) for norms in (arch.attention_norms, arch.mlp_norms)]
+    return [getattr(layer, n) for n in names if n and not isinstance(getattr(layer, n), nn.Identity)]
+
 
 def _empty_stats(layer: nn.Module, arch: Architecture, with_gram: bool, device: torch.device | str) -> LayerStats:
     attention, mlp = getattr(layer, arch.attention), getattr(layer, arch.mlp)
@@ -158,8 +176,9 @@ def _finish(stats: LayerStats, device: torch.device | str | None = None) -> Laye
         return {kind: float(value) for kind, value in sums.items()}
 
     move = (lambda f: f.to(device) if f is not None else None) if device is not None else (lambda f: f)  # noqa: E731
+    hidden_sq = stats.hidden_sq.to(device) if stats.hidden_sq is not None and device is not None else stats.hidden_sq
     return LayerStats(move(stats.attention_input), move(stats.mlp_input), floats(stats.cos_sum),
-                      floats(stats.angle_sum), floats(stats.contribution_norm_sum), stats.tokens)
+                      floats(stats.angle_sum), floats(stats.contribution_norm_sum), stats.tokens, hidden_sq)
 
 
 @torch.no_grad()

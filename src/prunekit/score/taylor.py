@@ -6,12 +6,15 @@ vector-wise:  |sum over the group's weights of w * dL/dw|
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.loss import OutputHead, next_token_loss
 from prunekit.models.precision import bfloat16_autocast
+from prunekit.score.criteria import per_hidden_channel
 from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_weights
 from prunekit.score.scores import Scores
 
@@ -26,6 +29,15 @@ DEFAULT_TAYLOR_TOKENS = 0
 def _saliency(weight: torch.Tensor, grad: torch.Tensor, dims, variant: str) -> torch.Tensor:
     product = weight.to(torch.float64) * grad.to(torch.float64)
     return product.abs().sum(dims) if variant == "element" else product.sum(dims)
+
+
+def _products(weights, grads, variant: str):
+    """w * dL/dw (|w * dL/dw| element-wise) in the layout of `weights` (AttentionWeights or MLPWeights)."""
+    if weights is None:
+        return None
+    fields = [f for f in ("q", "k", "v", "o", "gate", "up", "down") if hasattr(weights, f)]
+    products = {f: getattr(weights, f).to(torch.float64) * getattr(grads, f).to(torch.float64) for f in fields}
+    return replace(weights, **{f: p.abs() if variant == "element" else p for f, p in products.items()})
 
 
 def accumulate_gradients(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None, *, batch_size: int,
@@ -82,11 +94,15 @@ def taylor_scores(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
     accumulate_gradients(model, input_ids, labels, batch_size=batch_size, progress=progress, autocast=autocast)
     arch, layers, head_dim = layers_of(model)
     finish = (lambda t: t.abs()) if variant == "vector" else (lambda t: t)
-    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel")}
+    values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel", "hidden")}
     zero = torch.zeros(0, dtype=torch.float64)
+    hidden = model.get_input_embeddings().weight.shape[1]
     for layer in layers:
         a_w, a_g = attention_weights(layer, arch, head_dim), attention_weights(layer, arch, head_dim, grad=True)
         m_w, m_g = mlp_weights(layer, arch), mlp_weights(layer, arch, grad=True)
+        # a residual channel: the saliency of every weight of this layer that reads or writes it
+        values["hidden"].append(finish(per_hidden_channel(
+            _products(a_w, a_g, variant), _products(m_w, m_g, variant), hidden, lambda t, dims: t.sum(dims))))
         if a_w is not None:
             heads = _saliency(a_w.q, a_g.q, (1, 2), variant) + _saliency(a_w.o, a_g.o, (1, 2), variant)
             kv = _saliency(a_w.k, a_g.k, (1, 2), variant) + _saliency(a_w.v, a_g.v, (1, 2), variant)
