@@ -1,15 +1,16 @@
 """Issue 20: allocation search against global allocation on SmolLM2-135M, the grid's protocol.
 
-Calibration: C4 128 x 512, seed 0. The search scores (Taylor) and builds its candidates on the
-first 112 rows and judges them by KL divergence from the dense model on the last 16 rows; it
-never sees WikiText-2. Each ratio's plans are then compensated as the default does (sequential
-least squares on all 128 rows), cut, and evaluated on WikiText-2 (`wiki.test.raw`, 512-token
-windows, every 16th, fp32), optionally with zero-shot tasks.
+Calibration: C4 128 x 512, seed 0, as the default prune; the search (as `prunekit prune
+--allocation search` does) draws 16 rows more, on which alone it judges candidates by KL
+divergence from the dense model, and never sees WikiText-2. Each ratio's plans are compensated as
+the default does (sequential least squares on the 128 rows), cut, and evaluated on WikiText-2
+(`wiki.test.raw`, 512-token windows, every 16th, fp32), optionally with zero-shot tasks.
 
 Rows of the record per ratio:
-    global-128  the default: Taylor on all 128 rows, global allocation
-    global-112  global allocation from the search's own scores (the search's start)
+    global-128  the default: Taylor on the 128 rows, global allocation (the search's start)
     search      the searched allocation from the same scores
+(`--held-apart inside` holds the last 16 of the 128 rows apart instead, as the first records did:
+then `global-112` is global allocation from the search's own 112-row scores.)
 and `agreement`: for the start, the result and random far mutants, the fitness the search
 measures (KL, one-shot candidates) beside the WikiText-2 perplexity of the same candidate.
 
@@ -56,6 +57,8 @@ def main() -> int:
     parser.add_argument("--offspring", type=int, default=SearchSettings.offspring)
     parser.add_argument("--max-mutations", type=int, default=SearchSettings.max_mutations)
     parser.add_argument("--held-out-rows", type=int, default=SearchSettings.held_out_rows)
+    parser.add_argument("--held-apart", choices=("extra", "inside"), default="extra",
+                        help="fitness rows drawn beyond the 128 (extra, what prunekit does) or the last of them (inside)")
     parser.add_argument("--agreement", type=int, default=0, help="random far mutants for the fitness/perplexity check")
     parser.add_argument("--tasks", default=None, help="zero-shot tasks of the final models, e.g. piqa,arc_easy,hellaswag")
     parser.add_argument("--task-limit", type=int, default=None)
@@ -72,9 +75,11 @@ def main() -> int:
 
     dense, tokenizer = prunekit.load(args.model, dtype="float32")
     dense.to(device)
-    ids = calibration_tokens("c4", tokenizer, n_samples=128, seq_len=512, seed=0, data_dir=args.data_dir)
     held = args.held_out_rows
-    build_ids, held_ids = ids[:-held], ids[-held:]
+    extra = held if args.held_apart == "extra" else 0
+    drawn = calibration_tokens("c4", tokenizer, n_samples=128 + extra, seq_len=512, seed=0, data_dir=args.data_dir)
+    ids = drawn[:128]
+    build_ids, held_ids = drawn[:-held], drawn[-held:]
     structure = prunekit.model_structure(dense)
 
     def wikitext(model) -> float:
@@ -92,8 +97,8 @@ def main() -> int:
               "machine": platform.processor() or platform.machine(),
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
               "versions": versions(),
-              "protocol": {"calibration": "c4 128x512 seed 0; search: scores and candidates on rows 0-111, "
-                                          f"fitness on rows {128 - held}-127",
+              "protocol": {"calibration": f"c4 128x512 seed 0; search: scores and candidates on rows 0-{len(build_ids) - 1}, "
+                                          f"fitness on rows {len(build_ids)}-{len(drawn) - 1}",
                            "eval": f"wikitext2 raw test, 512-token windows, every {args.eval_every}th, fp32",
                            "compensation": "sequential (the default) on all 128 rows"},
               "dense": {"wikitext2": wikitext(dense), "tasks": tasks(dense)}, "runs": []}
@@ -101,7 +106,8 @@ def main() -> int:
 
     t0 = time.perf_counter()
     scores_all = score_model(dense, "taylor", ids, batch_size=args.batch_size, progress=args.progress)
-    scores_build = score_model(dense, "taylor", build_ids, batch_size=args.batch_size, progress=args.progress)
+    scores_build = (scores_all if len(build_ids) == len(ids)
+                    else score_model(dense, "taylor", build_ids, batch_size=args.batch_size, progress=args.progress))
     record["scoring_seconds"] = round(time.perf_counter() - t0, 1)
 
     def final(plan) -> dict:
@@ -125,10 +131,11 @@ def main() -> int:
         search_seconds = round(time.perf_counter() - t0, 1)
         space = search_space(structure, scores_build, settings)
         run = {"ratio": ratio, "search_seconds": search_seconds, "search": search_record,
-               "global-128": final(make_plan(structure, scores_all, PlannerSettings(target=ratio))),
-               "global-112": final(plan_at(space, space.start, structure, scores_build, settings)),
-               "search_result": final(plan)}
-        print(f"{ratio}: global-128 {run['global-128']['wikitext2']}  global-112 {run['global-112']['wikitext2']}  "
+               "global-128": final(make_plan(structure, scores_all, PlannerSettings(target=ratio)))}
+        if scores_build is not scores_all:
+            run["global-112"] = final(plan_at(space, space.start, structure, scores_build, settings))
+        run["search_result"] = final(plan)
+        print(f"{ratio}: global-128 {run['global-128']['wikitext2']}  global-112 {run.get('global-112', {}).get('wikitext2')}  "
               f"search {run['search_result']['wikitext2']}  (KL {search_record['start_fitness']:.4f} -> "
               f"{search_record['fitness']:.4f}, {len(search_record['trace']) - 1} generations, {search_seconds} s)",
               flush=True)

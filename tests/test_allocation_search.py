@@ -157,9 +157,14 @@ def test_prune_with_allocation_search_end_to_end(tokenizer, tmp_path):
     assert list((tmp_path / "run").rglob("allocation_search.png"))
 
 
+def test_a_given_calibration_must_leave_rows_to_score_on(tokenizer):
+    settings = PruneSettings(target=0.3, allocation="search", search=SearchSettings(held_out_rows=12))
+    with pytest.raises(PlanError, match="only 12 were given"):
+        prune_loaded(tiny_model("llama"), tokenizer, settings, progress=False, calibration=(IDS, None))
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(layer_by_layer=True, device="cpu"), "layer by layer"),
-    (dict(search=SearchSettings(held_out_rows=128)), "more than 128 samples"),
     (dict(prune=("channel", "layer")), "cannot remove \\['layer'\\]"),
     (dict(limits={"head": 0.2}), "does not take limits"),
     (dict(search=SearchSettings(generations=0)), "generations must be at least 1"),

@@ -135,10 +135,6 @@ class PruneSettings:
             if self.layer_by_layer:
                 raise PlanError("allocation 'search' assembles candidate models on the device and cannot run layer by "
                                 "layer yet; drop --layer-by-layer or use global allocation")
-            if self.calibration.n_samples <= self.search.held_out_rows:
-                raise PlanError(f"allocation 'search' sets {self.search.held_out_rows} calibration rows apart for its "
-                                f"fitness and needs more to score with; calibrate on more than "
-                                f"{self.search.held_out_rows} samples or lower search.held_out_rows")
         if ((criterion.needs_data and self.scores is None) or self.compensation != "none" or self.reconstruct_steps
                 or self.allocation == "search"):
             self.calibration.validate()
@@ -209,9 +205,10 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     `plan` (one made beforehand, e.g. by `plan_loaded`), scoring and planning are skipped: the plan
     is compensated for and cut in one step. With `scores` (computed once for several targets, or
     read from `settings.scores`), the first step plans from them instead of scoring. Allocation
-    "search" scores on all calibration rows but the last `settings.search.held_out_rows`, which
-    judge its candidates; its state goes to `search_state` after every generation, so a killed
-    search resumes there."""
+    "search" draws `settings.search.held_out_rows` calibration rows beyond `n_samples` to judge its
+    candidates (from a given `calibration`, its last rows), so scores and compensation see the same
+    rows as with any other allocation and the search starts from the default plan; its state goes
+    to `search_state` after every generation, so a killed search resumes there."""
     settings.validate()
     if plan is not None and settings.steps != 1:
         raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
@@ -224,12 +221,18 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     ids, labels = calibration if calibration is not None else (None, None)
     needs_scores = plan is None and scores is None and settings.criterion_spec.needs_data
     searching = plan is None and settings.allocation == "search"
-    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps or searching):
-        ids, labels = calibration_batch(model, tokenizer, settings.calibration)
     held = settings.search.held_out_rows
-    if searching and len(ids) <= held:
-        raise PlanError(f"allocation 'search' sets {held} calibration rows apart for its fitness, but there are only "
-                        f"{len(ids)}; calibrate on more samples or lower search.held_out_rows")
+    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps or searching):
+        extra = held if searching else 0
+        ids, labels = calibration_batch(model, tokenizer, replace(settings.calibration,
+                                                                  n_samples=settings.calibration.n_samples + extra))
+    elif searching and len(ids) <= held:
+        raise PlanError(f"allocation 'search' judges its candidates on the last {held} calibration rows, but only "
+                        f"{len(ids)} were given; pass more rows or lower search.held_out_rows")
+    held_out_ids = None
+    if searching:  # nothing the search builds from may have seen the rows that judge it
+        ids, held_out_ids = ids[:-held], ids[-held:]
+        labels = labels[:-held] if labels is not None else None
     dense_layers = dense_layer_copies(model) if settings.reconstruct_steps else None
     base = basis_value(original, settings.basis)
     record = {"settings": settings.to_dict(), "steps": [], "scores": None}
@@ -242,17 +245,14 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         if step_target <= 0:
             continue
         if plan is None:
-            # The search's held-out rows judge candidates; nothing it builds from may have seen them.
-            scoring_ids, scoring_labels = ((ids[:-held], labels[:-held] if labels is not None else None)
-                                           if searching else (ids, labels))
             if scores is None:
-                scores, stats = score_loaded(model, scoring_ids, scoring_labels, settings, progress)
+                scores, stats = score_loaded(model, ids, labels, settings, progress)
             else:  # given: only one-shot compensation still needs this pass's statistics
                 stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
                          if settings.compensation == "one-shot" else None)
             if searching:
                 plan, record[f"search_step_{step}" if settings.steps > 1 else "search"] = search_allocation(
-                    model, scores, settings.planner_settings(step_target), settings.search, scoring_ids, ids[-held:],
+                    model, scores, settings.planner_settings(step_target), settings.search, ids, held_out_ids,
                     comparable=comparable_scores(scores), refit=settings.compensation != "none", ridge=settings.ridge,
                     batch_size=settings.batch_size, device=settings.device, state_path=search_state, progress=progress)
             else:

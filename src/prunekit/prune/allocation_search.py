@@ -100,7 +100,7 @@ def search_memory_parts(structure: ModelStructure, search: SearchSettings, *, se
 
 # The cache of pruned layers holds at most this many copies of the model's layers (in entries:
 # CACHED_LAYER_SETS x num_layers); older entries the parent does not use are dropped, then rebuilt if needed.
-CACHED_LAYER_SETS = 2
+CACHED_LAYER_SETS = 4
 
 
 class CandidateLayers:
