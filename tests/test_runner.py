@@ -40,7 +40,7 @@ def _single_thread(one_thread):
 def test_the_shipped_recipes_are_there():
     names = {p.stem for p in RECIPES}
     assert {"demo", "width", "depth", "mixed", "llm-pruner", "flap", "shortgpt", "minitron", "llama3-8b-width",
-            "llama3-8b-depth"} <= names
+            "llama3-8b-depth", "search"} <= names
     assert set(shipped_recipes()) == names  # installed with the package: `prunekit run demo` finds them by name
 
 
