@@ -4,6 +4,7 @@ models pruned by surgery, and `prunekit prune --allocation search` runs end to e
 from __future__ import annotations
 
 import copy
+import json
 import random
 
 import pytest
@@ -149,6 +150,11 @@ def test_prune_with_allocation_search_end_to_end(tokenizer, tmp_path):
     record = prune_loaded(model, tokenizer, settings, progress=False, calibration=(IDS, None), search_state=state)
     assert record["removed"]["non-embedding"] >= 0.3
     assert len(record["search"]["trace"]) == 4 and state.is_file()
+    # the same prune with a larger budget goes on from the saved state instead of starting again
+    longer = PruneSettings(**{**settings.__dict__, "search": SearchSettings(generations=5, offspring=3, held_out_rows=4)})
+    again = prune_loaded(tiny_model("llama", intermediate_size=FFN, num_hidden_layers=LAYERS), tokenizer, longer,
+                         progress=False, calibration=(IDS, None), search_state=state)
+    assert again["search"]["resumed_at"] == 3 and again["search"]["trace"][:4] == record["search"]["trace"]
     assert record["steps"][0]["plan"]["meta"]["search"]["generations"] == 3
     # the saved model carries the trace, and the run report draws it
     save_pruned(model, tokenizer, tmp_path / "run" / "model", record, source="tiny-llama")
@@ -178,3 +184,18 @@ def test_bad_search_settings_are_refused_before_any_work(overrides, match):
 def test_make_plan_says_where_the_search_runs(model, scores):
     with pytest.raises(PlanError, match="needs the model and calibration data"):
         make_plan(model_structure(model), scores, _settings())
+
+
+def test_the_cli_searches_and_leaves_no_state_behind(tmp_path, tokenizer):
+    from prunekit import save_model
+    from prunekit.cli import main
+
+    save_model(tiny_model("qwen3", intermediate_size=FFN, num_hidden_layers=LAYERS), tokenizer, tmp_path / "model")
+    (tmp_path / "text.txt").write_text("The cat sat on the mat. The dog sat on the log. " * 200)
+    out = tmp_path / "out"
+    assert main(["prune", str(tmp_path / "model"), "--target", "0.3", "--allocation", "search", "--search-generations",
+                 "2", "--search-offspring", "3", "--ffn-multiple", str(MULTIPLE), "--calib", str(tmp_path / "text.txt"),
+                 "--calib-samples", "8", "--calib-seq-len", "16", "--out", str(out)]) == 0
+    pruning = json.loads((out / "prunekit.json").read_text())["pruning"]
+    assert len(pruning["search"]["trace"]) == 3 and pruning["removed"]["non-embedding"] >= 0.3
+    assert not list(tmp_path.glob(".out.search-state.json*"))  # removed once the model is saved

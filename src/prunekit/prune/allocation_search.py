@@ -158,8 +158,9 @@ class CandidateLayers:
 def search_key(structure: ModelStructure, settings: PlannerSettings, search: SearchSettings, scores: Scores,
                held_out: torch.Tensor) -> str:
     """What a saved search state must match to be resumed: the model's shape, the settings, the
-    scores and the held-out rows."""
-    digest = hashlib.sha256(json.dumps([structure_signature(structure), settings.to_dict(), search.to_dict()],
+    scores and the held-out rows; not the budget, so a search killed or finished can go on with more."""
+    loop = {k: v for k, v in search.to_dict().items() if k not in ("generations", "minutes")}
+    digest = hashlib.sha256(json.dumps([structure_signature(structure), settings.to_dict(), loop],
                                        sort_keys=True, default=str).encode())
     for kind in sorted(scores.values):
         for value in scores.values[kind]:
