@@ -146,14 +146,14 @@ def test_prune_with_allocation_search_end_to_end(tokenizer, tmp_path):
     settings = PruneSettings(target=0.3, allocation="search", ffn_multiple=MULTIPLE, batch_size=4,
                              search=SearchSettings(generations=3, offspring=3, held_out_rows=4),
                              calibration=CalibrationSettings(n_samples=len(IDS), seq_len=IDS.shape[1]))
-    state = tmp_path / "state.json"
-    record = prune_loaded(model, tokenizer, settings, progress=False, calibration=(IDS, None), search_state=state)
+    work = tmp_path / "work"
+    record = prune_loaded(model, tokenizer, settings, progress=False, calibration=(IDS, None), work_dir=work)
     assert record["removed"]["non-embedding"] >= 0.3
-    assert len(record["search"]["trace"]) == 4 and state.is_file()
+    assert len(record["search"]["trace"]) == 4 and (work / "search-state-1.json").is_file()
     # the same prune with a larger budget goes on from the saved state instead of starting again
     longer = PruneSettings(**{**settings.__dict__, "search": SearchSettings(generations=5, offspring=3, held_out_rows=4)})
     again = prune_loaded(tiny_model("llama", intermediate_size=FFN, num_hidden_layers=LAYERS), tokenizer, longer,
-                         progress=False, calibration=(IDS, None), search_state=state)
+                         progress=False, calibration=(IDS, None), work_dir=work)
     assert again["search"]["resumed_at"] == 3 and again["search"]["trace"][:4] == record["search"]["trace"]
     assert record["steps"][0]["plan"]["meta"]["search"]["generations"] == 3
     # the saved model carries the trace, and the run report draws it
@@ -198,4 +198,4 @@ def test_the_cli_searches_and_leaves_no_state_behind(tmp_path, tokenizer):
                  "--calib-samples", "8", "--calib-seq-len", "16", "--out", str(out)]) == 0
     pruning = json.loads((out / "prunekit.json").read_text())["pruning"]
     assert len(pruning["search"]["trace"]) == 3 and pruning["removed"]["non-embedding"] >= 0.3
-    assert not list(tmp_path.glob(".out.search-state.json*"))  # removed once the model is saved
+    assert not list(tmp_path.glob(".out.resume*"))  # removed once the model is saved

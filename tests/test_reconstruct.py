@@ -78,6 +78,38 @@ def test_same_seed_same_weights():
     assert _same_weights(first, second)
 
 
+def test_a_killed_reconstruction_resumes_from_its_checkpoints_with_the_same_weights(tmp_path, monkeypatch):
+    from prunekit.compensate import reconstruct
+
+    _, layers, straight = _pruned()
+    killed = copy.deepcopy(straight)
+    settings = dict(steps=12, lr=1e-3, eval_every=4, seed=3, progress=False)
+    straight_report = reconstruct_blocks(straight, layers, IDS, **settings)
+    train = reconstruct._train_layer
+    calls = {"n": 0}
+
+    def dies_in_the_third_layer(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruct, "_train_layer", dies_in_the_third_layer)
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct_blocks(killed, layers, IDS, checkpoint_dir=tmp_path, **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer-0000.pt", "layer-0001.pt"]
+    calls["n"] = 10  # no more kills; count what the rerun trains
+    _, _, resumed_model = _pruned()  # the same prune again: the weights reconstruction starts from
+    report = reconstruct_blocks(resumed_model, layers, IDS, checkpoint_dir=tmp_path, **settings)
+    assert calls["n"] == 10 + len(report.layers) - 2  # layers 0 and 1 were loaded, not trained again
+    assert _same_weights(resumed_model, straight) and report == straight_report
+    # a checkpoint of another prune (other weights) is never loaded
+    other = tiny_model("llama", seed=5)
+    apply_plan(other, PLAN)
+    reconstruct_blocks(other, layers, IDS, checkpoint_dir=tmp_path, **settings)
+    assert calls["n"] == 10 + 2 * len(report.layers) - 2
+
+
 def test_dropped_layers_map_to_their_sources():
     plan = Plan(drop_layers=(1,), layers={2: LayerPlan(keep_channels=tuple(range(40)))})
     dense, layers, model = _pruned("llama", plan)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -198,7 +199,7 @@ def _check_and_place(model: nn.Module, settings: PruneSettings) -> None:
 
 def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progress: bool = True,
                  calibration: tuple[torch.Tensor, torch.Tensor | None] | None = None, plan: Plan | None = None,
-                 scores: Scores | None = None, search_state: Path | None = None) -> dict:
+                 scores: Scores | None = None, work_dir: Path | None = None) -> dict:
     """Score, plan, compensate and cut `model` in place; returns a record of what was done.
 
     This is the prune step that `prunekit prune`, the recipe stage and the sweep all run. With
@@ -207,8 +208,9 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     read from `settings.scores`), the first step plans from them instead of scoring. Allocation
     "search" draws `settings.search.held_out_rows` calibration rows beyond `n_samples` to judge its
     candidates (from a given `calibration`, its last rows), so scores and compensation see the same
-    rows as with any other allocation and the search starts from the default plan; its state goes
-    to `search_state` after every generation, so a killed search resumes there."""
+    rows as with any other allocation and the search starts from the default plan. With `work_dir`,
+    the long parts write their progress there (the search's state after every generation, each
+    reconstructed layer), so that the same prune started again after a kill resumes them."""
     settings.validate()
     if plan is not None and settings.steps != 1:
         raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
@@ -254,7 +256,8 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
                 plan, record[f"search_step_{step}" if settings.steps > 1 else "search"] = search_allocation(
                     model, scores, settings.planner_settings(step_target), settings.search, ids, held_out_ids,
                     comparable=comparable_scores(scores), refit=settings.compensation != "none", ridge=settings.ridge,
-                    batch_size=settings.batch_size, device=settings.device, state_path=search_state, progress=progress)
+                    batch_size=settings.batch_size, device=settings.device, progress=progress,
+                    state_path=work_dir / f"search-state-{step}.json" if work_dir is not None else None)
             else:
                 plan = make_plan(current, scores, settings.planner_settings(step_target),
                                  comparable=comparable_scores(scores))
@@ -284,7 +287,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
             model, dense_layers, ids, steps=settings.reconstruct_steps, lr=settings.reconstruct_lr,
             sources=surviving_layers([s["plan"] for s in record["steps"]], original.num_layers),
             batch_size=settings.batch_size, seed=settings.calibration.seed, progress=progress,
-            device=settings.device).to_dict()
+            device=settings.device, checkpoint_dir=work_dir / "reconstruction" if work_dir is not None else None).to_dict()
     final = model_structure(model)
     record["removed"] = {b: round(removed_fraction(original, final, b), 6) for b in ("non-embedding", "total", "flops", "kv-cache")}
     record["params"] = {"before": original.total_params, "after": final.total_params,
@@ -361,14 +364,14 @@ def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: 
     if dry_run:
         return preflight
     loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
-    search_state = out.with_name(f".{out.name}.search-state.json")  # beside the output, until it is saved
-    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress, search_state=search_state)
+    work_dir = out.with_name(f".{out.name}.resume")  # beside the output, until it is saved
+    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress, work_dir=work_dir)
     if plan is not None and model_structure(loaded).total_params != preflight.leaves.total_params:
         raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
     loaded.to("cpu")  # saved from CPU memory
     saved = save_pruned(loaded, tokenizer, out, record, source=str(model), protected=source.local_paths, force=force,
                         save_dtype=save_dtype)
-    search_state.unlink(missing_ok=True)
+    shutil.rmtree(work_dir, ignore_errors=True)
     return saved
 
 

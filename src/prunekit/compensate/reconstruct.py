@@ -15,12 +15,19 @@ layer keeps the weights of its best measurement (so it never ends worse than it 
 after `patience` measurements without improvement. Rows are drawn by a generator seeded with
 `seed`: the same inputs give the same weights. The device holds one pruned layer, one dense layer,
 the states and their targets; the dense copies wait in CPU memory.
+
+With `checkpoint_dir`, each trained layer is written there (its weights, its result and the
+generator's state), so that a run killed midway and started again on the same pruned model and
+settings loads the layers already trained instead of training them again.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -89,10 +96,12 @@ def reconstruct_blocks(model: nn.Module, dense_layers: list[nn.Module], input_id
                        lr: float = DEFAULT_LR, sources: list[int] | None = None, batch_size: int = 8,
                        held_out: float = DEFAULT_HELD_OUT, eval_every: int = DEFAULT_EVAL_EVERY,
                        patience: int = DEFAULT_PATIENCE, seed: int = 0, progress: bool = True,
-                       device: torch.device | str | None = None) -> ReconstructionReport:
+                       device: torch.device | str | None = None,
+                       checkpoint_dir: Path | None = None) -> ReconstructionReport:
     """Train each decoder layer of the pruned `model`, in place, toward `dense_layers[sources[l]]`
     on the pruned model's own states; `sources` maps pruned layers to dense ones (default: one to
-    one). With `steps=0` nothing changes. Returns what each layer gained on the held-apart rows."""
+    one). With `steps=0` nothing changes. Returns what each layer gained on the held-apart rows.
+    With `checkpoint_dir`, trained layers are saved there and loaded again by a rerun (module doc)."""
     check_reconstruction(steps, lr, held_out)
     arch = architecture_for(model.config.model_type)
     layers = decoder_layers(model, arch.to_dict())
@@ -112,22 +121,70 @@ def reconstruct_blocks(model: nn.Module, dense_layers: list[nn.Module], input_id
     order = torch.randperm(len(input_ids), generator=generator)
     n_held = min(len(input_ids) - 1, max(1, round(held_out * len(input_ids))))
     held_rows, train_rows = order[:n_held].sort().values, order[n_held:]
+    key = _checkpoint_key(layers, input_ids, sources, steps, lr, held_out, eval_every, patience, seed)
+    if checkpoint_dir is not None:
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         stream, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
     results = []
     bar = tqdm(range(len(layers)), desc="reconstruction: layers", unit="layer", disable=not progress)
     for index in bar:
         layer, dense = layers[index], dense_layers[sources[index]]
+        saved = _load_checkpoint(checkpoint_dir, index, key)
         with layer_on(layer, device), layer_on(dense, device):
-            target = _outputs(dense, stream, kwargs_of[index], batch_size)
-            result = _train_layer(layer, stream, target, kwargs_of[index], train_rows, held_rows, steps=steps, lr=lr,
-                                  batch_size=batch_size, eval_every=eval_every, patience=patience, generator=generator)
-            del target
+            if saved is not None:  # trained before a kill: the same weights, the same generator state after
+                with torch.no_grad():
+                    layer.load_state_dict(saved["state"])
+                generator.set_state(saved["generator"])
+                result = tuple(saved["result"])
+            else:
+                target = _outputs(dense, stream, kwargs_of[index], batch_size)
+                result = _train_layer(layer, stream, target, kwargs_of[index], train_rows, held_rows, steps=steps,
+                                      lr=lr, batch_size=batch_size, eval_every=eval_every, patience=patience,
+                                      generator=generator)
+                del target
+                _save_checkpoint(checkpoint_dir, index, key, layer, result, generator)
             with torch.no_grad():
                 run_layer(layer, stream, kwargs_of[index], batch_size=batch_size)
         results.append(LayerReconstruction(index, sources[index], *result))
         bar.set_postfix(error=f"{result[2]:.3g}->{result[3]:.3g}")
     return ReconstructionReport(tuple(results), steps, lr, n_held, seed)
+
+
+def _checkpoint_key(layers: nn.ModuleList, input_ids: torch.Tensor, sources: list[int], *settings) -> str:
+    """What a checkpoint must match: the settings, the rows, and the pruned layers as they came
+    (shapes and a sum of every tensor: a rerun of the same prune reproduces them)."""
+    digest = hashlib.sha256(repr((sources, settings)).encode())
+    digest.update(input_ids.cpu().numpy().tobytes())
+    with torch.no_grad():
+        for name, tensor in layers.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)}{float(tensor.double().sum()):.10e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _checkpoint_file(checkpoint_dir: Path, index: int) -> Path:
+    return Path(checkpoint_dir) / f"layer-{index:04d}.pt"
+
+
+def _load_checkpoint(checkpoint_dir: Path | None, index: int, key: str) -> dict | None:
+    if checkpoint_dir is None or not _checkpoint_file(checkpoint_dir, index).is_file():
+        return None
+    try:
+        saved = torch.load(_checkpoint_file(checkpoint_dir, index), map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None  # half written when the run was killed: train the layer again
+    return saved if saved.get("key") == key else None
+
+
+def _save_checkpoint(checkpoint_dir: Path | None, index: int, key: str, layer: nn.Module, result: tuple,
+                     generator: torch.Generator) -> None:
+    if checkpoint_dir is None:
+        return
+    path = _checkpoint_file(checkpoint_dir, index)
+    partial = path.with_name(path.name + ".partial")
+    state = {name: tensor.detach().cpu() for name, tensor in layer.state_dict().items()}
+    torch.save({"key": key, "state": state, "result": list(result), "generator": generator.get_state()}, partial)
+    os.replace(partial, path)
 
 
 @torch.no_grad()
