@@ -3,9 +3,11 @@ every bad setting refused before the model is loaded."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model
 
 import prunekit
@@ -56,7 +58,23 @@ def test_cli_prune_target_uniform_gives_a_stock_model(model_dir, tmp_path, capsy
             "--ffn-multiple", "16", "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8",
             "--calib-seq-len", "32", "--no-compensate", "--criterion-option", "variant=vector"]
     assert main(args) == 0
-    assert "saved stock model" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "saved stock model" in printed
+    assert re.search(r"memory: peak [0-9.]+ GiB on cpu \(admitted on an estimate of [0-9.]+ GiB\)", printed)
+    memory = json.loads((tmp_path / "out" / "prunekit.json").read_text())["pruning"]["memory"]
+    assert memory["peak_bytes"] > 0 and memory["estimate_bytes"] > 0 and memory["device"] == "cpu"
+
+
+def test_peak_memory_is_the_blocks_own_peak():
+    from prunekit.models.memory import PeakMemory, _peak_resident_bytes
+
+    with PeakMemory("cpu") as small:
+        pass
+    with PeakMemory("cpu") as large:
+        block = torch.ones(64 * 2**20)  # 256 MiB, touched
+        del block
+    assert not large.since_start
+    assert large.bytes - small.bytes > 200 * 2**20 and _peak_resident_bytes() >= small.bytes
 
 
 @pytest.mark.parametrize("args, match", [

@@ -24,7 +24,8 @@ from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
 from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
                                      resolve_model_source)
-from prunekit.models.memory import BYTES, MemoryEstimate, layer_by_layer_estimate, pruning_estimate, weights_estimate
+from prunekit.models.memory import (BYTES, MemoryEstimate, PeakMemory, layer_by_layer_estimate, pruning_estimate,
+                                    weights_estimate)
 from prunekit.models.structure import ModelStructure, format_count, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure, surviving_layers
 from prunekit.plan.planner import (PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction,
@@ -320,6 +321,11 @@ def prune_summary(saved: SavedModel, *, seconds: float) -> str:
                if units["before"][name] != units["after"][name]]
     if changed:
         lines.append("  removed: " + "; ".join(changed))
+    memory = pruning.get("memory") or {}
+    if memory.get("peak_bytes"):
+        estimate = (f" (admitted on an estimate of {memory['estimate_bytes'] / 2**30:.1f} GiB)"
+                    if memory.get("estimate_bytes") else "")
+        lines.append(f"  memory: peak {memory['peak_bytes'] / 2**30:.1f} GiB on {memory['device']}{estimate}")
     size = saved.bytes or sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
     source = f" (source: {saved.source_bytes / 2**20:,.0f} MiB)" if getattr(saved, "source_bytes", None) else ""
     lines.append(f"  on disk: {size / 2**20:,.0f} MiB{source}")
@@ -363,9 +369,13 @@ def prune(model: str | Path, out: str | Path, settings: PruneSettings, *, plan: 
     preflight.check(machine or Machine.here(out), str(model))
     if dry_run:
         return preflight
-    loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
     work_dir = out.with_name(f".{out.name}.resume")  # beside the output, until it is saved
-    record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress, work_dir=work_dir)
+    work_device = load_device(settings.device, False)
+    with PeakMemory(work_device) as peak:
+        loaded, tokenizer = load(model, dtype=dtype, device=load_device(settings.device, settings.layer_by_layer))
+        record = prune_loaded(loaded, tokenizer, settings, plan=plan, progress=progress, work_dir=work_dir)
+    admitted = next((need.estimate.total for need in preflight.needs if need.device == work_device), None)
+    record["memory"] = peak.to_dict(admitted)
     if plan is not None and model_structure(loaded).total_params != preflight.leaves.total_params:
         raise AssertionError("surgery and plan disagree on the parameter count")  # a bug, never the user's input
     loaded.to("cpu")  # saved from CPU memory

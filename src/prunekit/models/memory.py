@@ -219,3 +219,51 @@ def inference_estimate(structure: ModelStructure, dtype: str, *, batch_size: int
         "logits of one batch": _logits_bytes(structure, batch_size, seq_len),
         "activations of one batch": batch_size * seq_len * structure.hidden_size * 4 * 4,
     })
+
+
+class PeakMemory:
+    """The peak memory of a block of work on one device, measured, to set beside its estimate.
+
+    On a GPU: torch's peak allocation on that device. On the CPU: the process's peak resident set
+    (VmHWM), which Linux lets a process reset (clear_refs 5), so it is the block's own peak; where
+    that is not possible it is the peak since the process started (`since_start` says so).
+    """
+
+    def __init__(self, device: str | None):
+        self.device = device or "cpu"
+        self.bytes: int | None = None
+        self.since_start = False
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(torch.device(self.device))
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                    handle.write("5")
+            except OSError:
+                self.since_start = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            self.bytes = torch.cuda.max_memory_allocated(torch.device(self.device))
+            return
+        self.bytes = _peak_resident_bytes()
+
+    def to_dict(self, estimate: int | None) -> dict:
+        return {"device": self.device, "peak_bytes": self.bytes, "estimate_bytes": estimate,
+                "peak_since_process_start": self.since_start}
+
+
+def _peak_resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
