@@ -294,6 +294,7 @@ def _add_recover(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_recover(args: argparse.Namespace) -> int:
+    from prunekit.models.memory import describe_peak
     from prunekit.recover import PAIR_SOURCES, RecoveryData, RecoverySettings, recover
 
     data = RecoveryData(source=args.data, pairs=args.pairs or args.data in PAIR_SOURCES, seq_len=args.seq_len,
@@ -315,6 +316,9 @@ def _run_recover(args: argparse.Namespace) -> int:
         (_, before), (_, after) = recovery["eval"][0], recovery["eval"][-1]
         print(f"held-out perplexity {before:.2f} -> {after:.2f} over {recovery['tokens']:,} training tokens")
     print(f"saved {saved.format} model with {saved.params:,} parameters to {saved.path}")
+    memory = describe_peak(recovery.get("memory"))
+    if memory:
+        print(f"  memory: {memory}")
     return 0
 
 

@@ -24,8 +24,8 @@ from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
 from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
                                      resolve_model_source)
-from prunekit.models.memory import (BYTES, MemoryEstimate, PeakMemory, layer_by_layer_estimate, pruning_estimate,
-                                    weights_estimate)
+from prunekit.models.memory import (BYTES, MemoryEstimate, PeakMemory, describe_peak, layer_by_layer_estimate,
+                                    pruning_estimate, weights_estimate)
 from prunekit.models.structure import ModelStructure, format_count, model_structure
 from prunekit.plan.plan import Plan, PlanError, predicted_structure, surviving_layers
 from prunekit.plan.planner import (PlannerSettings, basis_value, check_reachable, make_plan, removed_fraction,
@@ -321,11 +321,9 @@ def prune_summary(saved: SavedModel, *, seconds: float) -> str:
                if units["before"][name] != units["after"][name]]
     if changed:
         lines.append("  removed: " + "; ".join(changed))
-    memory = pruning.get("memory") or {}
-    if memory.get("peak_bytes"):
-        estimate = (f" (admitted on an estimate of {memory['estimate_bytes'] / 2**30:.1f} GiB)"
-                    if memory.get("estimate_bytes") else "")
-        lines.append(f"  memory: peak {memory['peak_bytes'] / 2**30:.1f} GiB on {memory['device']}{estimate}")
+    memory = describe_peak(pruning.get("memory"))
+    if memory:
+        lines.append(f"  memory: {memory}")
     size = saved.bytes or sum(f.stat().st_size for f in saved.path.rglob("*") if f.is_file())
     source = f" (source: {saved.source_bytes / 2**20:,.0f} MiB)" if getattr(saved, "source_bytes", None) else ""
     lines.append(f"  on disk: {size / 2**20:,.0f} MiB{source}")

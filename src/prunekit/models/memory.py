@@ -256,6 +256,15 @@ class PeakMemory:
                 "peak_since_process_start": self.since_start}
 
 
+def describe_peak(memory: dict | None) -> str | None:
+    """'peak 6.5 GiB on cpu (admitted on an estimate of 8.8 GiB)' from a PeakMemory record."""
+    if not memory or not memory.get("peak_bytes"):
+        return None
+    estimate = (f" (admitted on an estimate of {memory['estimate_bytes'] / 2**30:.1f} GiB)"
+                if memory.get("estimate_bytes") else "")
+    return f"peak {memory['peak_bytes'] / 2**30:.1f} GiB on {memory['device']}{estimate}"
+
+
 def _peak_resident_bytes() -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as handle:

@@ -19,7 +19,7 @@ from prunekit.data.sources import resolve_source
 from prunekit.export.files import OutputExistsError, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, provenance_plans, save_model
 from prunekit.models.loading import load, load_config, load_skeleton, load_tokenizer, resolve_model_source
-from prunekit.models.memory import BYTES, recovery_estimate
+from prunekit.models.memory import BYTES, PeakMemory, recovery_estimate
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.pipeline import LOAD_SECONDS, rate, self_text_seconds
 from prunekit.plan.plan import surviving_layers
@@ -135,10 +135,13 @@ def recover(student: str | Path, out: str | Path, settings: RecoverySettings, *,
     preflight = preflight_recover(student_structure, teacher_structure, settings, dtype, gpu=machine.has_gpu,
                                   processes=processes)
     preflight.check(machine, str(student))
-    model, tokenizer = load(student, dtype=dtype)
-    teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None
-    trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,
-                                     checkpoint_dir=checkpoints, resume=resume, progress=progress)
+    with PeakMemory(preflight.device) as peak:
+        model, tokenizer = load(student, dtype=dtype)
+        teacher_model = load(teacher, dtype=dtype, with_tokenizer=False)[0] if teacher_source is not None else None
+        trained, record = recover_loaded(model, tokenizer, settings, teacher=teacher_model, layer_map=layer_map,
+                                         checkpoint_dir=checkpoints, resume=resume, progress=progress)
+    record["memory"] = peak.to_dict(next((n.estimate.total for n in preflight.needs if n.device == preflight.device),
+                                         None))
     del teacher_model
     from accelerate import PartialState
 
