@@ -94,6 +94,8 @@ def test_eval_matches_perplexity_and_records_its_protocol(models, text_file, tmp
     row = next(line for line in printed.splitlines() if line.startswith(str(text_file)))
     assert "64 tokens" in row and f"{entry['perplexity']:.2f}" in row
     assert format_eval_table(report) in printed and f"wrote {out}" in printed
+    assert report["memory"]["peak_bytes"] > 0 and report["memory"]["estimate_bytes"] > 0
+    assert "memory: peak" in printed and "admitted on an estimate" in printed
 
 
 def test_eval_runs_local_tasks_without_default_perplexity(models, tmp_path, capsys):

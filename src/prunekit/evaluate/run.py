@@ -37,9 +37,9 @@ from prunekit.evaluate.speed import (
 from prunekit.evaluate.tasks import LOCAL_TASKS, EvalError, evaluate_tasks, local_data_files
 from prunekit.export.files import atomic_write_text
 from prunekit.export.huggingface import versions as library_versions
-from prunekit.models.loading import ModelSource, load, load_config, load_tokenizer, resolve_model_source
-from prunekit.models.memory import inference_estimate
-from prunekit.models.structure import ModelStructure
+from prunekit.models.loading import ModelSource, load, load_config, load_skeleton, load_tokenizer, resolve_model_source
+from prunekit.models.memory import PeakMemory, describe_peak, inference_estimate
+from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.preflight import Need, Preflight
 
 log = logging.getLogger(__name__)
@@ -319,31 +319,35 @@ def evaluate_model(
         model, ppl=ppl, seq_len=seq_len, stride=stride, window_every=window_every, tasks=tasks, limit=limit,
         dtype=dtype, batch_size=batch_size, data_dir=data_dir, json_out=json_out, device=device)
     tasks = list(tasks)
-    loaded, load_seconds = _load(source, dtype=dtype, device=device)
-    report: dict[str, Any] = {
-        "format": EVAL_FORMAT,
-        "model": {**_model_entry(source, loaded, dtype, load_seconds), "device": device},
-        "perplexity": {},
-        "tasks": {},
-        "environment": environment(),
-    }
-    for stream in streams:
-        start = time.perf_counter()
-        result = perplexity(loaded, tokenizer, dataset=stream.ids, seq_len=seq_len, stride=stride,
-                            window_every=window_every, batch_size=batch_size, progress=progress)
-        report["perplexity"][stream.spec] = {
-            "perplexity": result.perplexity,
-            "mean_nll": result.mean_nll,
-            "n_tokens": result.n_tokens,
-            "n_windows": result.n_windows,
-            "seconds": round(time.perf_counter() - start, 2),
-            # The stream went in pre-tokenized; name the text it came from.
-            "protocol": {**result.protocol, "dataset": stream.spec, "split": stream.split, "text_protocol": "raw",
-                         "text_sha256": stream.text_sha256, "special_tokens": False, "remainder": "dropped"},
+    admitted = inference_estimate(model_structure(load_skeleton(source)), dtype, batch_size=batch_size,
+                                  seq_len=seq_len).total
+    with PeakMemory(device) as peak:
+        loaded, load_seconds = _load(source, dtype=dtype, device=device)
+        report: dict[str, Any] = {
+            "format": EVAL_FORMAT,
+            "model": {**_model_entry(source, loaded, dtype, load_seconds), "device": device},
+            "perplexity": {},
+            "tasks": {},
+            "environment": environment(),
         }
-    if tasks:
-        report["tasks"] = evaluate_tasks(loaded, tokenizer, tasks, data_dir=data_dir, limit=limit,
-                                         batch_size=batch_size)
+        for stream in streams:
+            start = time.perf_counter()
+            result = perplexity(loaded, tokenizer, dataset=stream.ids, seq_len=seq_len, stride=stride,
+                                window_every=window_every, batch_size=batch_size, progress=progress)
+            report["perplexity"][stream.spec] = {
+                "perplexity": result.perplexity,
+                "mean_nll": result.mean_nll,
+                "n_tokens": result.n_tokens,
+                "n_windows": result.n_windows,
+                "seconds": round(time.perf_counter() - start, 2),
+                # The stream went in pre-tokenized; name the text it came from.
+                "protocol": {**result.protocol, "dataset": stream.spec, "split": stream.split, "text_protocol": "raw",
+                             "text_sha256": stream.text_sha256, "special_tokens": False, "remainder": "dropped"},
+            }
+        if tasks:
+            report["tasks"] = evaluate_tasks(loaded, tokenizer, tasks, data_dir=data_dir, limit=limit,
+                                             batch_size=batch_size)
+    report["memory"] = peak.to_dict(admitted)
     _write_json(json_path, report)
     return report
 
@@ -392,6 +396,9 @@ def format_eval_table(report: dict[str, Any]) -> str:
         lines += ["", *_table(["task (0-shot)", "n", "acc", "acc_norm", "seconds"], rows)]
         if limits != {None}:
             lines.append(f"limit: the first {', '.join(str(limit) for limit in limits)} examples of each task")
+    memory = describe_peak(report.get("memory"))
+    if memory:
+        lines += ["", f"memory: {memory}"]
     return "\n".join(lines)
 
 
