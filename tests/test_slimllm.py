@@ -299,3 +299,14 @@ def test_scale_and_bias_is_the_per_dimension_line_fit_and_the_refit_does_at_leas
     refit = refit_kept_columns(full, gram, torch.cat([keep, torch.tensor([12])]), ridge=0.0)
     refit_error = (augmented[:, torch.cat([keep, torch.tensor([12])])] @ refit.T - y).pow(2).sum()
     assert refit_error <= line_error * (1 + 1e-9)
+
+
+def test_the_repair_benchmark_refuses_an_unknown_repair_before_loading(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "slimllm_repair.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "no-such-model", "--repairs", "none,polyfit",
+                             "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown repairs ['polyfit']; choose from" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "r.json").exists()
