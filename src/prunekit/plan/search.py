@@ -37,7 +37,7 @@ class SearchSettings:
     minutes: float | None = None   # ...or in wall-clock minutes (whichever ends first)
     offspring: int = 8             # children per generation
     max_mutations: int = 3         # each child moves 1..max_mutations steps of removal between layers
-    held_out_rows: int = 16        # calibration rows set apart for the fitness, never used to build candidates
+    held_out_rows: int = 32        # calibration rows drawn beyond n_samples for the fitness, never used to build candidates
     seed: int = 0
 
     def validate(self) -> None:
