@@ -150,6 +150,9 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reconstruct-steps", type=int, default=defaults.reconstruct_steps, metavar="N",
                         help="after the cut, train every kept weight of each layer for up to N Adam steps toward the "
                         "original layer on the calibration rows (default %(default)s: none)")
+    parser.add_argument("--replace-dropped-layers", action="store_true",
+                        help="fold each span of dropped layers into the kept layer before it as a least-squares linear "
+                        "map on the calibration rows (ReplaceMe; not for Gemma's sandwich norms)")
     parser.add_argument("--reconstruct-lr", type=float, default=defaults.reconstruct_lr,
                         help="learning rate of --reconstruct-steps (default %(default)s)")
     parser.add_argument("--scores", default=None, help="plan from this scores.json (what `prunekit analyze` wrote) "
@@ -191,6 +194,7 @@ def _prune_settings(args: argparse.Namespace):
         prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple, protect_layers=protect,
         compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
         steps=args.steps, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
+        replace_dropped_layers=args.replace_dropped_layers,
         batch_size=args.batch_size, calibration=_calibration_settings(args),
         device=args.device, layer_by_layer=args.layer_by_layer, scores=args.scores,
         search=SearchSettings(generations=args.search_generations, minutes=args.search_minutes,

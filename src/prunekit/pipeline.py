@@ -18,11 +18,13 @@ from torch import nn
 from prunekit.compensate import compensate, compensate_sequential
 from prunekit.compensate.obs import select_and_update
 from prunekit.compensate.reconstruct import DEFAULT_LR, check_reconstruction, dense_layer_copies, reconstruct_blocks
+from prunekit.compensate.replaceme import check_replaceable, replace_dropped_layers
 from prunekit.data import NAMED_SOURCES, SELF_SOURCE, DataError, calibration_tokens, load_pairs, task_tokens
 from prunekit.data.sources import resolve_source
 from prunekit.export.files import atomic_directory, check_output_dir
 from prunekit.export.huggingface import PROVENANCE_FILE, SavedModel, save_model
-from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_skeleton,
+from prunekit.models.architecture import architecture_for
+from prunekit.models.loading import (ModelSource, check_device, check_finite_weights, load, load_config, load_skeleton,
                                      resolve_model_source)
 from prunekit.models.memory import (BYTES, MemoryEstimate, PeakMemory, describe_peak, layer_by_layer_estimate,
                                     pruning_estimate, weights_estimate)
@@ -97,6 +99,8 @@ class PruneSettings:
     reconstruct_lr: float = DEFAULT_LR
     # allocation "search": its budget and fitness rows (prunekit.plan.search)
     search: SearchSettings = field(default_factory=SearchSettings)
+    # Fold each span of dropped layers into the layer before it as a least-squares linear map (ReplaceMe).
+    replace_dropped_layers: bool = False
 
     def planner_settings(self, target: float | None = None) -> PlannerSettings:
         return PlannerSettings(
@@ -132,13 +136,16 @@ class PruneSettings:
             raise PlanError(f"scores file {self.scores} does not exist; pass the scores.json that `prunekit analyze` "
                             "wrote, or drop --scores to score here")
         check_reconstruction(self.reconstruct_steps, self.reconstruct_lr)
+        if self.replace_dropped_layers and self.layer_by_layer:
+            raise PlanError("replacing dropped layers runs the whole model over the calibration rows and cannot run "
+                            "layer by layer yet; drop --layer-by-layer or --replace-dropped-layers")
         if self.allocation == "search":
             self.search.validate()
             if self.layer_by_layer:
                 raise PlanError("allocation 'search' assembles candidate models on the device and cannot run layer by "
                                 "layer yet; drop --layer-by-layer or use global allocation")
         if ((criterion.needs_data and self.scores is None) or self.compensation != "none" or self.reconstruct_steps
-                or self.allocation == "search"):
+                or self.allocation == "search" or self.replace_dropped_layers):
             self.calibration.validate()
         check_run_options(self.criterion, self.device, self.layer_by_layer)
 
@@ -225,7 +232,10 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     needs_scores = plan is None and scores is None and settings.criterion_spec.needs_data
     searching = plan is None and settings.allocation == "search"
     held = settings.search.held_out_rows
-    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps or searching):
+    if settings.replace_dropped_layers:
+        check_replaceable(architecture_for(model.config.model_type))
+    if ids is None and (needs_scores or settings.compensation != "none" or settings.reconstruct_steps or searching
+                        or settings.replace_dropped_layers):
         extra = held if searching else 0
         ids, labels = calibration_batch(model, tokenizer, replace(settings.calibration,
                                                                   n_samples=settings.calibration.n_samples + extra))
@@ -266,6 +276,10 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
             scores = None
             stats = (_stats(model, ids, settings, with_gram=True, progress=progress)
                      if settings.compensation == "one-shot" else None)
+        replacement = None
+        if settings.replace_dropped_layers and plan.drop_layers:  # first: the width refits then see the folded map
+            replacement = replace_dropped_layers(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
+                                                 progress=progress).to_dict()
         compensation = None
         if settings.compensation == "one-shot":
             compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
@@ -280,6 +294,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
             "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "removed": removed_fraction(original, after, settings.basis),
             "compensation": compensation.to_dict() if compensation is not None else None,
+            "replaced_dropped_layers": replacement,
         })
         record["scores"] = scores
         plan = scores = None  # the next step scores and plans again
@@ -514,6 +529,8 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
     `leaves` is the shape the model will have: the plan's, or for a target that of a plan with
     every unit scored alike (the counts are what matter to the stages after it)."""
     settings.validate()
+    if settings.replace_dropped_layers:
+        check_replaceable(architecture_for(load_config(source).model_type))
     structure = structure or model_structure(load_skeleton(source))
     if plan is not None:
         leaves = predicted_structure(plan, structure)  # a plan made for another model fails here
@@ -526,7 +543,7 @@ def preflight_prune(source: ModelSource, settings: PruneSettings, dtype: str = "
     calibration = settings.calibration
     tokens = calibration.n_samples * calibration.seq_len
     uses_data = ((scoring and settings.criterion_spec.needs_data) or settings.compensation != "none"
-                 or settings.reconstruct_steps > 0)
+                 or settings.reconstruct_steps > 0 or settings.replace_dropped_layers)
     if uses_data:
         check_calibration_source(calibration)
     flops = structure.flops_per_token(512)
