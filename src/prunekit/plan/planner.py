@@ -513,7 +513,10 @@ class SearchSpace:
     start: tuple[int, ...]
 
     def removed(self, positions) -> float:
-        return sum(chain.removed[p] for chain, p in zip(self.chains, positions))
+        return sum(self.removed_per_layer(positions))
+
+    def removed_per_layer(self, positions) -> list[float]:
+        return [chain.removed[p] for chain, p in zip(self.chains, positions)]
 
 
 def search_space(structure: ModelStructure, scores: Scores, settings: PlannerSettings, *,

@@ -194,11 +194,9 @@ def search_allocation(model: nn.Module, scores: Scores, settings: PlannerSetting
     if state_path is not None:
         state_path.parent.mkdir(parents=True, exist_ok=True)
     result = evolve(space, fitness, search, state_path=state_path, key=key, progress=progress)
-    per_layer = lambda positions: [round(c.removed[p], 1) for c, p in zip(space.chains, positions)]  # noqa: E731
-    record = {**result.to_dict(), "start": list(space.start), "goal": space.goal,
-              "removed_per_layer": per_layer(result.positions), "start_removed_per_layer": per_layer(space.start),
-              "layer_basis": [round(structure.layer_costs[i].params(shape), 1) if settings.basis in ("non-embedding", "total")
-                              else None for i, shape in enumerate(structure.layers)],
+    record = {**result.to_dict(), "start": list(space.start), "goal": space.goal, "basis": settings.basis,
+              "removed_per_layer": space.removed_per_layer(result.positions),
+              "start_removed_per_layer": space.removed_per_layer(space.start),
               "candidate_layers_built": candidates.builds, "settings": search.to_dict()}
     plan = plan_at(space, result.positions, structure, scores, settings, comparable=comparable,
                    meta={"search": {"fitness": result.fitness, "start_fitness": result.start_fitness,
