@@ -36,6 +36,11 @@ SHAPES: dict[str, tuple[Plan, str, int]] = {
     "first layer without attention": (Plan(layers={0: LayerPlan(drop_attention=True)}), "deci", 4),
     # a layer without both sublayers is the identity: not written, and the rest is uniform again
     "identity layer": (Plan(layers={1: LayerPlan(drop_attention=True, drop_mlp=True)}), "llama", 3),
+    # hidden-size pruning: embedding_length is the kept width; 36 is not a multiple of the 8 heads
+    "hidden": (Plan(keep_hidden=tuple(range(0, 48, 6)) + tuple(range(1, 48, 6)) + tuple(range(2, 48, 6))
+                    + tuple(range(3, 48, 6)) + tuple(range(4, 48, 6))), "llama", 4),
+    "hidden with per-layer widths": (Plan(keep_hidden=tuple(range(6, 42)), layers={
+        0: LayerPlan(drop_attention=True), 2: LayerPlan(keep_channels=tuple(range(40)))}), "deci", 4),
 }
 
 

@@ -32,6 +32,7 @@ def _check_matches(scores: Scores, structure: ModelStructure) -> None:
         "head": lambda i: structure.layers[i].num_attention_heads,
         "kv_group": lambda i: structure.layers[i].num_key_value_heads,
         "channel": lambda i: structure.layers[i].intermediate_size,
+        "hidden": lambda i: structure.hidden_size,  # each layer's share of every residual channel's score
     }
     for kind, per_layer in scores.values.items():
         if len(per_layer) != structure.num_layers:
