@@ -137,3 +137,12 @@ def _arch(model):
     from prunekit import architecture_for
 
     return architecture_for(model.config.model_type)
+
+
+def test_cli_hidden_multiple_reaches_the_planner():
+    from prunekit.cli import _prune_settings, build_parser
+
+    args = build_parser().parse_args(["prune", "model", "--out", "out", "--target", "0.2", "--prune-structures", "hidden,channel",
+                                      "--hidden-multiple", "16"])
+    settings = _prune_settings(args).planner_settings()
+    assert (settings.hidden_multiple, settings.prune) == (16, ("hidden", "channel"))

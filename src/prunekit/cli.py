@@ -137,6 +137,8 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
                         help="at most this fraction of a kind removed, e.g. head=0.3")
     parser.add_argument("--ffn-multiple", type=int, default=defaults.ffn_multiple,
                         help=f"FFN widths are kept at multiples of this (default {defaults.ffn_multiple})")
+    parser.add_argument("--hidden-multiple", type=int, default=defaults.hidden_multiple,
+                        help=f"the hidden size is kept at multiples of this (default {defaults.hidden_multiple})")
     parser.add_argument("--protect-layers", default="", help="layers never pruned, e.g. 0,1")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="reach the target in this many steps, scoring "
                         "again between them (default 1)")
@@ -191,7 +193,8 @@ def _prune_settings(args: argparse.Namespace):
     return PruneSettings(
         target=args.target, basis=args.basis, criterion=args.criterion,
         criterion_options=_key_values(args.criterion_option, "--criterion-option"), allocation=args.allocation,
-        prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple, protect_layers=protect,
+        prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple,
+        hidden_multiple=args.hidden_multiple, protect_layers=protect,
         compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
         steps=args.steps, reconstruct_steps=args.reconstruct_steps, reconstruct_lr=args.reconstruct_lr,
         replace_dropped_layers=args.replace_dropped_layers,

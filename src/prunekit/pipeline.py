@@ -81,6 +81,7 @@ class PruneSettings:
     prune: tuple[str, ...] = ("channel", "head", "kv_group")
     limits: dict[str, float] = field(default_factory=dict)
     ffn_multiple: int = 64
+    hidden_multiple: int = 64
     protect_layers: tuple[int, ...] = ()
     compensation: str = "sequential"   # one of COMPENSATIONS
     bias_compensation: bool = False
@@ -106,7 +107,7 @@ class PruneSettings:
         return PlannerSettings(
             target=self.target if target is None else target, basis=self.basis, allocation=self.allocation,
             prune=tuple(self.prune), limits=dict(self.limits), ffn_multiple=self.ffn_multiple,
-            protect_layers=tuple(self.protect_layers),
+            hidden_multiple=self.hidden_multiple, protect_layers=tuple(self.protect_layers),
         )
 
     @property
