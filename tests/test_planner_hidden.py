@@ -146,3 +146,12 @@ def test_cli_hidden_multiple_reaches_the_planner():
                                       "--hidden-multiple", "16"])
     settings = _prune_settings(args).planner_settings()
     assert (settings.hidden_multiple, settings.prune) == (16, ("hidden", "channel"))
+
+
+def test_saved_scores_with_hidden_shares_load_for_planning(model, scores, tmp_path):
+    from prunekit.pipeline import load_scores_for
+
+    scores.save(tmp_path / "scores.json")
+    loaded = load_scores_for(tmp_path / "scores.json", model_structure(model))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.values["hidden"], scores.values["hidden"]))
+    assert _plan(model, loaded, target=0.2, basis="total", prune=("hidden",)).keep_hidden is not None

@@ -577,7 +577,8 @@ def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
     scores = Scores.load(path)
     counts = {"head": [s.num_attention_heads for s in structure.layers],
               "kv_group": [s.num_key_value_heads for s in structure.layers],
-              "channel": [s.intermediate_size for s in structure.layers]}
+              "channel": [s.intermediate_size for s in structure.layers],
+              "hidden": [structure.hidden_size] * structure.num_layers}  # each layer's share of every residual channel
     for kind, per_layer in scores.values.items():
         sizes = [int(v.numel()) for v in per_layer]
         expected = counts.get(kind, [1] * structure.num_layers)
