@@ -155,3 +155,17 @@ def test_saved_scores_with_hidden_shares_load_for_planning(model, scores, tmp_pa
     loaded = load_scores_for(tmp_path / "scores.json", model_structure(model))
     assert all(torch.equal(a, b) for a, b in zip(loaded.values["hidden"], scores.values["hidden"]))
     assert _plan(model, loaded, target=0.2, basis="total", prune=("hidden",)).keep_hidden is not None
+
+
+@pytest.mark.parametrize("args, message", [(("--structures", "hidden,embedding"), "unknown structures ['embedding']"),
+                                           (("--ratios", "20%"), "--ratios takes fractions")])
+def test_hidden_benchmark_refuses_bad_arguments_before_loading(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "hidden_pruning.py"
+    result = subprocess.run([sys.executable, str(script), "--model", "no-such-model", *args, "--out", str(tmp_path / "r.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r.json").exists()
