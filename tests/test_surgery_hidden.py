@@ -203,3 +203,17 @@ def test_uniform_hidden_that_heads_do_not_divide_reloads_without_prunekit(tokeni
     assert result.returncode == 0, result.stderr[-3000:]
     for family, logits in expected.items():
         torch.testing.assert_close(torch.load(tmp_path / f"{family}.logits.pt"), logits, atol=0, rtol=0)
+
+
+def test_model_card_costs_the_source_back_at_its_hidden_size():
+    """Where the source is not at hand, the card rebuilds its structure from the plan's signature."""
+    from prunekit.export.model_card import before_structure
+    from prunekit.plan import structure_signature
+
+    dense = tiny_model("llama")
+    before = model_structure(dense)
+    plan = Plan(keep_hidden=KEEP, layers={1: LayerPlan(keep_channels=tuple(range(40)))})
+    after = apply_plan(tiny_model("llama"), plan)
+    rebuilt = before_structure(structure_signature(before), after, [], source=None)
+    assert (rebuilt.hidden_size, rebuilt.total_params, rebuilt.non_embedding_params) == (
+        HIDDEN, before.total_params, before.non_embedding_params)

@@ -127,8 +127,9 @@ def before_structure(
     skeleton = local_structure(source)
     if skeleton is not None and structure_signature(skeleton)["layers"] == signature["layers"]:
         return skeleton
-    # Per-unit costs depend on the hidden size, head_dim and biases, which pruning leaves alone;
-    # a pruned layer that lost a sublayer borrows them from a layer that kept it.
+    # Per-unit costs depend on head_dim and biases, which pruning leaves alone, and on the hidden
+    # size, which the result is costed back to; a pruned layer that lost a sublayer borrows them
+    # from a layer that kept it.
     def donor(has: Callable[[LayerShape], bool]) -> LayerCosts | None:
         return next((c for s, c in zip(after.layers, after.layer_costs) if has(s)), None)
 
@@ -143,7 +144,8 @@ def before_structure(
     for source_index, kept_costs, kept_shape in zip(survivors, after.layer_costs, after.layers):
         if kept_shape.num_attention_heads and kept_shape.intermediate_size:
             costs[source_index] = kept_costs
-    return replace(after, layers=shapes, layer_costs=tuple(costs), layer_types=None)
+    costed = replace(after, layers=shapes, layer_costs=tuple(costs), layer_types=None)
+    return costed.at_hidden_size(signature.get("hidden_size", after.hidden_size))
 
 
 def source_structure(provenance: dict, after: ModelStructure) -> tuple[ModelStructure | None, list[int]]:
