@@ -169,3 +169,10 @@ def test_hidden_benchmark_refuses_bad_arguments_before_loading(args, message, tm
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_layer_by_layer_activation_scores_hidden_channels_alike(model):
+    whole = score_model(model, "activation", IDS, progress=False)
+    by_layer = score_model(model, "activation", IDS, progress=False, layer_by_layer=True, device="cpu")
+    for a, b in zip(whole.values["hidden"], by_layer.values["hidden"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
