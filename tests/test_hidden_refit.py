@@ -62,3 +62,19 @@ def test_no_hidden_pruning_refits_nothing():
     reference = copy.deepcopy(model)
     assert refit_hidden_readers(model, Plan(), IDS, progress=False)["projections"] == 0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_prune_refits_the_readers_of_a_pruned_hidden_size(tokenizer):
+    from conftest import tiny_model
+
+    from prunekit.pipeline import CalibrationSettings, PruneSettings, prune_loaded
+
+    ids = torch.randint(3, 259, (8, 16), generator=torch.Generator().manual_seed(0))
+    settings = PruneSettings(target=0.15, basis="total", criterion="activation", prune=("hidden", "channel"),
+                             hidden_multiple=8, ffn_multiple=16, compensation="sequential", batch_size=4,
+                             calibration=CalibrationSettings(n_samples=8, seq_len=16))
+    model = tiny_model("llama")
+    record = prune_loaded(model, tokenizer, settings, progress=False, calibration=(ids, None))
+    step = record["steps"][0]
+    assert step["plan"].get("keep_hidden") and step["hidden_refit"]["projections"] > 0
+    assert model.config.hidden_size == len(step["plan"]["keep_hidden"])

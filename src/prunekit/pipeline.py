@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunekit.compensate import compensate, compensate_sequential
+from prunekit.compensate.hidden import refit_hidden_readers
 from prunekit.compensate.obs import select_and_update
 from prunekit.compensate.reconstruct import DEFAULT_LR, check_reconstruction, dense_layer_copies, reconstruct_blocks
 from prunekit.compensate.replaceme import check_replaceable, replace_dropped_layers
@@ -290,12 +291,18 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         elif settings.compensation == "obs":  # the plan's widths, OBS's choice of units: the revised plan is cut
             plan, compensation = select_and_update(model, plan, ids, batch_size=settings.batch_size, progress=progress,
                                                    device=settings.device)
+        hidden_refit = None
+        if plan.keep_hidden is not None and settings.compensation != "none":
+            # the readers of the residual stream (q/k/v, gate/up, an untied head) onto the kept channels
+            hidden_refit = refit_hidden_readers(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
+                                                progress=progress)
         after = apply_plan(model, plan)
         record["steps"].append({
             "step": step, "plan": plan.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "removed": removed_fraction(original, after, settings.basis),
             "compensation": compensation.to_dict() if compensation is not None else None,
             "replaced_dropped_layers": replacement,
+            "hidden_refit": hidden_refit,
         })
         record["scores"] = scores
         plan = scores = None  # the next step scores and plans again
