@@ -87,6 +87,7 @@ def test_peak_memory_is_the_blocks_own_peak():
     (["--prune-structures", "head", "--target", "0.8"], "at most 0\\.[0-9]+ can be removed"),
     (["--limit", "head"], "KEY=VALUE"),
     (["--steps", "0"], "steps must be at least 1"),
+    (["--allocation", "slimllm"], "criterion 'taylor' does not record"),
 ])
 def test_bad_settings_fail_before_loading(model_dir, tmp_path, monkeypatch, capsys, args, match):
     def no_loading(*a, **k):

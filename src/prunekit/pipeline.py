@@ -138,6 +138,12 @@ class PruneSettings:
             raise PlanError(f"scores file {self.scores} does not exist; pass the scores.json that `prunekit analyze` "
                             "wrote, or drop --scores to score here")
         check_reconstruction(self.reconstruct_steps, self.reconstruct_lr)
+        if self.allocation in ("slimllm", "adapt_pruner") and self.scores is None and not (
+                criterion.needs_stats or self.criterion in ("slimllm", "adapt_pruner") or self.compensation == "one-shot"):
+            # the same refusal the planner makes after scoring, here before anything is loaded
+            raise PlanError(f"allocation {self.allocation!r} spreads the target by each layer's cos(input, output), "
+                            f"which criterion {self.criterion!r} does not record; use criterion slimllm, adapt_pruner, "
+                            "activation, fluctuation or block_influence, or allocation adaptive")
         if self.replace_dropped_layers and self.layer_by_layer:
             raise PlanError("replacing dropped layers runs the whole model over the calibration rows and cannot run "
                             "layer by layer yet; drop --layer-by-layer or --replace-dropped-layers")
