@@ -44,13 +44,9 @@ def available_bytes(device: str = "cpu") -> int | None:
     free memory ("cuda": the current GPU's)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
-    try:
-        with open("/proc/meminfo", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -265,14 +261,22 @@ def describe_peak(memory: dict | None) -> str | None:
     return f"peak {memory['peak_bytes'] / 2**30:.1f} GiB on {memory['device']}{estimate}"
 
 
-def _peak_resident_bytes() -> int | None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A `key: N kB` line of a Linux /proc file, in bytes; None where there is no such file or line."""
     try:
-        with open("/proc/self/status", encoding="ascii") as handle:
+        with open(path, encoding="ascii") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _peak_resident_bytes() -> int | None:
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -339,6 +339,17 @@ def layer_importance(scores: Scores, structure: ModelStructure) -> torch.Tensor:
     return totals
 
 
+def _rescaled(ratios: torch.Tensor, target: float, weights: torch.Tensor) -> torch.Tensor:
+    """`ratios` scaled so that their `weights`-weighted mean is `target`, each in [0, 0.95]."""
+    for _ in range(50):
+        ratios = ratios.clamp(0, 0.95)
+        mean = (ratios * weights).sum() / weights.sum()
+        if abs(mean - target) < 1e-6 or mean == 0:
+            break
+        ratios = ratios * target / mean
+    return ratios.clamp(0, 0.95)
+
+
 def adaptive_budgets(importance: torch.Tensor, target: float, strength: float, weights: torch.Tensor) -> torch.Tensor:
     """Per-layer removal fractions around `target`: the least important layer loses
     target * (1 + strength), the most important target * (1 - strength) (by rank, robust to the
@@ -348,14 +359,7 @@ def adaptive_budgets(importance: torch.Tensor, target: float, strength: float, w
         return torch.tensor([target], dtype=torch.float64)
     ranks = torch.empty(n, dtype=torch.float64)
     ranks[torch.argsort(importance, stable=True)] = torch.arange(n, dtype=torch.float64) / (n - 1)  # 0 = least important
-    ratios = target * (1 + strength * (1 - 2 * ranks))
-    for _ in range(50):
-        ratios = ratios.clamp(0, 0.95)
-        mean = (ratios * weights).sum() / weights.sum()
-        if abs(mean - target) < 1e-6 or mean == 0:
-            break
-        ratios = ratios * target / mean
-    return ratios.clamp(0, 0.95)
+    return _rescaled(target * (1 + strength * (1 - 2 * ranks)), target, weights)
 
 
 def _adaptive(planner: _Planner, goal: float) -> None:
@@ -394,17 +398,6 @@ def slimllm_alpha(target: float) -> float:
     """SlimLLM's softmax temperature: 10 at 20% removed and 7 at 50% (its published settings),
     linear between and held at the ends."""
     return float(min(10.0, max(7.0, 10.0 - 10.0 * (target - 0.2))))
-
-
-def _rescaled(ratios: torch.Tensor, target: float, weights: torch.Tensor) -> torch.Tensor:
-    """`ratios` scaled so that their `weights`-weighted mean is `target`, each in [0, 0.95]."""
-    for _ in range(50):
-        ratios = ratios.clamp(0, 0.95)
-        mean = (ratios * weights).sum() / weights.sum()
-        if abs(mean - target) < 1e-6 or mean == 0:
-            break
-        ratios = ratios * target / mean
-    return ratios.clamp(0, 0.95)
 
 
 def slimllm_budgets(cos: torch.Tensor, target: float, weights: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
