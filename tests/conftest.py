@@ -123,3 +123,43 @@ def zero_contributions(model, layer: int, *, head_dim: int, heads=(), channels=(
             o_proj.weight.zero_()
         if mlp:
             down.weight.zero_()
+
+
+# Tiny mixtures of experts (issue 23), kept apart from TINY_CONFIGS so that the dense-family tests
+# do not run on them: 6 routed experts, top-2, experts narrower than a dense FFN; Qwen3-MoE with a
+# dense layer among the sparse ones (mlp_only_layers) and renormalised top-k, Qwen2-MoE with a
+# shared expert and top-k left unnormalised.
+TINY_MOE_CONFIGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=6, num_experts_per_tok=2, intermediate_size=32, sliding_window=None),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
+    "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
+                      shared_expert_intermediate_size=40),
+}
+MOE_FAMILIES = sorted(TINY_MOE_CONFIGS)
+
+
+def tiny_moe_model(family: str, seed: int = 0, **overrides):
+    """A randomly initialised MoE causal LM of `family` (see tiny_model), with router weights
+    large enough that routing differs from token to token."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=12, max_position_embeddings=128,
+        rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(TINY_MOE_CONFIGS[family])
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (1.0 if name.endswith("mlp.gate.weight") else 0.05))
+    return model.eval()
+
+
+@pytest.fixture(params=MOE_FAMILIES)
+def moe_family(request) -> str:
+    return request.param

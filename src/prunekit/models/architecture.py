@@ -57,7 +57,24 @@ class Architecture:
     # A buffer of the input embedding that holds sqrt(hidden_size) (Gemma scales embeddings by
     # it); hidden-size pruning sets it to the new size's value and rescales the embedding.
     embedding_scale: str | None = None
+    # Mixture of experts (names relative to the MLP module, which is then the sparse block): the
+    # router whose weight has one row per expert, and the experts as fused 3-D parameters
+    # (transformers 5.x: gate_up_proj [experts, 2 x width, hidden], down_proj [experts, hidden,
+    # width]). A layer is a MoE layer when its MLP has the experts module (Qwen-MoE families mix
+    # in dense layers). Config keys: the expert count, each expert's FFN width, and top-k.
+    router: str | None = None
+    experts: str | None = None
+    num_experts_key: str | None = None
+    expert_width_key: str = "intermediate_size"
+    top_k_key: str = "num_experts_per_tok"
+    # An always-on expert beside the routed ones (Qwen2-MoE), scaled by sigmoid(shared_expert_gate).
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +97,8 @@ def register(arch: Architecture) -> Architecture:
         raise ValueError(f"{arch.model_type}: name either q_proj/k_proj/v_proj or qkv_proj, not both or neither")
     if bool(arch.gate_proj and arch.up_proj) == bool(arch.gate_up_proj):
         raise ValueError(f"{arch.model_type}: name either gate_proj/up_proj or gate_up_proj, not both or neither")
+    if bool(arch.router) != bool(arch.experts) or bool(arch.experts) != bool(arch.num_experts_key):
+        raise ValueError(f"{arch.model_type}: a mixture of experts names router, experts and num_experts_key together")
     ARCHITECTURES[arch.model_type] = arch
     return arch
 

@@ -131,6 +131,36 @@ def set_mlp_width(layer: nn.Module, arch: dict, intermediate_size: int, config) 
         mlp.intermediate_size = intermediate_size
 
 
+def moe_parts(mlp: nn.Module, arch: dict) -> tuple[nn.Module, nn.Module] | None:
+    """(router, experts) of a sparse MoE block, or None for a dense (or removed) MLP."""
+    if not arch.get("experts") or not hasattr(mlp, arch["experts"]):
+        return None
+    return getattr(mlp, arch["router"]), getattr(mlp, arch["experts"])
+
+
+def _empty_like_parameter(old: nn.Parameter, shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
+
+
+def set_expert_count(layer: nn.Module, arch: dict, num_experts: int, config) -> None:
+    """Give the sparse MoE block of `layer` `num_experts` routed experts: new (uninitialised)
+    router rows and expert weights, and top-k at most the experts left."""
+    mlp = getattr(layer, arch["mlp"])
+    router, experts = moe_parts(mlp, arch)
+    router.weight = _empty_like_parameter(router.weight, (num_experts, router.weight.shape[1]))
+    if getattr(router, "bias", None) is not None:
+        router.bias = _empty_like_parameter(router.bias, (num_experts,))
+    for name in ("gate_up_proj", "down_proj"):
+        old = getattr(experts, name)
+        setattr(experts, name, _empty_like_parameter(old, (num_experts, *old.shape[1:])))
+    top_k = min(getattr(config, arch["top_k_key"]), num_experts)
+    for module in (router, experts, mlp):
+        if hasattr(module, "num_experts"):
+            module.num_experts = num_experts
+        if hasattr(module, "top_k"):
+            module.top_k = top_k
+
+
 def apply_layer_shapes(model: nn.Module, arch: dict, layer_shapes: list[dict]) -> None:
     """Reshape every decoder layer whose shape in `layer_shapes` differs from the config's."""
     config = model.config
@@ -141,7 +171,13 @@ def apply_layer_shapes(model: nn.Module, arch: dict, layer_shapes: list[dict]) -
         heads, kv_heads, ffn = shape["num_attention_heads"], shape["num_key_value_heads"], shape["intermediate_size"]
         if (heads, kv_heads) != (config.num_attention_heads, config.num_key_value_heads):
             set_attention_width(layer, arch, heads, kv_heads, config)
-        if ffn != config.intermediate_size:
+        if moe_parts(getattr(layer, arch["mlp"]), arch) is not None:
+            # A MoE layer: the stock config sizes its experts; only their count (or the whole block) changes.
+            if ffn == 0:
+                set_mlp_width(layer, arch, 0, config)
+            elif shape.get("num_experts", 0) != getattr(config, arch["num_experts_key"]):
+                set_expert_count(layer, arch, shape["num_experts"], config)
+        elif ffn != config.intermediate_size:
             set_mlp_width(layer, arch, ffn, config)
 
 

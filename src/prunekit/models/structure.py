@@ -8,23 +8,29 @@ from dataclasses import asdict, dataclass, replace
 from torch import nn
 
 from prunekit.models.architecture import Architecture, architecture_for
-from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of, moe_parts
 
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Widths of one decoder layer; 0 heads means no attention sublayer, 0 channels no MLP."""
+    """Widths of one decoder layer; 0 heads means no attention sublayer, 0 channels no MLP.
+    In a MoE layer `intermediate_size` is each routed expert's width and `num_experts` their count
+    (0: a dense MLP)."""
 
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
+    num_experts: int = 0
 
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads if self.num_key_value_heads else 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not self.num_experts:  # dense layers read as they always have
+            del out["num_experts"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,10 @@ class LayerCosts:
     attention_hidden_vectors: int = 0
     mlp_hidden_vectors: int = 0
     head_dim: int = 0
+    # A MoE layer: one routed expert's router row (and bias), and one channel of one expert (its
+    # gate and up rows and down column). mlp_fixed holds the shared expert and its gate.
+    per_expert: int = 0
+    per_expert_channel: int = 0
 
     def at_hidden_size(self, old: int, new: int) -> LayerCosts:
         """These costs for a model whose residual stream has `new` channels instead of `old`."""
@@ -53,7 +63,9 @@ class LayerCosts:
             per_query_head=self.per_query_head + 2 * self.head_dim * delta,
             per_kv_group=self.per_kv_group + 2 * self.head_dim * delta,
             mlp_fixed=self.mlp_fixed + self.mlp_hidden_vectors * delta,
-            per_channel=self.per_channel + 3 * delta,
+            per_channel=self.per_channel + 3 * delta if self.per_channel else 0,
+            per_expert=self.per_expert + delta if self.per_expert else 0,
+            per_expert_channel=self.per_expert_channel + 3 * delta if self.per_expert_channel else 0,
         )
 
     def params(self, shape: LayerShape) -> int:
@@ -61,8 +73,16 @@ class LayerCosts:
             self.attention_fixed + shape.num_attention_heads * self.per_query_head + shape.num_key_value_heads * self.per_kv_group
             if shape.num_attention_heads else 0
         )
-        mlp = self.mlp_fixed + shape.intermediate_size * self.per_channel if shape.intermediate_size else 0
+        mlp = (self.mlp_fixed + shape.intermediate_size * self.per_channel
+               + shape.num_experts * (self.per_expert + shape.intermediate_size * self.per_expert_channel)
+               if shape.intermediate_size else 0)
         return attention + mlp + self.other
+
+    def active_params(self, shape: LayerShape, experts_per_token: int) -> int:
+        """The parameters one token runs through: all of them, but only the top-k routed experts
+        of a MoE layer (the router still scores every expert)."""
+        idle = max(shape.num_experts - min(experts_per_token, shape.num_experts), 0)
+        return self.params(shape) - (idle * shape.intermediate_size * self.per_expert_channel if shape.intermediate_size else 0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +98,7 @@ class ModelStructure:
     layer_types: tuple[str, ...] | None = None
     sliding_window: int | None = None
     other_hidden_vectors: int = 0  # vectors of hidden size in other_params (the final norm)
+    experts_per_token: int = 0     # top-k of MoE layers (a layer with fewer experts routes to all it has)
 
     def at_hidden_size(self, hidden: int) -> ModelStructure:
         """This structure with `hidden` residual channels: the embedding, the output head, every
@@ -118,7 +139,8 @@ class ModelStructure:
         if self.sliding_window and self.layer_types and self.layer_types[index] == "sliding_attention":
             attended = min(attended, self.sliding_window)
         # norms and biases are a rounding error next to the matrix products
-        return 2 * self.layer_costs[index].params(shape) + 4 * shape.num_attention_heads * self.head_dim * attended
+        return (2 * self.layer_costs[index].active_params(shape, self.experts_per_token)
+                + 4 * shape.num_attention_heads * self.head_dim * attended)
 
     def layer_flops_per_token(self, index: int, seq_len: int = 2048, shape: LayerShape | None = None) -> float:
         """layer_flops averaged over a causal sequence of `seq_len` tokens ((seq_len + 1) / 2 attended)."""
@@ -141,9 +163,14 @@ class ModelStructure:
         return sum(2 * s.num_key_value_heads * self.head_dim * bytes_per_value for s in self.layers if s.num_attention_heads)
 
     def is_uniform(self) -> bool:
-        """Every layer has the same shape and keeps both sublayers."""
+        """Every layer has the same shape and keeps both sublayers (MoE layers are compared with
+        MoE layers and dense ones with dense ones: Qwen-MoE mixes them in stock models)."""
         first = self.layers[0]
-        return all(s == first for s in self.layers) and first.num_attention_heads > 0 and first.intermediate_size > 0
+        firsts = {bool(s.num_experts): s for s in reversed(self.layers)}
+        same_attention = all((s.num_attention_heads, s.num_key_value_heads) == (first.num_attention_heads, first.num_key_value_heads)
+                             for s in firsts.values())
+        return (all(s == firsts[bool(s.num_experts)] for s in self.layers) and same_attention
+                and first.num_attention_heads > 0 and all(s.intermediate_size > 0 for s in firsts.values()))
 
     def to_dict(self, seq_len: int = 2048) -> dict:
         return {
@@ -165,7 +192,7 @@ class ModelStructure:
                     "layer_type": self.layer_types[i] if self.layer_types else None,
                     "params": self.layer_params(i),
                     "attention_params": self.layer_costs[i].params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - self.layer_costs[i].other,
-                    "mlp_params": self.layer_costs[i].params(LayerShape(0, 0, shape.intermediate_size)) - self.layer_costs[i].other,
+                    "mlp_params": self.layer_costs[i].params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - self.layer_costs[i].other,
                 }
                 for i, shape in enumerate(self.layers)
             ],
@@ -213,24 +240,36 @@ def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, he
         per_query_head = head_dim * (hidden + q_bias) + head_dim * hidden
         per_kv_group = 2 * head_dim * (hidden + kv_bias)
         attention_vectors += _bias_size(o_proj)
-    ffn = per_channel = 0
-    if not isinstance(mlp, RemovedMLP):
+    ffn = per_channel = num_experts = per_expert = per_expert_channel = 0
+    moe = moe_parts(mlp, arch.to_dict())
+    if moe is not None:
+        router, experts = moe
+        num_experts, ffn = experts.down_proj.shape[0], experts.down_proj.shape[2]
+        per_expert = hidden + (1 if getattr(router, "bias", None) is not None else 0)
+        per_expert_channel = 3 * hidden
+        # the shared expert reads and writes the stream (gate/up columns, down rows), its gate reads it
+        for name in (arch.shared_expert, arch.shared_expert_gate):
+            if name:
+                mlp_vectors += _params(getattr(mlp, name)) // hidden
+    elif not isinstance(mlp, RemovedMLP):
         down = getattr(mlp, arch.down_proj)
         ffn = down.in_features
         up = getattr(mlp, arch.gate_up_proj or arch.up_proj)
         per_channel = 2 * (hidden + _bias_size(up)) + hidden
         mlp_vectors += _bias_size(down)
-    shape = LayerShape(heads, kv_heads, ffn)
+    shape = LayerShape(heads, kv_heads, ffn, num_experts)
     costs = LayerCosts(
         attention_fixed=attention_total - heads * per_query_head - kv_heads * per_kv_group if heads else attention_total,
         per_query_head=per_query_head,
         per_kv_group=per_kv_group,
-        mlp_fixed=mlp_total - ffn * per_channel if ffn else mlp_total,
+        mlp_fixed=mlp_total - ffn * per_channel - num_experts * (per_expert + ffn * per_expert_channel) if ffn else mlp_total,
         per_channel=per_channel,
         other=other,
         attention_hidden_vectors=attention_vectors if heads else 0,
         mlp_hidden_vectors=mlp_vectors if ffn else 0,
         head_dim=head_dim,
+        per_expert=per_expert,
+        per_expert_channel=per_expert_channel,
     )
     return shape, costs
 
@@ -262,4 +301,5 @@ def model_structure(model: nn.Module) -> ModelStructure:
         layer_types=tuple(layer_types) if layer_types else None,
         sliding_window=getattr(config, "sliding_window", None),
         other_hidden_vectors=_params(final_norm) // hidden,
+        experts_per_token=getattr(config, arch.top_k_key, 0) if arch.is_moe else 0,
     )

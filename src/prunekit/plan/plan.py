@@ -11,7 +11,8 @@ surgery executes a plan and never sees a score.
         "4": {"keep_query_heads": [0, 1, 3, 4, 6, 7]}, # the same number from every group
         "5": {"keep_channels": [0, 5, 9, ...]},        # FFN channels (rows of gate/up)
         "6": {"drop_attention": true},
-        "7": {"drop_mlp": true}
+        "7": {"drop_mlp": true},
+        "8": {"keep_experts": [0, 2, 3, 5]}           # routed experts of a MoE layer (router rows too)
       },
       "meta": {...}                    # free-form: who made it, criterion, target
     }
@@ -21,6 +22,11 @@ query head of the kept groups stays; given only `keep_query_heads`, the groups t
 a head stay. Every kept group must keep the same number of query heads (that is what GQA
 attention computes with), and emptying a sublayer must be said with `drop_attention` /
 `drop_mlp`, so that a typo cannot silently remove a whole sublayer.
+
+`keep_experts` keeps routed experts of a mixture-of-experts layer: their weights and their
+router rows stay, the rest go, and top-k becomes at most the experts left. Removing an expert is
+the same as masking its router logit to -inf. Keeping none is refused (say `drop_mlp`).
+Channels inside experts cannot be pruned yet (`keep_channels` is refused on a MoE layer).
 
 `keep_hidden` prunes the model's hidden size: the embedding columns, the output head's input
 columns, every norm over the residual stream, the input columns of q/k/v/gate/up and the output
@@ -37,7 +43,8 @@ from prunekit.errors import PrunekitError
 from prunekit.models.structure import LayerShape, ModelStructure
 
 PLAN_FORMAT = "prunekit.plan/1"
-_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "drop_attention", "drop_mlp")
+_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "keep_experts", "drop_attention", "drop_mlp")
+_KEEP_KEYS = _LAYER_KEYS[:4]
 _PLAN_KEYS = ("format", "model", "drop_layers", "keep_hidden", "layers", "meta")
 
 
@@ -52,10 +59,11 @@ class LayerPlan:
     keep_channels: tuple[int, ...] | None = None
     drop_attention: bool = False
     drop_mlp: bool = False
+    keep_experts: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict:
         out: dict = {}
-        for key in ("keep_query_heads", "keep_kv_groups", "keep_channels"):
+        for key in _KEEP_KEYS:
             if getattr(self, key) is not None:
                 out[key] = list(getattr(self, key))
         for key in ("drop_attention", "drop_mlp"):
@@ -112,8 +120,8 @@ class Plan:
             if unknown:
                 raise PlanError(f"layer {key}: unknown keys {sorted(unknown)}; a layer entry has {list(_LAYER_KEYS)}")
             layers[index] = LayerPlan(
-                **{k: _int_list(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[:3] if entry.get(k) is not None},
-                **{k: _bool(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[3:] if k in entry},
+                **{k: _int_list(entry[k], f"layer {key} {k}") for k in _KEEP_KEYS if entry.get(k) is not None},
+                **{k: _bool(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[len(_KEEP_KEYS):] if k in entry},
             )
         return cls(
             layers=layers,
@@ -163,7 +171,8 @@ def structure_signature(structure: ModelStructure) -> dict:
         "hidden_size": structure.hidden_size,
         "head_dim": structure.head_dim,
         "vocab_size": structure.vocab_size,
-        "layers": [[s.num_attention_heads, s.num_key_value_heads, s.intermediate_size] for s in structure.layers],
+        "layers": [[s.num_attention_heads, s.num_key_value_heads, s.intermediate_size] + ([s.num_experts] if s.num_experts else [])
+                   for s in structure.layers],
     }
 
 
@@ -175,10 +184,11 @@ class KeptLayer:
     query_heads: tuple[int, ...]
     kv_groups: tuple[int, ...]
     channels: tuple[int, ...]
+    experts: tuple[int, ...] = ()   # kept routed experts of a MoE layer (whose channels are each expert's)
 
     @property
     def shape(self) -> LayerShape:
-        return LayerShape(len(self.query_heads), len(self.kv_groups), len(self.channels))
+        return LayerShape(len(self.query_heads), len(self.kv_groups), len(self.channels), len(self.experts))
 
 
 def _check_indices(indices: tuple[int, ...], size: int, what: str) -> tuple[int, ...]:
@@ -270,8 +280,30 @@ def resolve_plan(plan: Plan, structure: ModelStructure) -> list[KeptLayer]:
                     f"layer {index}: the plan keeps no FFN channels, which removes the whole MLP; "
                     f"say so with \"drop_mlp\": true"
                 )
-        kept.append(KeptLayer(index, heads, groups, channels))
+        kept.append(KeptLayer(index, heads, groups, channels, _kept_experts(index, shape, lp, channels)))
     return kept
+
+
+def _kept_experts(index: int, shape: LayerShape, lp: LayerPlan, channels: tuple[int, ...]) -> tuple[int, ...]:
+    if not shape.num_experts:
+        if lp.keep_experts is not None:
+            raise PlanError(f"layer {index} is not a mixture-of-experts layer, yet the plan keeps experts of it; "
+                            f"remove its keep_experts")
+        return ()
+    if not channels:
+        if lp.keep_experts:
+            raise PlanError(f"layer {index} has no MLP left, yet the plan keeps experts of it")
+        return ()
+    if lp.keep_channels is not None and len(channels) != shape.intermediate_size:
+        raise PlanError(f"layer {index} is a mixture-of-experts layer: prunekit cannot prune channels inside its "
+                        f"experts yet; remove its keep_channels, or remove whole experts with keep_experts")
+    if lp.keep_experts is None:
+        return tuple(range(shape.num_experts))
+    experts = _check_indices(lp.keep_experts, shape.num_experts, f"layer {index} keep_experts")
+    if not experts:
+        raise PlanError(f"layer {index}: the plan keeps no experts, which removes the whole MLP; "
+                        f"say so with \"drop_mlp\": true")
+    return experts
 
 
 def _check_made_for(expected: dict, structure: ModelStructure) -> None:

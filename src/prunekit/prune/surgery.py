@@ -14,12 +14,14 @@ from prunekit.models.modeling_prunekit import (
     RemovedMLP,
     empty_linear,
     decoder_layers,
+    moe_parts,
     pruned_classes,
     set_attention_width,
+    set_expert_count,
     set_mlp_width,
 )
 from prunekit.models.structure import ModelStructure, model_structure
-from prunekit.plan.plan import KeptLayer, Plan, kept_hidden, resolve_plan
+from prunekit.plan.plan import KeptLayer, Plan, PlanError, kept_hidden, resolve_plan
 
 
 def _rows(units: tuple[int, ...], unit_size: int, offset: int = 0) -> torch.Tensor:
@@ -61,7 +63,29 @@ def _prune_attention(layer: nn.Module, arch: Architecture, kept: KeptLayer, befo
     _copy_columns(getattr(attention, arch.o_proj), old[arch.o_proj], q_rows)
 
 
+def _prune_experts(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
+    """Keep the routed experts `kept.experts` of a MoE layer: their weights and router rows."""
+    if len(kept.experts) == before.num_experts:
+        return
+    router, experts = moe_parts(getattr(layer, arch.mlp), arch.to_dict())
+    old = {"router": router.weight, "bias": getattr(router, "bias", None),
+           "gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
+    set_expert_count(layer, arch.to_dict(), len(kept.experts), config)
+    index = torch.tensor(kept.experts, dtype=torch.long)
+    router.weight.copy_(old["router"].index_select(0, index.to(old["router"].device)))
+    if old["bias"] is not None:
+        router.bias.copy_(old["bias"].index_select(0, index.to(old["bias"].device)))
+    for name in ("gate_up_proj", "down_proj"):
+        getattr(experts, name).copy_(old[name].index_select(0, index.to(old[name].device)))
+
+
 def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
+    if before.num_experts:
+        if kept.channels:
+            _prune_experts(layer, arch, kept, before, config)
+        else:
+            set_mlp_width(layer, arch.to_dict(), 0, config)
+        return
     if len(kept.channels) == before.intermediate_size:
         return
     mlp = getattr(layer, arch.mlp)
@@ -211,7 +235,14 @@ def _set_model_format(model: nn.Module, arch: Architecture, structure: ModelStru
             del config.layer_shapes
         config.num_attention_heads = shape.num_attention_heads
         config.num_key_value_heads = shape.num_key_value_heads
-        config.intermediate_size = shape.intermediate_size
+        dense = next((s for s in structure.layers if not s.num_experts), None)
+        moe = next((s for s in structure.layers if s.num_experts), None)
+        if dense is not None:
+            config.intermediate_size = dense.intermediate_size
+        if moe is not None:
+            setattr(config, arch.expert_width_key, moe.intermediate_size)
+            setattr(config, arch.num_experts_key, moe.num_experts)
+            setattr(config, arch.top_k_key, min(getattr(config, arch.top_k_key), moe.num_experts))
     else:
         # The stock fields keep the source's values (its config class validates them);
         # from_pretrained builds that model, then reshapes each layer to layer_shapes.
@@ -248,6 +279,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> ModelStructure:
     kept = resolve_plan(plan, before)
     hidden = kept_hidden(plan, before)
     prunes_hidden = len(hidden) < before.hidden_size
+    if prunes_hidden and arch.is_moe:
+        raise PlanError(f"prunekit cannot prune the hidden size of {arch.model_type} (a mixture of experts) yet; "
+                        f"remove keep_hidden from the plan (or hidden from --prune-structures)")
     if plan.is_empty() or (not prunes_hidden and replace(plan, keep_hidden=None).is_empty()):
         return before
     config = model.config
