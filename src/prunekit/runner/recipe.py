@@ -95,6 +95,40 @@ class ReportSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSettings:
+    """Prune and recover in rounds (Adapt-Pruner): round k prunes the model round k-1 recovered to
+    its cumulative target, counted against the ORIGINAL model, then recovers it on its share of the
+    tokens. The runner expands prune and recover into prune@1, recover@1, ... (`runner.schedule`)."""
+    rounds: int = 2
+    tokens: int = 0                           # recovery tokens of all the rounds together, split evenly
+    targets: tuple[float, ...] = ()           # cumulative targets, one per round, the last prune.target; default even steps
+
+    def cumulative_targets(self, target: float) -> tuple[float, ...]:
+        return self.targets or tuple(target * k / self.rounds for k in range(1, self.rounds + 1))
+
+    def round_tokens(self) -> int:
+        return self.tokens // self.rounds
+
+    def validate(self, target: float) -> None:
+        if self.rounds < 1:
+            raise RecipeError(f"schedule.rounds must be at least 1, got {self.rounds}")
+        if self.tokens < self.rounds:
+            raise RecipeError(f"schedule.tokens is the recovery budget of all {self.rounds} rounds together and must be "
+                              f"at least {self.rounds}, got {self.tokens}; e.g. schedule: {{rounds: 4, tokens: 64000}}")
+        if not self.targets:
+            return
+        targets = list(self.targets)
+        if len(targets) != self.rounds:
+            raise RecipeError(f"schedule.targets names {len(targets)} cumulative targets for {self.rounds} rounds; give "
+                              "one per round, or drop it for even steps")
+        if any(not 0 < t < 1 for t in targets) or any(b <= a for a, b in zip(targets, targets[1:])):
+            raise RecipeError(f"schedule.targets {targets} must rise from round to round, each a fraction in (0, 1)")
+        if abs(targets[-1] - target) > 1e-9:
+            raise RecipeError(f"schedule.targets end at {targets[-1]}, but prune.target is {target}; end them at "
+                              "prune.target")
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: str
     stages: tuple[str, ...]
@@ -104,6 +138,7 @@ class Recipe:
     prune: PruneSettings = field(default_factory=PruneSettings)
     recover: RecoverySettings = field(default_factory=RecoverySettings)
     teacher: str | None = None                # default: the recipe's model
+    schedule: ScheduleSettings | None = None  # prune and recover in rounds instead of once each
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     bench: BenchSettings = field(default_factory=BenchSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
@@ -209,7 +244,25 @@ def parse_recipe(data: dict) -> Recipe:
         raise RecipeError(f"stages run in the order {', '.join(STAGE_ORDER)}; list them so, got {list(recipe.stages)}")
     if "recover" in recipe.stages and "prune" not in recipe.stages:
         raise RecipeError("the recover stage trains the pruned model: add the prune stage before it")
+    if recipe.schedule is not None:
+        check_schedule(recipe, data)
     return recipe
+
+
+def check_schedule(recipe: Recipe, data: dict) -> None:
+    """A schedule's settings, and the stages and keys it cannot go with."""
+    if not {"prune", "recover"} <= set(recipe.stages):
+        raise RecipeError("a schedule interleaves the prune and recover stages; list both in stages, or drop schedule")
+    if "plan" in recipe.stages:
+        raise RecipeError("the plan stage plans the original model once, but a schedule prunes a new model every round; "
+                          "drop the plan stage or the schedule")
+    if recipe.prune.scores is not None:
+        raise RecipeError("prune.scores hold the original model's scores, but a schedule's later rounds prune recovered "
+                          "models; drop prune.scores or the schedule")
+    if "tokens" in (data.get("recover") or {}):
+        raise RecipeError("with a schedule the recovery budget is schedule.tokens, split over the rounds; drop "
+                          "recover.tokens")
+    recipe.schedule.validate(recipe.prune.target)
 
 
 def shipped_recipes() -> list[str]:

@@ -86,6 +86,7 @@ class Stage:
     inputs: tuple[str, ...]                          # the recipe sections it depends on: it re-runs (or refuses) when one changes
     preflight: Callable[[Context], Preflight]
     run: Callable[[Recipe, Path], dict]              # returns the figures its record keeps
+    label: str = ""                                  # shown after its name in the progress lines
 
 
 # ----------------------------------------------------------------------------- analyze
@@ -412,6 +413,18 @@ def validate_settings(recipe: Recipe) -> None:
                           f"{recipe.export.format!r}")
 
 
+def recipe_stages(recipe: Recipe) -> list[Stage]:
+    """The stages a recipe runs, in order; with a schedule, prune and recover become its rounds."""
+    if recipe.schedule is None:
+        return [STAGES[name] for name in recipe.stages]
+    from prunekit.runner.schedule import round_stages
+
+    place = {name: STAGE_ORDER.index(name) for name in recipe.stages}
+    before = [STAGES[name] for name in recipe.stages if place[name] < STAGE_ORDER.index("prune")]
+    after = [STAGES[name] for name in recipe.stages if place[name] > STAGE_ORDER.index("recover")]
+    return before + round_stages(recipe) + after
+
+
 def preflight(recipe: Recipe, run_dir: Path, machine: Machine | None = None) -> list[Preflight]:
     """Validate the recipe and preflight every stage, in order, before any runs: each stage sees the
     shape the earlier ones leave. Raises the first problem; checks memory and disk on `machine`
@@ -421,14 +434,15 @@ def preflight(recipe: Recipe, run_dir: Path, machine: Machine | None = None) -> 
     structure = model_structure(load_skeleton(resolve_model_source(recipe.model)))
     context = Context(recipe, run_dir, machine, structure, structure)
     preflights = []
-    for name in recipe.stages:
+    for stage in recipe_stages(recipe):
         try:
-            result = STAGES[name].preflight(context)
+            result = stage.preflight(context)
         except PrunekitError as error:  # say which stage of the recipe it is about
-            error.args = (f"the {name} stage: {error.args[0]}", *error.args[1:]) if error.args else error.args
+            where = f"the {stage.name} stage{stage.label}"
+            error.args = (f"{where}: {error.args[0]}", *error.args[1:]) if error.args else error.args
             raise
         preflights.append(result)
-        if name == "prune" and result.leaves is not None:
+        if stage.name.partition("@")[0] == "prune" and result.leaves is not None:
             context = dataclasses.replace(context, leaves=result.leaves)
     check_all(preflights, machine, recipe.model, run_dir)
     return preflights
@@ -446,7 +460,8 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     source_paths = resolve_model_source(loaded.model).local_paths
     if any(run_dir.resolve() == p.resolve() or p.resolve() in run_dir.resolve().parents for p in source_paths):
         raise RecipeError(f"the run directory {run_dir} lies inside the model {loaded.model}; choose another")
-    pending = [s for s in loaded.stages if not _finished(run_dir, s, loaded)]
+    stages = recipe_stages(loaded)
+    pending = [s.name for s in stages if not _finished(run_dir, s, loaded)]
     preflights = preflight(loaded, run_dir, machine)
     shown = [p for p in preflights if p.stage in pending] or preflights
     progress_print(format_preflights(shown))
@@ -456,28 +471,28 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     (run_dir / RECORDS_DIR).mkdir(exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(loaded.to_dict(), sort_keys=False))
     records = {}
-    for stage in loaded.stages:
+    for stage in stages:
         inputs = _inputs(loaded, stage)
-        path = run_dir / RECORDS_DIR / f"{stage}.json"
+        path = run_dir / RECORDS_DIR / f"{stage.name}.json"
         previous = _finished(run_dir, stage, loaded)
         if previous:
-            progress_print(f"[{stage}] done before ({previous['seconds']:.0f} s): skipped")
-            records[stage] = previous
+            progress_print(f"[{stage.name}] done before ({previous['seconds']:.0f} s): skipped")
+            records[stage.name] = previous
             continue
-        progress_print(f"[{stage}] running")
+        progress_print(f"[{stage.name}] running{stage.label}")
         started = time.perf_counter()
-        figures = STAGES[stage].run(loaded, run_dir)
+        figures = stage.run(loaded, run_dir)
         release_devices()
-        record = {"stage": stage, "inputs": inputs, "seconds": round(time.perf_counter() - started, 1),
+        record = {"stage": stage.name, "inputs": inputs, "seconds": round(time.perf_counter() - started, 1),
                   "versions": versions(), "figures": figures}
         atomic_write_text(path, json.dumps(record, indent=1, default=str) + "\n")  # last: the stage is done
-        records[stage] = record
-        progress_print(f"[{stage}] done in {record['seconds']:.0f} s")
+        records[stage.name] = record
+        progress_print(f"[{stage.name}] done in {record['seconds']:.0f} s{stage.label}")
     if final_model(run_dir).is_dir() and "export" not in records:  # the card carries the figures the run measured
         from prunekit.export.model_card import refresh_run_card
 
         refresh_run_card(run_dir)
-    summary = format_summary(records)
+    summary = format_summary(_last_round_as_stages(records, loaded))
     if summary:
         progress_print(summary)
     if "report" in records:
@@ -485,23 +500,35 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
     return records
 
 
-def _inputs(recipe: Recipe, stage: str) -> dict:
+def _inputs(recipe: Recipe, stage: Stage) -> dict:
     settings = recipe.to_dict()
-    return {key: settings[key] for key in STAGES[stage].inputs}
+    keys = stage.inputs
+    if recipe.schedule is not None and {"prune", "recover"} & set(keys) and "schedule" not in keys:
+        keys += ("schedule",)  # what comes after the rounds depends on them (absent without one: old records match)
+    return {key: settings[key] for key in keys}
 
 
-def _finished(run_dir: Path, stage: str, recipe: Recipe) -> dict | None:
+def _finished(run_dir: Path, stage: Stage, recipe: Recipe) -> dict | None:
     """The record of `stage` when it finished with these settings; None when it has not run.
     A record with other settings is an error: results in one directory never mix settings."""
-    path = run_dir / RECORDS_DIR / f"{stage}.json"
+    path = run_dir / RECORDS_DIR / f"{stage.name}.json"
     if not path.is_file():
         return None
     previous, inputs = json.loads(path.read_text()), _inputs(recipe, stage)
     if previous["inputs"] == inputs:
         return previous
     changed = sorted(k for k in inputs if previous["inputs"].get(k) != inputs[k])
-    raise RecipeError(f"stage {stage} finished in {run_dir} with other settings ({', '.join(changed)}); use a "
+    raise RecipeError(f"stage {stage.name} finished in {run_dir} with other settings ({', '.join(changed)}); use a "
                       f"new run directory, or delete {path} to run it again")
+
+
+def _last_round_as_stages(records: dict, recipe: Recipe) -> dict:
+    """With a schedule, the last round's records as those of prune and recover: its prune record
+    counts against the original model, so the summary compares the original with the final model."""
+    if recipe.schedule is None:
+        return records
+    last = recipe.schedule.rounds
+    return {**records, **{name: records[f"{name}@{last}"] for name in ("prune", "recover") if f"{name}@{last}" in records}}
 
 
 def _plain(preflight: Preflight) -> dict:
@@ -540,5 +567,5 @@ def format_summary(records: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["STAGES", "Context", "Stage", "final_model", "format_summary", "link_tree", "preflight", "release_devices",
-           "run", "validate_settings"]
+__all__ = ["STAGES", "Context", "Stage", "final_model", "format_summary", "link_tree", "preflight", "recipe_stages",
+           "release_devices", "run", "validate_settings"]
