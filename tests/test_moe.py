@@ -224,3 +224,61 @@ def test_structure_counts_experts_and_active_flops(moe_family):
     # a token runs through top-k experts: FLOPs fall by 2 x the idle experts' weights
     idle = (EXPERTS - TOP_K) * shape.intermediate_size * 3 * structure.hidden_size
     assert structure.layer_flops(i, 0) == 2 * (structure.layer_params(i) - idle)
+
+
+# ----------------------------------------------------------------------------- planner
+def _expert_scores(structure, seed: int = 0):
+    from prunekit.score.scores import Scores
+
+    generator = torch.Generator().manual_seed(seed)
+    return Scores("test", {"expert": [torch.rand(s.num_experts, generator=generator, dtype=torch.float64)
+                                      for s in structure.layers]})
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_planner_removes_lowest_scored_experts(moe_family, allocation):
+    from prunekit.plan.planner import PlannerSettings, make_plan, removed_fraction
+
+    model = tiny_moe_model(moe_family)
+    structure = model_structure(model)
+    scores = _expert_scores(structure)
+    settings = PlannerSettings(target=0.25, allocation=allocation, prune=("expert",))
+    plan = make_plan(structure, scores, settings)
+    after = predicted_structure(plan, structure)
+    assert removed_fraction(structure, after, "non-embedding") >= 0.25
+    counts = {s.num_experts for s in after.layers if s.num_experts}
+    if allocation == "uniform":
+        assert len(counts) == 1 and after.is_uniform()
+    for layer, entry in plan.layers.items():
+        assert set(entry.to_dict()) == {"keep_experts"}
+        values = scores.values["expert"][layer]
+        removed = [e for e in range(EXPERTS) if e not in entry.keep_experts]
+        # within a layer the removed experts are the lowest-scored ones
+        assert max(values[removed]) <= min(values[list(entry.keep_experts)])
+    apply_plan(model, plan)
+    assert model_structure(model).layers == after.layers
+
+
+def test_planner_counts_experts_in_every_basis(moe_family):
+    from prunekit.plan.planner import PlannerSettings, make_plan, max_removable_fraction, removed_fraction
+
+    structure = model_structure(tiny_moe_model(moe_family))
+    for basis in ("non-embedding", "total"):
+        plan = make_plan(structure, _expert_scores(structure), PlannerSettings(target=0.1, basis=basis, prune=("expert",)))
+        assert removed_fraction(structure, predicted_structure(plan, structure), basis) >= 0.1
+    # A token runs through top-k experts however many there are: removing experts saves only router
+    # FLOPs until fewer than top-k are left, and no KV cache at all.
+    flops = max_removable_fraction(structure, PlannerSettings(target=0.1, basis="flops", prune=("expert",)))
+    params = max_removable_fraction(structure, PlannerSettings(target=0.1, prune=("expert",)))
+    assert 0 < flops < params / 2
+    assert max_removable_fraction(structure, PlannerSettings(target=0.1, basis="kv-cache", prune=("expert",))) == 0
+
+
+def test_planner_keeps_one_expert_per_layer_and_refuses_beyond(moe_family):
+    from prunekit.plan.planner import PlannerSettings, check_reachable, max_removable_fraction
+
+    structure = model_structure(tiny_moe_model(moe_family))
+    settings = PlannerSettings(target=0.5, prune=("expert",))
+    reachable = max_removable_fraction(structure, settings)
+    with pytest.raises(PlanError, match="out of reach"):
+        check_reachable(structure, PlannerSettings(target=min(reachable + 0.05, 0.99), prune=("expert",)))

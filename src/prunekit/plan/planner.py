@@ -7,6 +7,7 @@ Moves, each removing one unit of structure from a layer (or from every layer, fo
     attention / mlp - the whole sublayer;  layer - the whole decoder layer
     hidden    - the `hidden_multiple` lowest-scored residual channels, from every layer, the embedding
                 and the output head at once (the hidden size stays a multiple of it)
+    expert    - the lowest-scored routed expert of a mixture-of-experts layer (at least one stays)
 A move costs the damage its scores predict and buys a reduction of the target basis (params,
 FLOPs or KV cache). The greedy loop takes the move with the least damage per unit bought.
 Allocation decides the scope of a move: `global` ranks moves across all layers, `uniform`
@@ -29,7 +30,7 @@ from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
 ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner")
-MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden")
+MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 
 
@@ -92,12 +93,15 @@ class _LayerState:
     mlp: bool
     dropped: bool = False
     damage: dict[str, float] = field(default_factory=lambda: {"attention": 0.0, "mlp": 0.0})
+    experts: list[int] = field(default_factory=list)  # kept routed experts of a MoE layer, least important first
+    moe: bool = False                 # a MoE layer: its channels are each expert's and stay whole
 
     def shape(self) -> LayerShape:
         if self.dropped:
             return LayerShape(0, 0, 0)
         heads = sum(len(self.heads_by_group[g]) for g in self.groups) if self.attention else 0
-        return LayerShape(heads, len(self.groups) if self.attention else 0, len(self.channels) if self.mlp else 0)
+        return LayerShape(heads, len(self.groups) if self.attention else 0, len(self.channels) if self.mlp else 0,
+                          len(self.experts) if self.mlp else 0)
 
 
 def _order(values: torch.Tensor, units: range | list[int]) -> list[int]:
@@ -121,6 +125,8 @@ class _Planner:
                 channels=_order(self._unit_scores("channel", i, shape.intermediate_size), range(shape.intermediate_size)),
                 attention=shape.num_attention_heads > 0,
                 mlp=shape.intermediate_size > 0,
+                experts=_order(self._unit_scores("expert", i, shape.num_experts), range(shape.num_experts)),
+                moe=shape.num_experts > 0,
             ))
         self._structure_at: dict[int, ModelStructure] = {}
         self.hidden = _order(self._hidden_scores(), range(structure.hidden_size))  # kept, least important first
@@ -156,7 +162,7 @@ class _Planner:
             "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
             "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
             "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
-            "hidden": self.structure.hidden_size,
+            "hidden": self.structure.hidden_size, "expert": sum(s.num_experts for s in shapes),
         }
 
     def _normalizers(self) -> dict[str, float]:
@@ -214,7 +220,10 @@ class _Planner:
             return here - self._layer_basis(i, shape)
 
         m = self.settings.ffn_multiple
-        if "channel" in kinds and state.mlp and len(state.channels) > m:
+        if "expert" in kinds and state.mlp and len(state.experts) > 1 and self._allowed("expert", 1, ignore_limits):
+            damage = float(self._unit_scores("expert", i, self.structure.layers[i].num_experts)[state.experts[0]])
+            yield ("expert", damage, bought(replace(before, num_experts=before.num_experts - 1)), i, 1)
+        if "channel" in kinds and state.mlp and not state.moe and len(state.channels) > m:
             keep = (len(state.channels) - 1) // m * m
             cut = state.channels[:len(state.channels) - keep]
             if self._allowed("channel", len(cut), ignore_limits):
@@ -273,6 +282,9 @@ class _Planner:
             state.damage["attention"] += damage
         elif kind == "attention":
             state.attention = False
+        elif kind == "expert":
+            state.experts = state.experts[1:]
+            state.damage["mlp"] += damage
         elif kind == "mlp":
             state.mlp = False
         elif kind == "layer":
@@ -306,9 +318,10 @@ def _uniform(planner: _Planner, goal: float) -> None:
     start = planner.basis_total(planner.shapes())
     while start - planner.basis_total(planner.shapes()) < goal:
         options = []
-        for kind in ("channel", "head", "kv_group"):
+        for kind in ("channel", "head", "kv_group", "expert"):
             per_layer = [next(planner._moves_in_layer(s, kinds=(kind,)), None) for s in planner.layers
-                         if not s.dropped and s.index not in planner.settings.protect_layers]
+                         if not s.dropped and s.index not in planner.settings.protect_layers
+                         and (s.moe if kind == "expert" else not (kind == "channel" and s.moe))]
             if per_layer and all(mv is not None for mv in per_layer):
                 damage, gained = sum(mv[1] for mv in per_layer), sum(mv[2] for mv in per_layer)
                 if gained > 0:
@@ -619,7 +632,8 @@ def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Pla
 def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
     if kind == "hidden":
         return [structure.hidden_size] * structure.num_layers
-    return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads}.get(kind, 1)
+    return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads,
+             "expert": s.num_experts}.get(kind, 1)
             for s in structure.layers]
 
 
@@ -640,6 +654,8 @@ def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSett
             entry["drop_mlp"] = True
         elif len(state.channels) != original.intermediate_size:
             entry["keep_channels"] = tuple(sorted(state.channels))
+        elif len(state.experts) != original.num_experts:
+            entry["keep_experts"] = tuple(sorted(state.experts))
         if entry:
             layers[state.index] = LayerPlan(**entry)
     return Plan(

@@ -21,6 +21,8 @@ LAYER_KINDS = ("layer", "attention", "mlp")   # one value per layer
 UNIT_KINDS = ("kv_group", "head", "channel")  # one value per unit of a layer
 HIDDEN_KIND = "hidden"                        # one value per residual channel, from every layer
 ALL_KINDS = KINDS + (HIDDEN_KIND,)
+EXPERT_KIND = "expert"                        # one value per routed expert of a MoE layer (none on dense layers)
+SCORE_KINDS = ALL_KINDS + (EXPERT_KIND,)      # every kind a Scores may hold; only MoE criteria score experts
 
 
 def first_non_finite(values: dict[str, list[torch.Tensor]]) -> tuple[str, int] | None:
@@ -43,9 +45,9 @@ class Scores:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = set(self.values) - set(ALL_KINDS)
+        unknown = set(self.values) - set(SCORE_KINDS)
         if unknown:
-            raise ValueError(f"unknown score kinds {sorted(unknown)}; kinds are {list(ALL_KINDS)}")
+            raise ValueError(f"unknown score kinds {sorted(unknown)}; kinds are {list(SCORE_KINDS)}")
         bad = first_non_finite(self.values)
         if bad is not None:
             kind, layer = bad
