@@ -17,7 +17,8 @@ from prunekit.score.criteria import (
     random_scores,
 )
 from prunekit.score.adapt_pruner import adapt_pruner_scores
-from prunekit.score.scores import ALL_KINDS, KINDS, ScoreError, Scores
+from prunekit.score.experts import DEFAULT_MIN_TOKENS, frequency_scores, reap_scores
+from prunekit.score.scores import ALL_KINDS, KINDS, SCORE_KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
                                         sensitivity_scores)
 from prunekit.score.slimllm import DEFAULT_PROTECT_LOWEST, HEAD_SEARCHES, slimllm_scores
@@ -79,7 +80,7 @@ CRITERIA: dict[str, Criterion] = {}
 def register_criterion(criterion: Criterion) -> Criterion:
     if criterion.name in CRITERIA:
         raise ValueError(f"criterion {criterion.name!r} is registered twice")
-    bad = set(criterion.kinds) - set(ALL_KINDS)
+    bad = set(criterion.kinds) - set(SCORE_KINDS)
     if bad:
         raise ValueError(f"criterion {criterion.name!r} names unknown kinds {sorted(bad)}")
     CRITERIA[criterion.name] = criterion
@@ -154,6 +155,23 @@ register_criterion(Criterion(
              "autocast": (bool, True, None)},
     description="Adapt-Pruner: Taylor within layers plus each layer's cos(input, output) for allocation "
                 "adapt_pruner", needs_gradients=True, whole_model=True))
+
+register_criterion(Criterion(
+    "reap",
+    lambda model, ids, labels, stats, batch_size, progress, min_tokens: reap_scores(
+        model, ids, batch_size=batch_size, progress=progress, min_tokens=min_tokens),
+    ("expert",), needs_data=True, needs_stats=False, comparable=False,
+    options={"min_tokens": (int, DEFAULT_MIN_TOKENS, None)},
+    description="REAP: routed experts by the mean over their routed tokens of gate value x expert output norm "
+                "(mixtures of experts); warns about experts that got fewer than min_tokens tokens", whole_model=True))
+register_criterion(Criterion(
+    "frequency",
+    lambda model, ids, labels, stats, batch_size, progress, min_tokens: frequency_scores(
+        model, ids, batch_size=batch_size, progress=progress, min_tokens=min_tokens),
+    ("expert",), needs_data=True, needs_stats=False, comparable=False,
+    options={"min_tokens": (int, DEFAULT_MIN_TOKENS, None)},
+    description="routed experts by the fraction of calibration tokens the router sends them (mixtures of experts)",
+    whole_model=True))
 
 
 def check_layer_by_layer(criterion: str) -> None:

@@ -1,0 +1,137 @@
+"""Criteria for the routed experts of mixture-of-experts layers: router-weighted expert activation
+(REAP) and routing frequency, from one calibration pass that records, per expert, the tokens the
+router sends it, their gate values and the norm of what the expert outputs for them.
+
+REAP (Lasby et al., 2025) scores expert e by the mean over the tokens routed to it of
+g_e(x) * ||E_e(x)||: an expert whose output the router weights little, or whose output is small,
+adds little when it is gone. An expert that no calibration token reached scores 0, and the pass
+says which experts received fewer than `min_tokens` tokens: their scores rest on too few samples.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunekit.models.architecture import architecture_for
+from prunekit.models.modeling_prunekit import decoder_layers, moe_parts
+from prunekit.score.scores import ScoreError, Scores
+
+_f64 = torch.float64
+DEFAULT_MIN_TOKENS = 16   # fewer routed calibration tokens than this: the expert's score is called unreliable
+
+
+def expert_output_norms(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """||E(x)|| per row of `hidden` [tokens, d] for one gated expert (gate_up [2w, d], down [d, w],
+    the layout of transformers' fused experts: gate rows, then up rows)."""
+    gate, up = nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
+    return nn.functional.linear(act(gate) * up, down).float().norm(dim=-1)
+
+
+def routed_sums(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per expert, how many tokens the router sent it and the sum of their gate values."""
+    index, weights = top_k_index.reshape(-1), top_k_weights.reshape(-1).to(_f64)
+    counts = torch.bincount(index, minlength=num_experts)[:num_experts].to(_f64)
+    gates = torch.zeros(num_experts, dtype=_f64, device=weights.device).index_add_(0, index, weights)
+    return counts, gates
+
+
+@dataclass
+class ExpertRouting:
+    """One MoE layer's routing over the calibration tokens."""
+
+    tokens: int                    # tokens that reached the layer
+    counts: torch.Tensor           # [experts] tokens routed to each expert
+    gate_sums: torch.Tensor        # [experts] sum of their gate values
+    weighted_norm_sums: torch.Tensor  # [experts] sum of gate value x ||expert output||
+
+    @classmethod
+    def empty(cls, num_experts: int, device) -> ExpertRouting:
+        zeros = lambda: torch.zeros(num_experts, dtype=_f64, device=device)  # noqa: E731
+        return cls(0, zeros(), zeros(), zeros())
+
+    def add(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        num_experts = self.counts.numel()
+        counts, gates = routed_sums(top_k_index, top_k_weights, num_experts)
+        self.tokens += hidden.shape[0]
+        self.counts += counts
+        self.gate_sums += gates
+        for e in torch.nonzero(counts).flatten().tolist():
+            token, slot = torch.where(top_k_index == e)
+            norms = expert_output_norms(hidden[token], experts.gate_up_proj[e], experts.down_proj[e], experts.act_fn)
+            self.weighted_norm_sums[e] += (top_k_weights[token, slot].to(_f64) * norms.to(_f64)).sum()
+
+    def reap(self) -> torch.Tensor:
+        return (self.weighted_norm_sums / self.counts.clamp_min(1)).cpu()
+
+    def frequency(self) -> torch.Tensor:
+        return (self.counts / max(self.tokens, 1)).cpu()
+
+
+@torch.no_grad()
+def collect_expert_routing(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8,
+                           progress: bool = True) -> list[ExpertRouting | None]:
+    """Run the calibration rows through `model` and record every MoE layer's routing (None for a
+    dense layer). Only the experts module's inputs are read; the model computes as it always does."""
+    arch = architecture_for(model.config.model_type)
+    layers = decoder_layers(model, arch.to_dict())
+    device = next(model.parameters()).device
+    routing: list[ExpertRouting | None] = []
+    handles = []
+    for layer in layers:
+        parts = moe_parts(getattr(layer, arch.mlp), arch.to_dict())
+        if parts is None:
+            routing.append(None)
+            continue
+        _, experts = parts
+        record = ExpertRouting.empty(experts.gate_up_proj.shape[0], experts.gate_up_proj.device)
+        routing.append(record)
+        handles.append(experts.register_forward_hook(
+            lambda module, args, output, record=record: record.add(module, *args[:3])))
+    if all(r is None for r in routing):
+        raise ScoreError(f"this {arch.model_type} model has no mixture-of-experts layers, so there are no experts to "
+                         f"score; use a criterion for dense structures (activation, taylor, ...)")
+    try:
+        for batch in tqdm(input_ids.split(batch_size), desc="expert routing", disable=not progress):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return routing
+
+
+def under_routed(routing: list[ExpertRouting | None], min_tokens: int) -> dict[int, list[int]]:
+    """Per MoE layer, the experts that received fewer than `min_tokens` calibration tokens."""
+    return {i: [e for e, n in enumerate(r.counts.tolist()) if n < min_tokens]
+            for i, r in enumerate(routing) if r is not None and (r.counts < min_tokens).any()}
+
+
+def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_tokens: int, unit: str) -> Scores:
+    few = under_routed(routing, min_tokens)
+    if few:
+        listed = "; ".join(f"layer {i}: experts {experts}" for i, experts in sorted(few.items()))
+        warnings.warn(f"{sum(map(len, few.values()))} experts received fewer than {min_tokens} calibration tokens "
+                      f"({listed}), so their {name} scores rest on too few tokens; calibrate on more samples "
+                      f"(--calib-samples or --calib-seq-len)", stacklevel=2)
+    values = {"expert": [value(r) if r is not None else torch.zeros(0, dtype=_f64) for r in routing]}
+    meta = {"unit": unit, "min_tokens": min_tokens,
+            "expert_tokens": [r.counts.tolist() if r is not None else [] for r in routing],
+            "under_routed": {str(i): experts for i, experts in few.items()}}
+    return Scores(name, values, meta)
+
+
+def reap_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
+                min_tokens: int = DEFAULT_MIN_TOKENS) -> Scores:
+    """REAP: per routed expert, the mean over its routed calibration tokens of gate value x ||output||."""
+    routing = collect_expert_routing(model, input_ids, batch_size=batch_size, progress=progress)
+    return _expert_scores("reap", routing, ExpertRouting.reap, min_tokens, "mean gate x expert output norm")
+
+
+def frequency_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
+                     min_tokens: int = DEFAULT_MIN_TOKENS) -> Scores:
+    """Routing frequency: per routed expert, the fraction of calibration tokens the router sends it."""
+    routing = collect_expert_routing(model, input_ids, batch_size=batch_size, progress=progress)
+    return _expert_scores("frequency", routing, ExpertRouting.frequency, min_tokens, "fraction of tokens routed")
