@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from prunekit.errors import PrunekitError
+
+
+# Test-only seam: a process whose environment names an output path here SIGKILLs itself while it
+# writes that output (a file: half of it written and flushed; a folder: complete under its temporary
+# name, not yet renamed), so the interruption tests can kill a stage at its most fragile moment.
+# Read only by the two writers below; unset in normal use.
+KILL_WHILE_WRITING_ENV = "PRUNEKIT_TEST_KILL_WHILE_WRITING"
+# What the writers below (and the other temporary-then-rename writers: plots, GGUF export) leave
+# behind when killed: `.NAME.RANDOM.tmp` files, `.NAME.tmp-RANDOM` and `.NAME.old-RANDOM` folders.
+_TEMPORARY_NAME = re.compile(r"\..+(\.tmp|\.tmp-\w+|\.old-\w+)")
+
+
+def _kill_if_asked_while_writing(path: Path) -> None:
+    asked = os.environ.get(KILL_WHILE_WRITING_ENV)
+    if asked and Path(asked).resolve() == Path(path).resolve():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete what a killed writer left in `folder` (not below it): the temporary files and
+    folders of writes that never reached their rename. Only for a folder one process writes at a
+    time (a run directory); returns what it removed."""
+    removed = []
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else ():
+        if _TEMPORARY_NAME.fullmatch(path.name):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class OutputExistsError(PrunekitError, FileExistsError):
@@ -59,7 +92,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+            if os.environ.get(KILL_WHILE_WRITING_ENV):
+                handle.write(text[: len(text) // 2])
+                handle.flush()
+                _kill_if_asked_while_writing(path)
+                handle.write(text[len(text) // 2:])
+            else:
+                handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, default_mode(directory=False))
@@ -106,6 +145,7 @@ def atomic_directory(out: Path, *, force: bool, protected: tuple[Path, ...] = ()
     os.chmod(tmp, default_mode(directory=True))
     try:
         yield tmp
+        _kill_if_asked_while_writing(out)
         give_default_modes(tmp)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)

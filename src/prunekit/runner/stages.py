@@ -38,7 +38,7 @@ import yaml
 from prunekit.data.sources import SELF_SOURCE
 from prunekit.errors import PrunekitError
 from prunekit.evaluate import self_text
-from prunekit.export.files import atomic_directory, atomic_write_text
+from prunekit.export.files import atomic_directory, atomic_write_text, remove_stale_temporaries
 from prunekit.export.huggingface import versions
 from prunekit.models.loading import load, load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, format_count, model_structure
@@ -469,6 +469,8 @@ def run(recipe: str | Path | dict | Recipe, run_dir: str | Path, *, overrides: t
         return {"dry_run": True, "recipe": loaded.to_dict(), "preflight": [_plain(p) for p in preflights]}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECORDS_DIR).mkdir(exist_ok=True)
+    for folder in (run_dir, run_dir / RECORDS_DIR):  # what a killed run was writing: it starts again
+        remove_stale_temporaries(folder)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(loaded.to_dict(), sort_keys=False))
     records = {}
     for stage in stages:
