@@ -131,6 +131,9 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
                         "kinds=layer,head (sensitivity)")
     parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS,
                         help=f"how the removal is spread over layers (default {defaults.allocation})")
+    parser.add_argument("--allocation-option", action="append", metavar="KEY=VALUE",
+                        help="allocation option, e.g. alpha=7 (slimllm's softmax temperature), amplitude=0.5 "
+                        "(adapt_pruner's skew)")
     parser.add_argument("--prune-structures", default=",".join(defaults.prune),
                         help=f"what may be removed, from {','.join(MOVE_KINDS)} (default {','.join(defaults.prune)})")
     parser.add_argument("--limit", action="append", metavar="KIND=FRACTION",
@@ -193,6 +196,7 @@ def _prune_settings(args: argparse.Namespace):
     return PruneSettings(
         target=args.target, basis=args.basis, criterion=args.criterion,
         criterion_options=_key_values(args.criterion_option, "--criterion-option"), allocation=args.allocation,
+        allocation_options=_allocation_options(args.allocation_option),
         prune=_csv(args.prune_structures), limits=limits, ffn_multiple=args.ffn_multiple,
         hidden_multiple=args.hidden_multiple, protect_layers=protect,
         compensation="none" if args.no_compensate else args.compensation, bias_compensation=args.bias_compensation,
@@ -203,6 +207,16 @@ def _prune_settings(args: argparse.Namespace):
         search=SearchSettings(generations=args.search_generations, minutes=args.search_minutes,
                               offspring=args.search_offspring, seed=args.seed),
     )
+
+
+def _allocation_options(pairs: list[str] | None) -> dict[str, float]:
+    options = {}
+    for key, value in _key_values(pairs, "--allocation-option").items():
+        try:
+            options[key] = float(value)
+        except ValueError:
+            raise PlanError(f"--allocation-option {key}={value}: the value must be a number such as 7") from None
+    return options
 
 
 def _run_prune(args: argparse.Namespace) -> int:

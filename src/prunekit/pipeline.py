@@ -79,6 +79,7 @@ class PruneSettings:
     criterion: str = "taylor"
     criterion_options: dict = field(default_factory=dict)
     allocation: str = "global"
+    allocation_options: dict[str, float] = field(default_factory=dict)  # e.g. alpha (slimllm), amplitude (adapt_pruner)
     prune: tuple[str, ...] = ("channel", "head", "kv_group")
     limits: dict[str, float] = field(default_factory=dict)
     ffn_multiple: int = 64
@@ -109,6 +110,7 @@ class PruneSettings:
             target=self.target if target is None else target, basis=self.basis, allocation=self.allocation,
             prune=tuple(self.prune), limits=dict(self.limits), ffn_multiple=self.ffn_multiple,
             hidden_multiple=self.hidden_multiple, protect_layers=tuple(self.protect_layers),
+            allocation_options=dict(self.allocation_options),
         )
 
     @property

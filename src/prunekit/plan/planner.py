@@ -32,6 +32,9 @@ BASES = ("non-embedding", "total", "flops", "kv-cache")
 ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner")
 MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert")
 WIDTH_KINDS = ("channel", "head", "kv_group")
+# The settings of allocations that take any (--allocation-option KEY=VALUE, prune.allocation_options):
+# SlimLLM's softmax temperature (default: 10 at 20% removed, 7 at 50%), Adapt-Pruner's skew (default 1).
+ALLOCATION_OPTIONS = {"slimllm": ("alpha",), "adapt_pruner": ("amplitude",)}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class PlannerSettings:
     protect_layers: tuple[int, ...] = ()
     adaptive_strength: float = 0.5         # how far layer budgets spread around the target (0 = uniform)
     flops_seq_len: int = 2048
+    allocation_options: dict[str, float] = field(default_factory=dict)  # ALLOCATION_OPTIONS of the allocation
 
     def validate(self) -> None:
         if not 0 < self.target < 1:
@@ -54,6 +58,7 @@ class PlannerSettings:
             raise PlanError(f"unknown basis {self.basis!r}; choose one of {list(BASES)}")
         if self.allocation not in ALLOCATIONS:
             raise PlanError(f"unknown allocation {self.allocation!r}; choose one of {list(ALLOCATIONS)}")
+        check_allocation_options(self.allocation, self.allocation_options)
         unknown = set(self.prune) - set(MOVE_KINDS)
         if unknown or not self.prune:
             raise PlanError(f"unknown structures to prune {sorted(unknown)}; choose from {list(MOVE_KINDS)}")
@@ -423,7 +428,7 @@ def slimllm_budgets(cos: torch.Tensor, target: float, weights: torch.Tensor, alp
 
 
 # Adapt-Pruner's published scripts (amplitude 0.02 = the per-step increment of pruning ratio 1.0 in
-# 50 steps). No settings key reaches the planner for it yet (PruneSettings.planner_settings).
+# 50 steps); allocation option amplitude sets it.
 ADAPT_PRUNER_AMPLITUDE = 1.0
 
 
@@ -478,16 +483,32 @@ def _layer_weights(planner: _Planner) -> torch.Tensor:
                         dtype=torch.float64)
 
 
+def check_allocation_options(allocation: str, options: dict) -> None:
+    """Only the options the allocation takes, each a number of at least 0 (0 spreads the target evenly)."""
+    allowed = ALLOCATION_OPTIONS.get(allocation, ())
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        takes = f"only {', '.join(allowed)}" if allowed else "no options"
+        owners = [name for name, keys in ALLOCATION_OPTIONS.items() if set(unknown) <= set(keys)]
+        fix = f"drop it, or use allocation {owners[0]}" if owners else "drop it"
+        raise PlanError(f"allocation {allocation!r} takes {takes}, not {', '.join(unknown)}; {fix}")
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise PlanError(f"allocation option {key} must be a number of at least 0, got {value!r}")
+
+
 def _slimllm(planner: _Planner, goal: float) -> None:
     weights = _layer_weights(planner)
     cos = layer_cosines(planner.scores, planner.structure, "slimllm")
-    _fill_sublayer_budgets(planner, goal, slimllm_budgets(cos, goal / max(float(weights.sum()), 1.0), weights))
+    _fill_sublayer_budgets(planner, goal, slimllm_budgets(cos, goal / max(float(weights.sum()), 1.0), weights,
+                                                          alpha=planner.settings.allocation_options.get("alpha")))
 
 
 def _adapt_pruner(planner: _Planner, goal: float) -> None:
     weights = _layer_weights(planner)
     cos = layer_cosines(planner.scores, planner.structure, "adapt_pruner")
-    ratios = similarity_budgets(cos, goal / max(float(weights.sum()), 1.0), ADAPT_PRUNER_AMPLITUDE, weights)
+    amplitude = planner.settings.allocation_options.get("amplitude", ADAPT_PRUNER_AMPLITUDE)
+    ratios = similarity_budgets(cos, goal / max(float(weights.sum()), 1.0), amplitude, weights)
     _fill_sublayer_budgets(planner, goal, ratios)
 
 
