@@ -4,7 +4,7 @@ followed by the same number of recovery tokens, on SmolLM2-135M at 20% of non-em
 Both arms run through `prunekit.run` (so the schedule measured is the runner's), with the prune
 settings of recipes/adapt-pruner.yaml (Taylor within layers, per-layer ratios from each layer's
 cos(input, output), no compensation) and distillation from the original:
-- interleaved: `schedule: {rounds: R, tokens: T}`: round k prunes the model round k-1 recovered to
+- interleaved: `schedule: {rounds: R}`, recover.tokens T: round k prunes the model round k-1 recovered to
   k/R of the target (of the ORIGINAL model), then distils it on T/R tokens;
 - one-shot: the same prune to the target at once (one step), then distillation on T tokens.
 Calibration and training rows come from the first 800 documents of the local C4 shard; the C4
@@ -89,7 +89,8 @@ def split_c4(data_dir: str, work: Path) -> tuple[Path, Path]:
 
 def recipe(args: argparse.Namespace, arm: str, train: Path) -> dict:
     """The recipe of one arm: recipes/adapt-pruner.yaml's prune, distillation from the original."""
-    recover = {"method": "distill", "batch_size": args.batch_size, "eval_every": 0, "checkpoint_every": 0,
+    recover = {"method": "distill", "tokens": args.tokens, "batch_size": args.batch_size, "eval_every": 0,
+               "checkpoint_every": 0,
                "precision": args.precision, "data": {"source": str(train), "seq_len": args.seq_len, "held_out": 4}}
     data = {
         "model": args.model, "stages": ["prune", "recover"], "data_dir": args.data_dir,
@@ -98,10 +99,8 @@ def recipe(args: argparse.Namespace, arm: str, train: Path) -> dict:
                   "calibration": {"source": str(train), "n_samples": args.calib_samples, "seq_len": args.seq_len}},
         "recover": recover,
     }
-    if arm == "interleaved":
-        data["schedule"] = {"rounds": args.rounds, "tokens": args.tokens}
-    else:
-        recover["tokens"] = args.tokens
+    if arm == "interleaved":  # the only difference between the arms
+        data["schedule"] = {"rounds": args.rounds}
     return data
 
 

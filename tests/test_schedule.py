@@ -42,9 +42,9 @@ def recipe(tmp_path) -> dict:
         "stages": ["prune", "recover", "evaluate"],
         "prune": {"target": 0.3, "ffn_multiple": 16, "compensation": "none",
                   "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
-        "recover": {"method": "full", "lr": 0.003, "eval_every": 0, "checkpoint_every": 1,
+        "recover": {"method": "full", "tokens": 2 * 32 * 4 * 3, "lr": 0.003, "eval_every": 0, "checkpoint_every": 1,
                     "data": {"source": str(text), "seq_len": 32, "held_out": 2}},
-        "schedule": {"rounds": 2, "tokens": 2 * 32 * 4 * 3},
+        "schedule": {"rounds": 2},
         "evaluate": {"ppl": [str(text)], "seq_len": 32, "window_every": 1, "dense": False},
     }
 
@@ -86,18 +86,18 @@ def test_limits_and_protected_layers_count_against_the_original():
 
 
 def test_even_steps_split_the_target_and_the_tokens():
-    schedule = ScheduleSettings(rounds=4, tokens=64_000)
+    schedule = ScheduleSettings(rounds=4)
     assert schedule.cumulative_targets(0.2) == pytest.approx((0.05, 0.1, 0.15, 0.2))
-    recover = RecoverySettings()
+    recover = RecoverySettings(tokens=64_000)  # the budget of all the rounds together, as in a one-shot recipe
     third = schedule_module.round_recover_settings(recover, schedule, 3)
     assert third.tokens == 16_000 and third.data.seed == recover.data.seed + 2  # other rows each round
-    given = ScheduleSettings(rounds=2, tokens=10, targets=(0.05, 0.2))
+    given = ScheduleSettings(rounds=2, targets=(0.05, 0.2))
     assert given.cumulative_targets(0.2) == (0.05, 0.2)
 
 
 def test_round_settings_reach_the_cumulative_target_of_the_original():
     original = model_structure(tiny_model("llama", intermediate_size=128))
-    settings, schedule = PruneSettings(target=0.3, ffn_multiple=16), ScheduleSettings(rounds=3, tokens=3)
+    settings, schedule = PruneSettings(target=0.3, ffn_multiple=16), ScheduleSettings(rounds=3)
     first = schedule_module.round_prune_settings(settings, schedule, 1, original, original)
     assert first.target == pytest.approx(0.1)
     smaller = _narrowed(original, 112)
@@ -123,15 +123,13 @@ def test_the_schedule_expands_into_rounds_of_prune_and_recover(recipe):
 
 @pytest.mark.parametrize("change, match", [
     (lambda r: r["schedule"].update(steps=3), "unknown key recipe.schedule.steps; valid keys of recipe.schedule: "
-                                              "rounds, tokens, targets"),
+                                              "rounds, targets"),
     (lambda r: r["schedule"].update(rounds=0), "schedule.rounds must be at least 1"),
-    (lambda r: r["schedule"].pop("tokens"), "schedule.tokens is the recovery budget of all 2 rounds together"),
     (lambda r: r["schedule"].update(targets=[0.1]), "names 1 cumulative targets for 2 rounds"),
     (lambda r: r["schedule"].update(targets=[0.2, 0.1]), "must rise from round to round"),
     (lambda r: r["schedule"].update(targets=[0.1, 0.25]), "end at 0.25, but prune.target is 0.3"),
     (lambda r: r.update(stages=["prune", "evaluate"]), "interleaves the prune and recover stages"),
     (lambda r: r.update(stages=["plan", "prune", "recover"]), "drop the plan stage or the schedule"),
-    (lambda r: r["recover"].update(tokens=1000), "drop recover.tokens"),
 ])
 def test_bad_schedules_name_the_key_and_the_fix(recipe, tmp_path, change, match):
     change(recipe)
@@ -152,7 +150,7 @@ def test_the_preflight_names_the_round_that_cannot_run(recipe, tmp_path, monkeyp
     assert first.target == pytest.approx(0.29)
     with pytest.raises(RecipeError, match=r"the prune@2 stage \(round 2 of 2\): round 2 would remove nothing"):
         prunekit.run(recipe, tmp_path / "run", dry_run=True)
-    recipe["schedule"]["tokens"] = 2 * 32 * 2  # half a step a round: each round's recovery is checked
+    recipe["recover"]["tokens"] = 2 * 32 * 2  # half a step a round: each round's recovery is checked
     del recipe["schedule"]["targets"]
     with pytest.raises(RecoveryError, match="recover@1 stage \\(round 1 of 2\\).*smaller than one optimizer"):
         prunekit.run(recipe, tmp_path / "run", dry_run=True)
@@ -202,10 +200,9 @@ def test_a_two_round_schedule_prunes_the_recovered_model_to_the_original_target(
 def test_one_round_is_the_plain_prune_then_recover(recipe, tmp_path):
     """Invariance: a schedule of one round trains the same weights as the prune and recover stages
     with the same budget (same rows, same seed)."""
-    recipe["schedule"] = {"rounds": 1, "tokens": 32 * 4 * 3}
+    recipe["schedule"] = {"rounds": 1}
     prunekit.run(recipe, tmp_path / "scheduled")
-    plain = {**recipe, "recover": {**recipe["recover"], "tokens": 32 * 4 * 3}}
-    del plain["schedule"]
+    plain = {k: v for k, v in recipe.items() if k != "schedule"}
     prunekit.run(plain, tmp_path / "plain")
     assert _weights(tmp_path / "scheduled/recovered") == _weights(tmp_path / "plain/recovered")
 
@@ -232,6 +229,6 @@ def test_a_schedule_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_
     for folder in ("rounds/1/model", "rounds/1/recovered", "rounds/2/model", "recovered"):
         assert _weights(run_dir / folder) == _weights(tmp_path / "straight" / folder), folder
 
-    recipe["schedule"]["tokens"] *= 2  # a finished round is never mixed with other settings
+    recipe["schedule"]["rounds"] = 3  # a finished round is never mixed with other settings
     with pytest.raises(RecipeError, match=r"stage prune@1 finished in .* with other settings \(schedule\)"):
         prunekit.run(recipe, run_dir)

@@ -97,24 +97,22 @@ class ReportSettings:
 @dataclass(frozen=True)
 class ScheduleSettings:
     """Prune and recover in rounds (Adapt-Pruner): round k prunes the model round k-1 recovered to
-    its cumulative target, counted against the ORIGINAL model, then recovers it on its share of the
-    tokens. The runner expands prune and recover into prune@1, recover@1, ... (`runner.schedule`)."""
+    its cumulative target, counted against the ORIGINAL model, then recovers it on its share of
+    recover.tokens (the budget of all the rounds together, so that a schedule and a one-shot
+    recipe with the same recover section train on as many tokens). The runner expands prune and
+    recover into prune@1, recover@1, ... (`runner.schedule`)."""
     rounds: int = 2
-    tokens: int = 0                           # recovery tokens of all the rounds together, split evenly
     targets: tuple[float, ...] = ()           # cumulative targets, one per round, the last prune.target; default even steps
 
     def cumulative_targets(self, target: float) -> tuple[float, ...]:
         return self.targets or tuple(target * k / self.rounds for k in range(1, self.rounds + 1))
 
-    def round_tokens(self) -> int:
-        return self.tokens // self.rounds
+    def round_tokens(self, tokens: int) -> int:
+        return tokens // self.rounds
 
     def validate(self, target: float) -> None:
         if self.rounds < 1:
             raise RecipeError(f"schedule.rounds must be at least 1, got {self.rounds}")
-        if self.tokens < self.rounds:
-            raise RecipeError(f"schedule.tokens is the recovery budget of all {self.rounds} rounds together and must be "
-                              f"at least {self.rounds}, got {self.tokens}; e.g. schedule: {{rounds: 4, tokens: 64000}}")
         if not self.targets:
             return
         targets = list(self.targets)
@@ -245,11 +243,11 @@ def parse_recipe(data: dict) -> Recipe:
     if "recover" in recipe.stages and "prune" not in recipe.stages:
         raise RecipeError("the recover stage trains the pruned model: add the prune stage before it")
     if recipe.schedule is not None:
-        check_schedule(recipe, data)
+        check_schedule(recipe)
     return recipe
 
 
-def check_schedule(recipe: Recipe, data: dict) -> None:
+def check_schedule(recipe: Recipe) -> None:
     """A schedule's settings, and the stages and keys it cannot go with."""
     if not {"prune", "recover"} <= set(recipe.stages):
         raise RecipeError("a schedule interleaves the prune and recover stages; list both in stages, or drop schedule")
@@ -259,9 +257,6 @@ def check_schedule(recipe: Recipe, data: dict) -> None:
     if recipe.prune.scores is not None:
         raise RecipeError("prune.scores hold the original model's scores, but a schedule's later rounds prune recovered "
                           "models; drop prune.scores or the schedule")
-    if "tokens" in (data.get("recover") or {}):
-        raise RecipeError("with a schedule the recovery budget is schedule.tokens, split over the rounds; drop "
-                          "recover.tokens")
     recipe.schedule.validate(recipe.prune.target)
 
 

@@ -2,12 +2,14 @@
 
     stages: [prune, recover, evaluate, report]
     prune: {target: 0.2, criterion: adapt_pruner, allocation: adapt_pruner}
-    schedule: {rounds: 4, tokens: 64000}
+    recover: {method: distill, tokens: 64000}
+    schedule: {rounds: 4}
 
 The runner expands prune and recover into prune@1, recover@1, ..., prune@4, recover@4. Round k
 prunes the model that round k-1 recovered (round 1: the recipe's model) until it has lost its
 cumulative target of the ORIGINAL model's basis (`schedule.targets`, by default k/rounds of
-prune.target), then recovers it on tokens/rounds tokens, distilled from the original (or the
+prune.target), then recovers it on recover.tokens / rounds tokens (recover.tokens is the budget
+of all the rounds together, as in a one-shot recipe), distilled from the original (or the
 recipe's teacher) on rows drawn with data seed + k - 1, so that every round sees other rows.
 
     run_dir/rounds/<k>/model       round k's pruned model
@@ -94,7 +96,7 @@ def round_prune_settings(prune: PruneSettings, schedule: ScheduleSettings, k: in
 
 def round_recover_settings(recover: RecoverySettings, schedule: ScheduleSettings, k: int) -> RecoverySettings:
     """Round k trains on its share of the tokens, on rows drawn with its own seed."""
-    return dataclasses.replace(recover, tokens=schedule.round_tokens(),
+    return dataclasses.replace(recover, tokens=schedule.round_tokens(recover.tokens),
                                data=dataclasses.replace(recover.data, seed=recover.data.seed + k - 1))
 
 
