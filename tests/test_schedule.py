@@ -232,3 +232,47 @@ def test_a_schedule_killed_mid_round_resumes_there_and_ends_as_an_uninterrupted_
     recipe["schedule"]["rounds"] = 3  # a finished round is never mixed with other settings
     with pytest.raises(RecipeError, match=r"stage prune@1 finished in .* with other settings \(schedule\)"):
         prunekit.run(recipe, run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["prune@2", "recover@2"])
+def test_a_schedule_killed_with_sigkill_inside_a_round_ends_as_an_uninterrupted_one(recipe, tmp_path, stage):
+    """`prunekit run` killed (SIGKILL) inside round 2's prune, or inside its recovery once a
+    checkpoint exists, then run again: the same weights as a run never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    recipe["recover"]["tokens"] = 2 * 32 * 4 * 12  # 12 steps a round, a checkpoint after each
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "prunekit.cli", "run", str(path), "--out", str(out)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    assert start(tmp_path / "straight").wait() == 0
+    killed = tmp_path / "killed"
+    process = start(killed)
+    for line in process.stdout:
+        if f"[{stage}] running" in line:
+            break
+    if stage.startswith("recover"):
+        deadline = time.time() + 240
+        while not (killed / "rounds/2/recovered.checkpoints/last").exists() and time.time() < deadline:
+            time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "records" / f"{stage}.json").exists(), f"the run finished {stage} before the kill"
+    again = start(killed)
+    output = again.communicate()[0]
+    assert again.returncode == 0, output[-2000:]
+    assert "[recover@1] done before" in output
+    for folder in ("rounds/2/model", "rounds/2/recovered", "recovered"):
+        assert _weights(killed / folder) == _weights(tmp_path / "straight" / folder), folder
