@@ -109,6 +109,17 @@ class _LayerState:
                           len(self.experts) if self.mlp else 0)
 
 
+def unit_totals(structure: ModelStructure) -> dict[str, int]:
+    """How many units of each kind a model has: what `limits` count fractions of."""
+    shapes = structure.layers
+    return {
+        "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
+        "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
+        "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
+        "hidden": structure.hidden_size, "expert": sum(s.num_experts for s in shapes),
+    }
+
+
 def _order(values: torch.Tensor, units: range | list[int]) -> list[int]:
     """Units sorted from least to most important (ties broken by index, so plans are deterministic)."""
     return sorted(units, key=lambda u: (float(values[u]), u))
@@ -162,13 +173,7 @@ class _Planner:
         return self._structure_at[hidden]
 
     def _count_units(self) -> dict[str, int]:
-        shapes = self.structure.layers
-        return {
-            "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
-            "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
-            "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
-            "hidden": self.structure.hidden_size, "expert": sum(s.num_experts for s in shapes),
-        }
+        return unit_totals(self.structure)
 
     def _normalizers(self) -> dict[str, float]:
         """Criteria whose kinds are in different units (weight norms, activations) are put on one

@@ -36,14 +36,13 @@ from prunekit.models.loading import load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.pipeline import PruneSettings, preflight_prune, unit_counts
 from prunekit.plan.plan import surviving_layers
-from prunekit.plan.planner import basis_value, removed_fraction
+from prunekit.plan.planner import BASES, basis_value, removed_fraction, unit_totals
 from prunekit.preflight import Preflight
 from prunekit.recover.train import RecoverySettings
 from prunekit.runner.recipe import Recipe, RecipeError, ScheduleSettings
 from prunekit.runner.stages import Context, Stage, _preflight_recover, link_tree
 
 ROUNDS_DIR = "rounds"
-BASES = ("non-embedding", "total", "flops", "kv-cache")
 
 
 # ----------------------------------------------------------------------------- each round's settings
@@ -55,19 +54,10 @@ def round_target(cumulative: float, original_basis: float, input_basis: float) -
     return 1 - (1 - cumulative) * original_basis / input_basis
 
 
-def _units(structure: ModelStructure) -> dict[str, int]:
-    """Units of each kind the planner's limits count (as `_Planner._count_units`)."""
-    shapes = structure.layers
-    return {"channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
-            "kv_group": sum(s.num_key_value_heads for s in shapes),
-            "attention": sum(s.num_attention_heads > 0 for s in shapes),
-            "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes), "hidden": structure.hidden_size}
-
-
 def round_limits(limits: dict[str, float], original: ModelStructure, current: ModelStructure) -> dict[str, float]:
     """Limits on the original's units (at most this fraction of its heads, ...) as fractions of the
     units the round's input still has."""
-    before, now = _units(original), _units(current)
+    before, now = unit_totals(original), unit_totals(current)
     return {kind: min(1.0, max(0.0, 1 - (1 - limit) * before[kind] / now[kind])) if now[kind] else 0.0
             for kind, limit in limits.items()}
 
