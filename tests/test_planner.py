@@ -38,7 +38,10 @@ def test_target_is_met_and_widths_are_aligned(model, scores, basis, allocation):
     before = model_structure(model)
     after = predicted_structure(plan, before)
     achieved = removed_fraction(before, after, basis)
-    assert target <= achieved < target + 0.2
+    # What the planners promise: at least the target, passed by less than the one move that crossed
+    # it. The largest move is one KV group (with its query heads) of one layer, or of every layer at
+    # once for uniform, whose moves keep the layers alike.
+    assert target <= achieved < target + _largest_move(before, basis, every_layer=allocation == "uniform")
     assert plan.meta["achieved"] == pytest.approx(achieved, abs=1e-5)
     for shape in after.layers:
         assert shape.intermediate_size % MULTIPLE == 0 or shape.intermediate_size == FFN
@@ -48,6 +51,27 @@ def test_target_is_met_and_widths_are_aligned(model, scores, basis, allocation):
         assert after.is_uniform()
     pruned = copy.deepcopy(model)
     assert apply_plan(pruned, plan).total_params == after.total_params
+
+
+def _largest_move(structure, basis: str, every_layer: bool) -> float:
+    """The share of `basis` that removing one KV group takes from one layer (the largest), or from every layer."""
+    from prunekit.plan.plan import LayerPlan, Plan
+
+    layers = range(len(structure.layers))
+    one_group = LayerPlan(keep_kv_groups=(0,))
+    plans = [Plan(layers={i: one_group for i in layers})] if every_layer else [Plan(layers={i: one_group}) for i in layers]
+    return max(removed_fraction(structure, predicted_structure(plan, structure), basis) for plan in plans)
+
+
+def test_the_global_planner_passes_its_target_by_less_than_one_layer_move(model, scores):
+    """The bound above is not loose for the default allocation: on this model one KV group of one
+    layer is 2% of the non-embedding parameters, and global lands within it."""
+    before = model_structure(model)
+    assert _largest_move(before, "non-embedding", every_layer=False) < 0.025
+    for target in (0.1, 0.25, 0.4):
+        plan = _plan(model, scores, target=target)
+        achieved = removed_fraction(before, predicted_structure(plan, before), "non-embedding")
+        assert target <= achieved < target + 0.025
 
 
 def test_global_removes_the_least_important_units_first(model):

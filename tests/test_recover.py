@@ -369,21 +369,24 @@ def _assert_same_training(result, reference, atol: float = 1e-5):
 
 
 @pytest.mark.parametrize("method,shard,grad_accum,recompute", [
-    ("lora", False, 1, False), ("distill", True, 1, False), ("lora", True, 1, True), ("distill", True, 2, False)],
-    ids=["ddp-lora", "sharded-distill", "sharded-lora-recomputed", "sharded-distill-accumulated"])
+    ("lora", False, 1, False), ("distill", False, 1, False), ("distill", True, 1, False), ("lora", True, 1, True),
+    ("distill", True, 2, False)],
+    ids=["ddp-lora", "ddp-distill", "sharded-distill", "sharded-lora-recomputed", "sharded-distill-accumulated"])
 def test_two_processes_train_like_one_process_with_their_batches_together(text_file, tmp_path, method, shard,
                                                                           grad_accum, recompute):
     """Under DDP or sharded (FSDP2), with torchrun and gloo on the CPU, each process takes its own
     rows of every step: two processes of 2 rows (or of 2 micro-batches of 1) give the weights of
-    one process of 4 rows."""
+    one process of 4 rows, training LoRA adapters or every weight (distill)."""
     one = _launched(tmp_path, "one", 1, text_file, method=method)
     two = _launched(tmp_path, "two", 2, text_file, method=method, shard=shard, grad_accum=grad_accum,
                     recompute=recompute)
     assert two["world"] == 2 and one["world"] == 1
-    # Accumulating, or reduce-scattering the shards, sums the gradient in another order; AdamW at lr
-    # 1e-2 turns that rounding into up to ~1e-4 on weights whose gradient is near zero (6e-5 seen
-    # sharded on an AVX-512 machine). A missed synchronisation moves them by ~lr, 100x more.
-    _assert_same_training(two, one, atol=1e-5 if grad_accum == 1 and not shard else 2e-4)
+    # Accumulating, reduce-scattering the shards, or all-reducing every weight's gradient sums it in
+    # another order; AdamW at lr 1e-2 turns that rounding into up to ~1e-4 on weights whose gradient is
+    # near zero (6e-5 seen sharded, and under DDP distillation, on an AVX-512 machine). A missed
+    # synchronisation moves them by ~lr, 100x more. LoRA's few adapter weights stay within 1e-5.
+    exact = method == "lora" and grad_accum == 1 and not shard
+    _assert_same_training(two, one, atol=1e-5 if exact else 2e-4)
 
 
 def test_a_killed_sharded_run_resumes_to_the_same_weights(text_file, tmp_path):
@@ -472,18 +475,6 @@ def test_under_a_launcher_each_process_checks_the_memory_of_its_own_gpu(saved_pa
     with pytest.raises(memory.InsufficientMemoryError, match="on the cuda:1, which has 0.0 GiB free"):
         recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
     assert asked == ["cuda:1"]
-
-
-def test_activation_checkpointing_keeps_layer_inputs_and_one_layer_in_the_estimate():
-    from prunekit.models.memory import recovery_estimate
-    from prunekit.models.structure import model_structure
-
-    structure = model_structure(tiny_model("llama"))
-    whole, kept = (recovery_estimate(structure, None, "float32", lora=False, batch_size=2, seq_len=16,
-                                     activation_checkpointing=c).parts["activations of one batch"] for c in (False, True))
-    per_layer_input = 2 * 16 * structure.hidden_size * 4
-    assert whole == 12 * per_layer_input * structure.num_layers
-    assert kept == per_layer_input * structure.num_layers + 12 * per_layer_input
 
 
 def test_sharding_divides_the_students_training_state_by_the_processes():

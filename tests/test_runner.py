@@ -37,11 +37,22 @@ def _single_thread(one_thread):
     yield
 
 
-def test_the_shipped_recipes_are_there():
+def test_the_shipped_recipes_are_there_and_load_by_name(monkeypatch):
+    """Each documented recipe is installed with the package and, loaded by name as `prunekit run
+    demo` loads it, parses into valid settings with stages in the runner's order (the preflight of
+    every stage against its machine is the test below)."""
+    from prunekit.runner.recipe import STAGE_ORDER
+
     names = {p.stem for p in RECIPES}
     assert {"demo", "width", "depth", "mixed", "llm-pruner", "flap", "shortgpt", "minitron", "llama3-8b-width",
             "llama3-8b-depth", "search"} <= names
-    assert set(shipped_recipes()) == names  # installed with the package: `prunekit run demo` finds them by name
+    assert set(shipped_recipes()) == names
+    for name in sorted(names):
+        recipe = load_recipe(name)
+        _as_named_hardware(recipe, monkeypatch)  # a GPU recipe's devices are checked as on its GPU machine
+        validate_settings(run_module.resolve_auto(recipe, has_local_data=False))
+        assert recipe.stages and list(recipe.stages) == [s for s in STAGE_ORDER if s in recipe.stages], name
+        assert recipe.to_dict() == load_recipe(recipe.to_dict()).to_dict(), name  # what a run directory keeps
 
 
 @pytest.fixture(scope="module")
