@@ -135,6 +135,8 @@ TINY_MOE_CONFIGS: dict[str, dict] = {
                       mlp_only_layers=[1]),
     "qwen2_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=False,
                       shared_expert_intermediate_size=40),
+    # q_norm spans hidden_size, so heads x head_dim must equal it
+    "olmoe": dict(num_experts=6, num_experts_per_tok=2, intermediate_size=32, head_dim=6, norm_topk_prob=False),
 }
 MOE_FAMILIES = sorted(TINY_MOE_CONFIGS)
 

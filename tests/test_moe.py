@@ -123,6 +123,11 @@ def test_attention_and_layers_prune_beside_experts(moe_family):
     plan = Plan(layers={0: LayerPlan(keep_kv_groups=(1,), keep_experts=(0, 1, 5)),
                         2: LayerPlan(keep_query_heads=(0, 2, 4, 6)),
                         3: LayerPlan(drop_mlp=True)}, drop_layers=(1,))
+    if architecture_for(moe_family).attention_norms_span_heads:  # OLMoE: q/k norms over all heads
+        with pytest.raises(PlanError, match="normalises queries and keys over all heads"):
+            apply_plan(model, plan)
+        plan = Plan(layers={0: LayerPlan(keep_experts=(0, 1, 5)), 2: LayerPlan(drop_attention=True),
+                            3: LayerPlan(drop_mlp=True)}, drop_layers=(1,))
     predicted = predicted_structure(plan, model_structure(model))
     after = apply_plan(model, plan)
     assert after.layers == predicted.layers and after.num_layers == 3

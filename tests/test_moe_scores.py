@@ -107,3 +107,27 @@ def test_reap_scores_plan_and_cut(moe_family):
     after = apply_plan(model, plan)
     assert after.non_embedding_params <= 0.75 * structure.non_embedding_params
     assert torch.isfinite(model(_calibration(1, 8)).logits).all()
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
+def test_dense_criteria_score_attention_of_moe_models(moe_family, criterion):
+    """Heads and KV groups of a MoE model score and prune with the dense criteria; the experts'
+    MLP blocks get no channel scores (channels inside experts are not pruned)."""
+    from prunekit import apply_plan
+    from prunekit.plan.planner import PlannerSettings, make_plan
+
+    model = tiny_moe_model(moe_family)
+    ids = _calibration()
+    scores = score_model(model, criterion, ids, ids, progress=False)
+    structure = model_structure(model)
+    for i, shape in enumerate(structure.layers):
+        assert scores.values["head"][i].numel() == shape.num_attention_heads
+        assert scores.values["channel"][i].numel() == (0 if shape.num_experts else shape.intermediate_size)
+    plan = make_plan(structure, scores, PlannerSettings(target=0.1, prune=("head", "kv_group")),
+                     comparable=CRITERIA[criterion].comparable)
+    if architecture_for(moe_family).attention_norms_span_heads:  # OLMoE refuses head pruning
+        with pytest.raises(Exception, match="normalises queries and keys over all heads"):
+            apply_plan(model, plan)
+        return
+    apply_plan(model, plan)
+    assert torch.isfinite(model(ids[:1]).logits).all()

@@ -33,7 +33,7 @@ def format_structure(structure, title: str, seq_len: int) -> str:
     for i, shape in enumerate(structure.layers):
         costs = structure.layer_costs[i]
         attention = costs.params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - costs.other
-        mlp = costs.params(LayerShape(0, 0, shape.intermediate_size)) - costs.other
+        mlp = costs.params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - costs.other
         groups = (
             f"{shape.num_key_value_heads} x {shape.heads_per_group} q/group" if shape.num_attention_heads else "attention removed"
         )

@@ -145,8 +145,8 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
             for sublayer, module_name, projection_name in (("attention", arch.attention, arch.o_proj),
                                                            ("mlp", arch.mlp, arch.down_proj)):
                 module = getattr(layer, module_name)
-                if isinstance(module, (RemovedAttention, RemovedMLP)):
-                    continue
+                if isinstance(module, (RemovedAttention, RemovedMLP)) or not hasattr(module, projection_name):
+                    continue  # (a mixture-of-experts block has no one down_proj: its experts go whole)
                 # The MLP comes last in the layer: its pass can advance the stream too.
                 advance = sublayer == "mlp" and arch.mlp_output_norm is None and keeps_mlp_inputs(
                     stream, getattr(module, projection_name).in_features, lowered=torch.is_autocast_enabled(device.type))
@@ -173,7 +173,7 @@ def _layer_passes(layer: nn.Module, arch, kept: KeptLayer | None, head_dim: int,
     if not isinstance(attention, RemovedAttention) and 0 < len(kept.query_heads) * head_dim < getattr(
             attention, arch.o_proj).in_features:
         passes += 0.5
-    if not isinstance(mlp, RemovedMLP):
+    if not isinstance(mlp, RemovedMLP) and hasattr(mlp, arch.down_proj):
         width = getattr(mlp, arch.down_proj).in_features
         if 0 < len(kept.channels) < width and not (arch.mlp_output_norm is None
                                                    and keeps_mlp_inputs(stream, width, lowered=lowered)):

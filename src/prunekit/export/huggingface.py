@@ -142,7 +142,10 @@ def save_model(
                 "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunekitForCausalLM",
             }
             (tmp / MODELING_FILE).write_text(_modeling_file_text(arch.model_type, arch.to_dict()), encoding="utf-8")
-        to_write.save_pretrained(tmp, safe_serialization=True)
+        # A model loaded from a checkpoint reverts the loader's renamings on save (MoE experts go back
+        # to one tensor per expert); remote code skips those renamings on load, so prunekit's format
+        # keeps the names the modules have.
+        to_write.save_pretrained(tmp, safe_serialization=True, **({"save_original_format": False} if is_pruned_format else {}))
         if is_pruned_format:
             _declare_family_model_type(tmp / "config.json", arch.model_type)
         if tokenizer is not None:

@@ -168,7 +168,7 @@ def _sublayer_params(structure: ModelStructure) -> tuple[int, int]:
     attention = mlp = 0
     for shape, costs in zip(structure.layers, structure.layer_costs):
         attention += costs.params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - costs.other
-        mlp += costs.params(LayerShape(0, 0, shape.intermediate_size)) - costs.other
+        mlp += costs.params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - costs.other
     return attention, mlp
 
 

@@ -70,6 +70,9 @@ class Architecture:
     # An always-on expert beside the routed ones (Qwen2-MoE), scaled by sigmoid(shared_expert_gate).
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    # q/k norms over all heads at once (OLMoE), not per head: head pruning would change the kept
+    # heads' outputs, so surgery refuses it.
+    attention_norms_span_heads: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -279,6 +279,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> ModelStructure:
     kept = resolve_plan(plan, before)
     hidden = kept_hidden(plan, before)
     prunes_hidden = len(hidden) < before.hidden_size
+    if arch.attention_norms_span_heads and any(k.shape.num_attention_heads not in (0, before.layers[k.source_index].num_attention_heads)
+                                               or k.shape.num_key_value_heads not in (0, before.layers[k.source_index].num_key_value_heads)
+                                               for k in kept):
+        raise PlanError(f"{arch.model_type} normalises queries and keys over all heads at once, so removing some heads "
+                        f"would change what the kept ones compute; prune experts, whole attention sublayers or layers "
+                        f"instead (remove head and kv_group from --prune-structures)")
     if prunes_hidden and arch.is_moe:
         raise PlanError(f"prunekit cannot prune the hidden size of {arch.model_type} (a mixture of experts) yet; "
                         f"remove keep_hidden from the plan (or hidden from --prune-structures)")

@@ -56,7 +56,7 @@ def attention_weights(layer: nn.Module, arch: Architecture, head_dim: int, *, gr
 
 def mlp_weights(layer: nn.Module, arch: Architecture, *, grad: bool = False) -> MLPWeights | None:
     mlp = getattr(layer, arch.mlp)
-    if isinstance(mlp, RemovedMLP):
+    if isinstance(mlp, RemovedMLP) or not hasattr(mlp, arch.down_proj):  # removed, or a MoE block (experts go whole)
         return None
     down = _grad_or_weight(getattr(mlp, arch.down_proj).weight, grad)
     if arch.gate_up_proj:

@@ -137,7 +137,7 @@ def _hook_layer(layer: nn.Module, arch: Architecture, stats: LayerStats, handles
         handles.append(source.register_forward_hook(attention_added))
         o_proj = getattr(attention, arch.o_proj)
         handles.append(o_proj.register_forward_pre_hook(lambda m, args: stats.attention_input.add(args[0])))
-    if not isinstance(mlp, RemovedMLP):
+    if not isinstance(mlp, RemovedMLP) and hasattr(mlp, arch.down_proj):  # (a MoE block has no one down_proj)
         down = getattr(mlp, arch.down_proj)
         handles.append(down.register_forward_pre_hook(lambda m, args: stats.mlp_input.add(args[0])))
 
@@ -162,7 +162,7 @@ def _empty_stats(layer: nn.Module, arch: Architecture, with_gram: bool, device: 
     return LayerStats(
         attention_input=None if isinstance(attention, RemovedAttention)
         else FeatureStats.empty(getattr(attention, arch.o_proj).in_features, with_gram, device),
-        mlp_input=None if isinstance(mlp, RemovedMLP)
+        mlp_input=None if isinstance(mlp, RemovedMLP) or not hasattr(mlp, arch.down_proj)
         else FeatureStats.empty(getattr(mlp, arch.down_proj).in_features, with_gram, device),
         cos_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
         angle_sum={"layer": 0.0, "attention": 0.0, "mlp": 0.0},
