@@ -39,7 +39,7 @@ from prunekit.errors import PrunekitError
 # The same permissions and disk-full message as every other output.
 from prunekit.export.files import OutputExistsError, default_mode, disk_full, overlapped_input
 from prunekit.models.architecture import architecture_for
-from prunekit.models.modeling_prunekit import decoder_layers, head_dim_of
+from prunekit.models.modeling_prunekit import decoder_layers, head_dim_of, moe_parts
 from prunekit.models.structure import LayerShape, model_structure
 
 
@@ -63,6 +63,9 @@ class GGUFFamily:
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
     "llama": GGUFFamily(uniform_arch="llama", per_layer_arch="deci", rope_interleaved=True,
                         rope_types=("default", "linear", "llama3")),
+    # llama.cpp reads Mixtral as `llama` with expert tensors; it builds every layer with one expert
+    # count, so only uniform Mixtral models export (no per-layer architecture: "").
+    "mixtral": GGUFFamily(uniform_arch="llama", per_layer_arch="", rope_interleaved=True, rope_types=("default",)),
 }
 
 # Architecture-table role -> GGUF tensor (gguf.MODEL_TENSOR member name); "weight"/"bias" appended.
@@ -181,6 +184,9 @@ def check_config(config) -> GGUFFamily:
         )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise GGUFExportError("the GGUF writer supports Llama models without attention/MLP biases; this one has biases")
+    if getattr(config, "sliding_window", None) and architecture_for(config.model_type).is_moe:
+        raise GGUFExportError("llama.cpp's Mixtral graph attends to the whole context; this model has a sliding window "
+                              f"of {config.sliding_window}, which the GGUF writer cannot express")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GGUFExportError(f"llama.cpp's Llama graph uses SiLU; this model's hidden_act is {config.hidden_act!r}")
     return family
@@ -321,6 +327,7 @@ class _Block:
     ffn: int
     pad_attention: bool = False
     pad_mlp: bool = False
+    experts: int = 0            # routed experts of a MoE layer (ffn is then each expert's width)
 
 
 def plan_blocks(shapes: tuple[LayerShape, ...]) -> list[_Block]:
@@ -333,7 +340,8 @@ def plan_blocks(shapes: tuple[LayerShape, ...]) -> list[_Block]:
         pad_attention = heads == 0 and not blocks
         pad_mlp = heads > 0 and ffn == 0
         blocks.append(_Block(index, 1 if pad_attention else heads, 1 if pad_attention else kv,
-                             ZERO_FFN_WIDTH if pad_mlp else ffn, pad_attention, pad_mlp))
+                             ZERO_FFN_WIDTH if pad_mlp else ffn, pad_attention, pad_mlp,
+                             shape.num_experts if ffn else 0))
     if not blocks:
         raise GGUFExportError("every layer of this model lost both its attention and its MLP; there is nothing to run")
     return blocks
@@ -341,7 +349,8 @@ def plan_blocks(shapes: tuple[LayerShape, ...]) -> list[_Block]:
 
 def _is_uniform(blocks: list[_Block]) -> bool:
     first = blocks[0]
-    return all((b.heads, b.kv_heads, b.ffn) == (first.heads, first.kv_heads, first.ffn) for b in blocks) and not (
+    return all((b.heads, b.kv_heads, b.ffn, b.experts) == (first.heads, first.kv_heads, first.ffn, first.experts)
+               for b in blocks) and not (
         first.pad_attention or any(b.pad_mlp for b in blocks))
 
 
@@ -358,6 +367,9 @@ def _add_metadata(writer, gguf, config, blocks: list[_Block], uniform: bool, rop
     writer.add_embedding_length(config.hidden_size)
     per_layer = lambda values: values[0] if uniform else values  # noqa: E731
     writer.add_feed_forward_length(per_layer([b.ffn for b in blocks]))
+    if blocks[0].experts:  # uniform: every block has them (`_write_f16`)
+        writer.add_expert_count(blocks[0].experts)
+        writer.add_expert_used_count(min(config.num_experts_per_tok, blocks[0].experts))
     writer.add_head_count(per_layer([b.heads for b in blocks]))
     writer.add_head_count_kv(per_layer([b.kv_heads for b in blocks]))
     writer.add_key_length(head_dim)
@@ -421,6 +433,15 @@ def _add_tensors(writer, gguf, model, blocks: list[_Block], head_dim: int, rope:
             for role, shape in (("gate_proj", (ZERO_FFN_WIDTH, hidden)), ("up_proj", (ZERO_FFN_WIDTH, hidden)),
                                 ("down_proj", (hidden, ZERO_FFN_WIDTH))):
                 writer.add_tensor(name(role), np.zeros(shape, dtype=np.float16))
+        elif block.experts:
+            mlp = getattr(layer, arch.mlp)
+            router, experts = moe_parts(mlp, arch.to_dict())
+            writer.add_tensor(name("mlp_norm"), _array(getattr(layer, arch.mlp_norms[0]).weight))
+            writer.add_tensor(_tensor_name(gguf, "FFN_GATE_INP", bid), _array(router.weight))
+            # fused [experts, gate rows | up rows, hidden] -> llama.cpp's stacked gate and up experts
+            gate, up = experts.gate_up_proj.chunk(2, dim=1)
+            for role, weight in (("FFN_GATE_EXP", gate), ("FFN_UP_EXP", up), ("FFN_DOWN_EXP", experts.down_proj)):
+                writer.add_tensor(_tensor_name(gguf, role, bid), _array(weight))
         elif block.ffn:
             mlp = getattr(layer, arch.mlp)
             writer.add_tensor(name("mlp_norm"), _array(getattr(layer, arch.mlp_norms[0]).weight))
@@ -444,6 +465,11 @@ def _write_f16(model: nn.Module, tokenizer, path: Path) -> tuple[str, list[_Bloc
     blocks = plan_blocks(structure.layers)
     uniform = _is_uniform(blocks)
     arch = family.uniform_arch if uniform else family.per_layer_arch
+    if not arch:
+        raise GGUFExportError(
+            f"llama.cpp builds every layer of a {config.model_type} model with one shape (one expert count), and this "
+            f"model's layers differ; prune it with --allocation uniform (and without dropping sublayers) to export it"
+        )
     head_dim = head_dim_of(config)
     rope = _rope_parameters(config)
     vocab = tokenizer_metadata(tokenizer, config.vocab_size)
