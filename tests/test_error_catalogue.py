@@ -154,6 +154,7 @@ CASES: list[tuple[str, str, str]] = [
      "lower it"),
     ("evaluation text shorter than one window", "eval {model} --ppl {short.txt} --seq-len 64", "window"),
     ("CUDA asked for on a machine without a GPU", "bench {model} --device cuda", "no CUDA GPU"),
+    ("CUDA-graph decode asked for on the CPU", "bench {model} --decode graph", "--decode eager"),
     ("evaluation on a GPU this machine lacks", "eval {model} --ppl {text.txt} --seq-len 16 --device cuda",
      "no CUDA GPU"),
     ("teacher with another vocabulary",

@@ -69,6 +69,9 @@ def no_model_load(monkeypatch):
 @pytest.mark.parametrize("windows", [[], ["--stride", "24"], ["--window-every", "3"]])
 def test_eval_matches_perplexity_and_records_its_protocol(models, text_file, tmp_path, capsys, windows):
     out = tmp_path / "results" / "eval.json"
+    import resource
+
+    resident_before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
     assert command(EVAL_COMMAND, models["model"], "--ppl", text_file, "--seq-len", "64", *windows, "--json", out) == 0
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -94,7 +97,10 @@ def test_eval_matches_perplexity_and_records_its_protocol(models, text_file, tmp
     row = next(line for line in printed.splitlines() if line.startswith(str(text_file)))
     assert "64 tokens" in row and f"{entry['perplexity']:.2f}" in row
     assert format_eval_table(report) in printed and f"wrote {out}" in printed
-    assert report["memory"]["peak_bytes"] > 0 and report["memory"]["estimate_bytes"] > 0
+    # the evaluation's own peak resident memory: at least what the process held, at most its lifetime peak
+    lifetime_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 0.9 * resident_before <= report["memory"]["peak_bytes"] <= 1.05 * lifetime_peak  # (their page counts lag)
+    assert report["memory"]["estimate_bytes"] > 0
     assert "memory: peak" in printed and "admitted on an estimate" in printed
 
 
@@ -128,6 +134,9 @@ def test_bench_puts_model_and_baseline_side_by_side(models, tmp_path, capsys):
     assert report["model"]["spec"] == str(models["model"]) and report["baseline"]["spec"] == str(models["baseline"])
     assert report["model"]["dtype"] == speed["settings"]["dtype"] == "bfloat16"
     assert speed["settings"]["repeats"] == 1 and speed["settings"]["decode_batches"] == [1, 2]
+    # the CPU decodes eagerly, and the table says so
+    assert speed["settings"]["decode"] == "eager"
+    assert "decode tokens/s (batch 1, eager)" in printed and "decode: eager (transformers' generate" in printed
     # The baseline's FFN is twice as wide, so the model should ideally be faster.
     assert speed["ideal_speedup"] > 1
     assert set(speed["speedup"]) == set(speed["model"]["timings"]) == set(speed["baseline"]["timings"])
@@ -181,6 +190,8 @@ BENCH_ERRORS = [
     (["--compile", "--warmup", "1"], EvalError, r"set warmup >= 2"),
     (["--prefill-len", "200"], EvalError, r"prefill_len needs 200 positions but .* has 128"),
     (["--decode-tokens", "1"], EvalError, r"decode_tokens must be an integer >= 2"),
+    (["--decode", "graph"], EvalError, r"decode 'graph' replays CUDA graphs, which need the cuda device; on the "
+                                       r"CPU time decode eagerly \(--decode eager\)"),
     (["--json", "{tmp}"], EvalError, r"is a folder; name a file"),
     (["--json", "{tmp}/file.txt/bench.json"], EvalError, r"file.txt is not a writable folder"),
 ]

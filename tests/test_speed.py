@@ -40,18 +40,32 @@ def comparison(models) -> SpeedResult:
     return benchmark_speed(small, baseline=wide, **QUICK)
 
 
-def test_comparison_returns_every_metric_for_both_models(comparison: SpeedResult) -> None:
+def _matmul_flops(model: torch.nn.Module, context: float) -> tuple[float, float]:
+    """A multiply-add for every Linear weight, and the attention scores and values at `context`."""
+    config = model.config
+    linear = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return linear, 4 * config.num_hidden_layers * context * config.num_attention_heads * config.head_dim
+
+
+def test_comparison_returns_every_metric_for_both_models(models, comparison: SpeedResult) -> None:
     names = metric_names(comparison.settings)
     assert len(names) == 1 + 2 * len(QUICK["decode_batches"])
-    for speed in (comparison.model, comparison.baseline):
+    for speed, model in zip((comparison.model, comparison.baseline), models):
         assert set(speed.timings) == set(names)
         for spread in speed.timings.values():
             assert 0 < spread.low <= spread.median <= spread.high
-        assert speed.peak_memory_mib is None or speed.peak_memory_mib > 0
-        assert speed.flops_per_token > 0
+        weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        # the peak is the weights plus what the calls allocated above them
+        assert speed.peak_memory_mib is None or speed.peak_memory_mib >= weights_mib
+        linear, attention = _matmul_flops(model, (QUICK["prefill_len"] + 1) / 2)
+        # the cost model counts the products, plus a little for norms, rotary and softmax
+        assert linear + attention <= speed.flops_per_token <= 1.01 * (linear + attention)
     assert comparison.model.parameters < comparison.baseline.parameters
     assert set(comparison.speedup) == set(names)
-    assert all(ratio.median > 0 for ratio in comparison.speedup.values())
+    for metric, ratio in comparison.speedup.items():
+        model, baseline = comparison.model.timings[metric], comparison.baseline.timings[metric]
+        faster = baseline.median / model.median if metric.startswith("time_") else model.median / baseline.median
+        assert ratio.median == pytest.approx(faster) and ratio.low <= ratio.median <= ratio.high
     assert comparison.ideal_speedup == pytest.approx(
         comparison.baseline.flops_per_token / comparison.model.flops_per_token)
     assert comparison.ideal_speedup > 1
@@ -226,3 +240,66 @@ def test_a_busy_machine_marks_the_rows_unreliable_instead_of_printing_ratios(mod
         assert f"{label}: unreliable, not a result: {reason}" in table
         assert "machine" in reason
     assert result.to_dict()["unreliable"] == unreliable
+
+
+# ----------------------------------------------------------------------------- decode modes
+
+
+def test_decode_is_graph_on_a_gpu_and_eager_on_the_cpu_unless_asked():
+    from prunekit.evaluate.speed import DECODE_MODES, decode_mode
+
+    assert decode_mode(None, "cuda") == "graph" and decode_mode(None, "cpu") == "eager"
+    assert decode_mode("eager", "cuda") == "eager" and decode_mode("graph", "cuda") == "graph"
+    with pytest.raises(EvalError, match=r"decode 'graph' replays CUDA graphs, which need the cuda device"):
+        decode_mode("graph", "cpu")
+    with pytest.raises(EvalError, match=r"unknown decode mode 'static'; choose one of graph, eager"):
+        decode_mode("static", "cuda")
+    assert set(DECODE_MODES) == {"graph", "eager"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3", "phi3"])
+def test_static_cache_decoding_gives_the_tokens_of_generate(family):
+    """What graph decode replays, run eagerly: prompt into a static cache, then one step per token
+    fed the last token, on an unevenly pruned model with a dropped layer (and sliding windows for
+    gemma2, shorter than the prompt), gives generate's greedy tokens."""
+    from transformers import GenerationConfig
+
+    from prunekit import apply_plan
+    from prunekit.evaluate.speed import static_cache_greedy_tokens
+    from prunekit.plan.plan import LayerPlan, Plan
+
+    model = tiny_model(family)
+    apply_plan(model, Plan(layers={0: LayerPlan(keep_kv_groups=(1,)),
+                                   1: LayerPlan(keep_query_heads=(0, 2, 4, 6), keep_channels=tuple(range(0, 80, 3)))},
+                           drop_layers=(2,)))
+    prompt = random_token_ids(3, 9, 300, seed=1)
+    config = GenerationConfig(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        expected = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                  generation_config=config)[:, prompt.shape[1]:]
+    assert torch.equal(static_cache_greedy_tokens(model, prompt, 5), expected)
+
+
+def test_the_decode_mode_reaches_the_timer_and_the_table(models, monkeypatch):
+    """`benchmark_speed(decode=...)` picks the timer, records the mode and names it in the table;
+    graph mode's timer runs here without the capture (the CPU has no CUDA graphs)."""
+    from prunekit.evaluate import speed as speed_module
+
+    small, _ = models
+    used = []
+    original = speed_module._time_graph_decode
+    monkeypatch.setattr(speed_module, "_resolve_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(speed_module, "_time_graph_decode", lambda model, prompt, tokens, use_graph: used.append(
+        use_graph) or original(model, prompt, tokens, use_graph=False))
+    quick = {**QUICK, "repeats": 1, "decode_batches": (2,)}
+    result = benchmark_speed(small, device="cuda", decode=None, **quick)  # cuda as far as the mode goes
+    assert result.settings.decode == "graph" and used == [True, True]
+    assert set(result.model.timings) == set(metric_names(result.settings))
+    table = format_speed_table(result)
+    assert "decode tokens/s (batch 2, graph)" in table and "decode: graph (static KV cache" in table
+    eager = benchmark_speed(small, device="cpu", **quick)
+    assert eager.settings.decode == "eager" and "decode tokens/s (batch 2, eager)" in format_speed_table(eager)
+    # a record made before the choice existed reads as eager
+    record = eager.to_dict()
+    del record["settings"]["decode"]
+    assert SpeedResult.from_dict(record).settings.decode == "eager"

@@ -16,7 +16,7 @@ from prunekit.evaluate.run import (
     format_bench_table,
     format_eval_table,
 )
-from prunekit.evaluate.speed import DEVICES
+from prunekit.evaluate.speed import DECODE_MODES, DEVICES
 from prunekit.evaluate.tasks import LOCAL_TASKS
 
 MODEL_HELP = "directory, .gguf file, hub id or smollm2-135m"
@@ -93,8 +93,11 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded per repeat (default 64)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 1; 2 with --compile)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; tables show median and range (default 5)")
-    parser.add_argument("--compile", action="store_true", help="prefill through torch.compile; on CUDA, decode "
-                                                               "with a compiled static KV cache")
+    parser.add_argument("--compile", action="store_true", help="prefill through torch.compile; on CUDA with "
+                                                               "--decode eager, decode with a compiled static KV cache")
+    parser.add_argument("--decode", choices=list(DECODE_MODES), default=None,
+                        help="how decode is timed: graph (a static KV cache, each step replayed from a CUDA graph; "
+                             "the default on cuda) or eager (transformers' generate; the default and only way on cpu)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure and its settings to FILE")
 
 
@@ -103,7 +106,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         args.model, baseline=args.baseline, device=args.device, dtype=args.dtype, prefill_batch=args.prefill_batch,
         prefill_len=args.prefill_len, decode_batches=args.decode_batches, decode_context=args.decode_context,
         decode_tokens=args.decode_tokens, warmup=args.warmup, repeats=args.repeats, use_compile=args.compile,
-        json_out=args.json,
+        json_out=args.json, decode=args.decode,
     )
     print(format_bench_table(report))
     if args.json:

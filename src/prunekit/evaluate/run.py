@@ -27,6 +27,7 @@ from prunekit.data import DataError, adds_bos_by_default, encode_text, join_docu
 from prunekit.evaluate.perplexity import perplexity, plan_windows
 from prunekit.evaluate.speed import (
     DEVICES,
+    decode_mode,
     ModelSpeed,
     SpeedResult,
     SpeedSettings,
@@ -407,10 +408,11 @@ def format_eval_table(report: dict[str, Any]) -> str:
 
 def check_bench_options(*, device: str, dtype: str, prefill_batch: int, prefill_len: int,
                         decode_batches: Sequence[int], decode_context: int, decode_tokens: int, warmup: int | None,
-                        repeats: int, use_compile: bool) -> int:
+                        repeats: int, use_compile: bool, decode: str | None = None) -> int:
     """Every option of a timing run that needs no model; returns the number of warm-up calls."""
     _check_dtype(dtype)
     _check_device(device)
+    decode_mode(decode, device)
     warmup = (2 if use_compile else 1) if warmup is None else warmup
     for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
                                  ("decode_context", decode_context, 1), ("decode_tokens", decode_tokens, 2),
@@ -429,14 +431,16 @@ def check_bench_options(*, device: str, dtype: str, prefill_batch: int, prefill_
 def preflight_bench(model: str | os.PathLike, structures: Sequence[ModelStructure], *, device: str = "cpu",
                     dtype: str = "bfloat16", prefill_batch: int = 8, prefill_len: int = 512,
                     decode_batches: Sequence[int] = (1, 16), decode_context: int = 128, decode_tokens: int = 64,
-                    warmup: int | None = None, repeats: int = 5, use_compile: bool = False) -> Preflight:
+                    warmup: int | None = None, repeats: int = 5, use_compile: bool = False,
+                    decode: str | None = None) -> Preflight:
     """A timing run of models of these `structures` side by side (all loaded at once), checked as
     `bench_models` checks it, against `model`'s positions."""
     from prunekit.pipeline import LOAD_SECONDS, rate
 
     warmup = check_bench_options(device=device, dtype=dtype, prefill_batch=prefill_batch, prefill_len=prefill_len,
                                  decode_batches=decode_batches, decode_context=decode_context,
-                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile)
+                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile,
+                                 decode=decode)
     _check_positions(resolve_model_source(model), {"prefill_len": prefill_len,
                                                    "decode_context + decode_tokens": decode_context + decode_tokens})
     tokens = (repeats + warmup) * (prefill_batch * prefill_len + sum(decode_batches) * decode_tokens * 20)
@@ -463,6 +467,7 @@ def bench_models(
     repeats: int = 5,
     use_compile: bool = False,
     json_out: str | os.PathLike | None = None,
+    decode: str | None = None,
 ) -> dict[str, Any]:
     """Inference speed of `model`, and of `baseline` interleaved with it in the same process.
 
@@ -470,13 +475,15 @@ def bench_models(
     `decode_tokens` tokens after a `decode_context`-token prompt at each of `decode_batches`; time
     to first token; peak memory. With a baseline, each figure's measured speedup sits beside the
     ideal one (the ratio of FLOPs per token). `warmup` defaults to 1 untimed call, 2 with `use_compile`.
+    `decode` (speed.DECODE_MODES) defaults to CUDA-graph replay over a static cache on a GPU, eager on the CPU.
 
     Returns {"format", "model", "baseline", "speed": SpeedResult.to_dict(), "environment"}; every
     option is checked before a weight is loaded.
     """
     warmup = check_bench_options(device=device, dtype=dtype, prefill_batch=prefill_batch, prefill_len=prefill_len,
                                  decode_batches=decode_batches, decode_context=decode_context,
-                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile)
+                                 decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile,
+                                 decode=decode)
     decode_batches = list(decode_batches)
     sources = {"model": resolve_model_source(model)}
     if baseline is not None:
@@ -491,7 +498,7 @@ def bench_models(
         loaded["model"][0], baseline=loaded["baseline"][0] if baseline is not None else None, device=device,
         dtype=dtype, prefill_batch=prefill_batch, prefill_len=prefill_len, decode_batches=tuple(decode_batches),
         decode_context=decode_context, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats,
-        use_compile=use_compile,
+        use_compile=use_compile, decode=decode,
     )
     entries = {name: _model_entry(sources[name], module, dtype, seconds) for name, (module, seconds) in loaded.items()}
     report = {

@@ -7,6 +7,12 @@ and every metric is reported as the median and range of its repeats. A speedup i
 two medians the table shows, its range the ratio of their ranges crossed (the slowest repeat of
 one against the fastest of the other), so a reader can form every figure from the table.
 
+Decode is timed one of two ways (`DECODE_MODES`), named in every table: `graph`, the default on a
+GPU, fills a static KV cache with the prompt and replays each decode step from a CUDA graph captured
+once, as GPU_BENCHMARKS.md and benchmarks/gpu_speed.py time it (eager decoding on a GPU is bound by
+kernel launches, so it hides what pruning saves: a 25%-pruned 8B model decoded eagerly at batch 1
+measured slower than the dense one); `eager`, the only way on the CPU, runs transformers' `generate`.
+
 On a busy machine the repeats scatter and a ratio can come out as anything: a row whose repeats
 spread more than `WIDE_SPREAD` of their median, or whose speedup exceeds the FLOPs ideal by more
 than its own range, is marked unreliable with the reason instead of being shown as a result; the
@@ -33,6 +39,10 @@ from prunekit.models.loading import TORCH_DTYPES as DTYPES
 from prunekit.evaluate.tasks import EvalError
 
 DEVICES = ("cpu", "cuda")
+DECODE_MODES: dict[str, str] = {
+    "graph": "static KV cache, each step replayed from a CUDA graph",
+    "eager": "transformers' generate, dynamic KV cache, kernels launched one by one",
+}
 MEMORY_METHODS: dict[str, str] = {
     "cuda": "weights + torch.cuda.max_memory_allocated above the allocation before each call",
     "cpu": "weights + peak RSS above the RSS before each call (VmHWM, reset through /proc/self/clear_refs)",
@@ -78,6 +88,7 @@ class SpeedSettings:
     # os.getloadavg() (1, 5, 15 minutes) and the CPU count when the measuring started; None where unknown
     load_average: tuple[float, float, float] | None = None
     cpu_count: int | None = None
+    decode: str = "eager"  # one of DECODE_MODES (records made before the choice existed decoded eagerly)
 
     def load_note(self) -> str | None:
         if self.load_average is None:
@@ -204,7 +215,7 @@ def metric_label(metric: str, settings: SpeedSettings) -> str:
         return f"prefill tokens/s ({settings.prefill_batch} x {settings.prefill_len})"
     kind, batch = re.fullmatch(r"(\w+)_batch(\d+)", metric).groups()
     if kind == "decode_tokens_per_s":
-        return f"decode tokens/s (batch {batch})"
+        return f"decode tokens/s (batch {batch}, {settings.decode})"
     return f"first token ms (batch {batch}, {settings.decode_context}-token prompt)"
 
 
@@ -303,7 +314,126 @@ def _time_decode(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, us
     }
 
 
+class _StaticCacheDecode:
+    """Greedy decoding with a static KV cache, one step at a time, each step fed the last step's
+    token. With `use_graph` (CUDA), the step (forward, argmax, advancing the position) is captured
+    once as a CUDA graph and replayed, so a step costs one launch: the way GPU_BENCHMARKS.md times
+    decode. Without it, the same step runs eagerly (how the CPU tests check the tokens)."""
+
+    def __init__(self, model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, use_graph: bool) -> None:
+        from transformers import StaticCache
+
+        self.model, self.device = model, prompt_ids.device
+        batch, self.context = prompt_ids.shape
+        # room for the steps and for the warm-up steps before a capture, which are rewound
+        self.cache = StaticCache(config=model.config, max_cache_len=self.context + new_tokens + 4)
+        self.position = torch.tensor([self.context], device=self.device)
+        self.position_ids = self.position.expand(batch, 1).clone()
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
+        self.graph = None
+        self.use_graph = use_graph
+
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt into the cache; the first new token (its logits are the time to first token)."""
+        logits = self.model(input_ids=prompt_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1,
+                            cache_position=torch.arange(self.context, device=self.device)).logits
+        first = logits[:, -1:].argmax(-1)
+        self.ids.copy_(first)
+        return first
+
+    def _step(self) -> None:
+        logits = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.position,
+                            position_ids=self.position_ids, use_cache=True, logits_to_keep=1).logits
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+        self.position_ids.add_(1)
+
+    def _rewind(self, first: torch.Tensor) -> None:
+        """Back to the prompt alone in the cache and `first` as the next input: the warm-up steps a
+        capture needs advanced both. Recent transformers keep a write counter per cache layer (a
+        device tensor); older ones write where `cache_position` says."""
+        for layer in getattr(self.cache, "layers", ()):
+            counter = getattr(layer, "cumulative_length", None)
+            if isinstance(counter, torch.Tensor):
+                counter.fill_(self.context)
+            if isinstance(getattr(layer, "cumulative_length_int", None), int):  # sliding-window layers
+                layer.cumulative_length_int = self.context
+        self.position.fill_(self.context)
+        self.position_ids.fill_(self.context)
+        self.ids.copy_(first)
+
+    def capture(self, first: torch.Tensor) -> None:
+        """Record the step as a CUDA graph (after the eager warm-up steps CUDA graphs require)."""
+        if not self.use_graph:
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._rewind(first)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        self._rewind(first)
+
+    def step(self) -> torch.Tensor:
+        """One token more for every row; returns the tokens (a buffer the next step overwrites)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.ids
+
+
+def _time_graph_decode(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int, use_graph: bool) -> Measured:
+    """Time to first token (the prompt through the static cache, eagerly) and the throughput of
+    the `new_tokens - 1` steps after it, each replayed from the captured graph; the capture is untimed."""
+    batch, device = prompt_ids.shape[0], prompt_ids.device
+    decoder = _StaticCacheDecode(model, prompt_ids, new_tokens, use_graph)
+    _synchronize(device)
+    start = time.perf_counter()
+    first = decoder.prefill(prompt_ids)
+    _synchronize(device)
+    first_token = time.perf_counter()
+    decoder.capture(first)
+    _synchronize(device)
+    steps_start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        decoder.step()
+    _synchronize(device)
+    return {
+        f"decode_tokens_per_s_batch{batch}": batch * (new_tokens - 1) / (time.perf_counter() - steps_start),
+        f"time_to_first_token_ms_batch{batch}": (first_token - start) * 1000.0,
+    }
+
+
+def static_cache_greedy_tokens(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int,
+                               use_graph: bool = False) -> torch.Tensor:
+    """The `new_tokens` greedy tokens that graph decoding produces (eagerly unless `use_graph`),
+    to check them against `generate`."""
+    decoder = _StaticCacheDecode(model, prompt_ids, new_tokens, use_graph)
+    with torch.inference_mode():
+        first = decoder.prefill(prompt_ids)
+        decoder.capture(first)
+        tokens = [first] + [decoder.step().clone() for _ in range(new_tokens - 1)]
+    return torch.cat(tokens, dim=1)
+
+
 # ----------------------------------------------------------------------------- checks
+
+
+def decode_mode(decode: str | None, device: str) -> str:
+    """The decode timing for `device`: `decode` when given, else graph on a GPU and eager on the CPU."""
+    if decode is None:
+        return "graph" if device == "cuda" else "eager"
+    if decode not in DECODE_MODES:
+        raise EvalError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}.")
+    if decode == "graph" and device != "cuda":
+        raise EvalError("decode 'graph' replays CUDA graphs, which need the cuda device; on the CPU time decode "
+                        "eagerly (--decode eager), or add --device cuda on a GPU machine.")
+    return decode
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -354,14 +484,17 @@ def benchmark_speed(
     use_compile: bool = False,
     ideal_speedup: float | None = None,
     seed: int = 0,
+    decode: str | None = None,
 ) -> SpeedResult:
     """Measure `model`, and `baseline` interleaved with it when given.
 
     Prefill runs a full forward on `prefill_batch` x `prefill_len` random tokens. Decode generates
     `decode_tokens` greedy tokens after a `decode_context`-token prompt at each of `decode_batches`;
     its throughput counts the tokens after the first, and the time to the first is reported apart.
-    With `use_compile`, prefill runs through torch.compile, and on CUDA decode uses a static KV
-    cache that transformers compiles; CPU decode stays eager.
+    `decode` (DECODE_MODES; default graph on CUDA, eager on the CPU) says how decode runs: graph
+    replays each step from a CUDA graph over a static KV cache, its time to first token is the
+    prompt's pass through that cache; eager calls `generate`. With `use_compile`, prefill runs through
+    torch.compile, and eager decode on CUDA uses a static KV cache that transformers compiles.
 
     The ideal speedup is `ideal_speedup` when given, else the ratio of `flops_per_token` of the two
     models at the mean context of a causal prefill, (prefill_len + 1) / 2.
@@ -369,6 +502,7 @@ def benchmark_speed(
     The models are moved to `device` and cast to `dtype` (default: the model's dtype, which the
     baseline is cast to as well) in place, as `Module.to` does; pass copies to keep the originals.
     """
+    decode = decode_mode(decode, device)
     torch_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, model)
     for name, value, minimum in [("prefill_batch", prefill_batch, 1), ("prefill_len", prefill_len, 1),
@@ -409,7 +543,7 @@ def benchmark_speed(
         device=device, dtype=str(torch_dtype).removeprefix("torch."), prefill_batch=prefill_batch,
         prefill_len=prefill_len, decode_batches=decode_batches, decode_context=decode_context,
         decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, use_compile=use_compile, seed=seed,
-        memory_method=memory_method, load_average=load_average, cpu_count=os.cpu_count(),
+        memory_method=memory_method, load_average=load_average, cpu_count=os.cpu_count(), decode=decode,
     )
     for candidate in models.values():
         candidate.to(device=torch_device, dtype=torch_dtype).eval()
@@ -423,10 +557,12 @@ def benchmark_speed(
     }
     forwards = {name: torch.compile(candidate) if use_compile else candidate for name, candidate in models.items()}
     phases: list[Callable[[str], Measured]] = [lambda name: _time_prefill(forwards[name], prefill_ids)]
-    phases += [
-        lambda name, prompt=prompt: _time_decode(models[name], prompt, decode_tokens, use_compile)
-        for prompt in prompts.values()
-    ]
+    if decode == "graph":
+        phases += [lambda name, prompt=prompt: _time_graph_decode(models[name], prompt, decode_tokens, use_graph=True)
+                   for prompt in prompts.values()]
+    else:
+        phases += [lambda name, prompt=prompt: _time_decode(models[name], prompt, decode_tokens, use_compile)
+                   for prompt in prompts.values()]
 
     samples, peak_bytes = _measure_interleaved(phases, list(models), warmup, repeats,
                                                torch_device if track_memory else None)
@@ -543,7 +679,8 @@ def _rows(result: SpeedResult, dash: str, times: str, labels: dict[str, str]) ->
                          None if baseline is None else baseline.parameters / 1e6))
     notes = [f"{settings.device}, {settings.dtype}, median ({'min' + dash + 'max'}) of {settings.repeats} repeats after "
              f"{settings.warmup} warm-up" + (", compiled" if settings.use_compile else "")
-             + (", the two models interleaved" if compared else "") + f"; memory: {settings.memory_method}"]
+             + (", the two models interleaved" if compared else "") + f"; memory: {settings.memory_method}",
+             f"decode: {settings.decode} ({DECODE_MODES.get(settings.decode, 'as recorded')})"]
     if compared:
         notes.append(f"speedup: the ratio of the two medians shown, > 1 when the {labels['model']} model is faster (or, "
                      f"for memory and parameters, smaller); its range: the slowest repeat of one against the fastest "
