@@ -47,3 +47,13 @@ def test_tiny_model_on_cpu_measures_every_way_against_the_dense_model(tmp_path):
     assert record["models"]["depth-35"]["shape"]["layers"] < record["dense"]["shape"]["layers"]
     table = run_script("--markdown", str(out)).stdout
     assert "| ffn-35 |" in table and "prefill" in table
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_the_decode_mode_benchmark_refuses_without_a_gpu(tmp_path):
+    script = SCRIPT.parent / "gpu_bench_decode.py"
+    env = {"PYTHONPATH": f"{SCRIPT.parents[1] / 'src'}:{SCRIPT.parent}", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "d.json")], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "no CUDA GPU is visible here" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "d.json").exists()
