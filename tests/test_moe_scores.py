@@ -131,3 +131,14 @@ def test_dense_criteria_score_attention_of_moe_models(moe_family, criterion):
         return
     apply_plan(model, plan)
     assert torch.isfinite(model(ids[:1]).logits).all()
+
+
+def test_analysis_report_takes_expert_scores(tmp_path):
+    from prunekit.report.analysis import write_analysis_report
+
+    model = tiny_moe_model("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scores = score_model(model, "frequency", _calibration(), progress=False)
+    write_analysis_report(scores, model_structure(model), tmp_path, title="frequency analysis", calibration={})
+    assert "`expert`" in (tmp_path / "analysis.md").read_text()

@@ -33,6 +33,7 @@ def _check_matches(scores: Scores, structure: ModelStructure) -> None:
         "kv_group": lambda i: structure.layers[i].num_key_value_heads,
         "channel": lambda i: structure.layers[i].intermediate_size,
         "hidden": lambda i: structure.hidden_size,  # each layer's share of every residual channel's score
+        "expert": lambda i: structure.layers[i].num_experts,  # routed experts (none on dense layers)
     }
     for kind, per_layer in scores.values.items():
         if len(per_layer) != structure.num_layers:
