@@ -37,6 +37,21 @@ def test_llama_cpp_runs_pruned_mixtral_like_transformers(name, tmp_path, one_thr
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
 
 
+@pytest.mark.parametrize("name", ["dense", "four experts left", "one expert left"])
+def test_llama_cpp_runs_pruned_qwen3_moe_like_transformers(name, tmp_path, one_thread):
+    pytest.importorskip("llama_cpp")
+    model = tiny_moe_model("qwen3_moe", mlp_only_layers=[])  # llama.cpp's qwen3moe has no dense layers
+    apply_plan(model, PLANS[name])
+    exported = write_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf")
+    assert exported.arch == "qwen3moe" and exported.layers == 4
+    assert {"blk.0.attn_q_norm.weight", "blk.0.ffn_gate_inp.weight"} <= _tensor_names(exported.path)
+    with torch.no_grad():
+        expected = model(torch.tensor([X])).logits[0].numpy()
+    got = _llama_cpp_logits(exported.path, X)
+    assert np.abs(got - expected).max() < 0.02 * np.abs(expected).max(), np.abs(got - expected).max()
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+
+
 def test_uneven_expert_counts_are_refused(tmp_path):
     model = tiny_moe_model("mixtral")
     apply_plan(model, Plan(layers={0: LayerPlan(keep_experts=(0, 1))}))
@@ -46,5 +61,10 @@ def test_uneven_expert_counts_are_refused(tmp_path):
 
 
 def test_moe_families_without_a_gguf_table_are_refused(tmp_path):
-    with pytest.raises(GGUFExportError, match="supports llama, mixtral"):
+    with pytest.raises(GGUFExportError, match="supports llama, mixtral, qwen3_moe"):
+        write_gguf(tiny_moe_model("qwen2_moe"), bpe_tokenizer(), tmp_path / "m.gguf")
+    with pytest.raises(GGUFExportError, match="one expert count"):  # Qwen3-MoE with a dense layer
         write_gguf(tiny_moe_model("qwen3_moe"), bpe_tokenizer(), tmp_path / "m.gguf")
+    with pytest.raises(GGUFExportError, match="norm_topk_prob"):
+        write_gguf(tiny_moe_model("qwen3_moe", mlp_only_layers=[], norm_topk_prob=False), bpe_tokenizer(),
+                   tmp_path / "m.gguf")

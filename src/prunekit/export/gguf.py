@@ -57,6 +57,7 @@ class GGUFFamily:
     per_layer_arch: str         # GGUF architecture that builds each layer with its own widths
     rope_interleaved: bool      # llama.cpp ropes adjacent pairs: q/k rows are permuted from HF's halves
     rope_types: tuple[str, ...]  # config.rope_parameters["rope_type"] values llama.cpp reproduces
+    qk_norms: bool = False      # per-head q_norm / k_norm (Qwen3): written as attn_q_norm / attn_k_norm
 
 
 # prunekit family -> how llama.cpp loads it. A family missing here cannot be exported.
@@ -66,6 +67,9 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
     # llama.cpp reads Mixtral as `llama` with expert tensors; it builds every layer with one expert
     # count, so only uniform Mixtral models export (no per-layer architecture: "").
     "mixtral": GGUFFamily(uniform_arch="llama", per_layer_arch="", rope_interleaved=True, rope_types=("default",)),
+    # llama.cpp's qwen3moe: every layer sparse (no mlp_only_layers), top-k always renormalised.
+    "qwen3_moe": GGUFFamily(uniform_arch="qwen3moe", per_layer_arch="", rope_interleaved=False, rope_types=("default",),
+                            qk_norms=True),
 }
 
 # Architecture-table role -> GGUF tensor (gguf.MODEL_TENSOR member name); "weight"/"bias" appended.
@@ -187,6 +191,9 @@ def check_config(config) -> GGUFFamily:
     if getattr(config, "sliding_window", None) and architecture_for(config.model_type).is_moe:
         raise GGUFExportError("llama.cpp's Mixtral graph attends to the whole context; this model has a sliding window "
                               f"of {config.sliding_window}, which the GGUF writer cannot express")
+    if config.model_type.removeprefix("prunekit_") == "qwen3_moe" and not getattr(config, "norm_topk_prob", True):
+        raise GGUFExportError("llama.cpp's qwen3moe graph always renormalises the top-k gate values; this model has "
+                              "norm_topk_prob false, which llama.cpp would compute differently")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise GGUFExportError(f"llama.cpp's Llama graph uses SiLU; this model's hidden_act is {config.hidden_act!r}")
     return family
@@ -368,6 +375,7 @@ def _add_metadata(writer, gguf, config, blocks: list[_Block], uniform: bool, rop
     per_layer = lambda values: values[0] if uniform else values  # noqa: E731
     writer.add_feed_forward_length(per_layer([b.ffn for b in blocks]))
     if blocks[0].experts:  # uniform: every block has them (`_write_f16`)
+        writer.add_expert_feed_forward_length(blocks[0].ffn)
         writer.add_expert_count(blocks[0].experts)
         writer.add_expert_used_count(min(config.num_experts_per_tok, blocks[0].experts))
     writer.add_head_count(per_layer([b.heads for b in blocks]))
@@ -397,7 +405,8 @@ def _add_metadata(writer, gguf, config, blocks: list[_Block], uniform: bool, rop
         writer.add_chat_template(vocab["chat_template"])
 
 
-def _add_tensors(writer, gguf, model, blocks: list[_Block], head_dim: int, rope: dict, permute: bool) -> None:
+def _add_tensors(writer, gguf, model, blocks: list[_Block], head_dim: int, rope: dict, permute: bool,
+                 qk_norms: bool = False) -> None:
     arch = architecture_for(model.config.model_type)
     hidden = model.config.hidden_size
     layers = decoder_layers(model, arch.to_dict())
@@ -428,6 +437,9 @@ def _add_tensors(writer, gguf, model, blocks: list[_Block], head_dim: int, rope:
             writer.add_tensor(name("k_proj"), _array(k))
             writer.add_tensor(name("v_proj"), _array(getattr(attention, arch.v_proj).weight))
             writer.add_tensor(name("o_proj"), _array(getattr(attention, arch.o_proj).weight))
+            if qk_norms:
+                writer.add_tensor(_tensor_name(gguf, "ATTN_Q_NORM", bid), _array(attention.q_norm.weight))
+                writer.add_tensor(_tensor_name(gguf, "ATTN_K_NORM", bid), _array(attention.k_norm.weight))
         if block.pad_mlp:
             writer.add_tensor(name("mlp_norm"), np.ones(hidden, dtype=np.float32))
             for role, shape in (("gate_proj", (ZERO_FFN_WIDTH, hidden)), ("up_proj", (ZERO_FFN_WIDTH, hidden)),
@@ -477,7 +489,7 @@ def _write_f16(model: nn.Module, tokenizer, path: Path) -> tuple[str, list[_Bloc
     try:
         _add_metadata(writer, gguf, config, blocks, uniform, rope, vocab, head_dim)
         with torch.no_grad():
-            _add_tensors(writer, gguf, model, blocks, head_dim, rope, family.rope_interleaved)
+            _add_tensors(writer, gguf, model, blocks, head_dim, rope, family.rope_interleaved, family.qk_norms)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
