@@ -682,7 +682,7 @@ def _rows(result: SpeedResult, dash: str, times: str, labels: dict[str, str]) ->
              + (", the two models interleaved" if compared else "") + f"; memory: {settings.memory_method}",
              f"decode: {settings.decode} ({DECODE_MODES.get(settings.decode, 'as recorded')})"]
     if compared:
-        notes.append(f"speedup: the ratio of the two medians shown, > 1 when the {labels['model']} model is faster (or, "
+        notes.append(f"speedup: the ratio of the two medians shown, > 1 when the {labels['model']} column is faster (or, "
                      f"for memory and parameters, smaller); its range: the slowest repeat of one against the fastest "
                      f"of the other; ideal: {result.ideal_basis or 'not recorded'}")
     if settings.load_note():
