@@ -34,7 +34,7 @@ from prunekit.export.files import atomic_directory, atomic_write_text
 from prunekit.export.huggingface import PROVENANCE_FILE
 from prunekit.models.loading import load_skeleton, resolve_model_source
 from prunekit.models.structure import ModelStructure, model_structure
-from prunekit.pipeline import PruneSettings, preflight_prune, unit_counts
+from prunekit.pipeline import PruneSettings, preflight_prune, prune, unit_counts
 from prunekit.plan.plan import surviving_layers
 from prunekit.plan.planner import BASES, basis_value, removed_fraction, unit_totals
 from prunekit.preflight import Preflight
@@ -155,8 +155,6 @@ def _preflight_prune_round(k: int, context: Context) -> Preflight:
 
 
 def _run_prune_round(k: int, recipe: Recipe, run_dir: Path) -> dict:
-    from prunekit.pipeline import prune
-
     source = round_input(recipe, run_dir, k)
     original, current = _structure(recipe.model), _structure(source)
     before = read_provenance(Path(source)) if k > 1 else {}
