@@ -6,7 +6,10 @@ settings of recipes/adapt-pruner.yaml (Taylor within layers, per-layer ratios fr
 cos(input, output), no compensation) and distillation from the original:
 - interleaved: `schedule: {rounds: R}`, recover.tokens T: round k prunes the model round k-1 recovered to
   k/R of the target (of the ORIGINAL model), then distils it on T/R tokens;
-- one-shot: the same prune to the target at once (one step), then distillation on T tokens.
+- one-shot: the same prune to the target at once (one step), then distillation on T tokens;
+- stepwise (a control, only with --arms): the target in R steps, scoring again between them but
+  with no training in between, then distillation on T tokens: it separates the gain of scoring a
+  less pruned model again from the gain of training in between.
 Calibration and training rows come from the first 800 documents of the local C4 shard; the C4
 held-out perplexity is measured on rows of the other 200, which neither arm trains or scores on.
 WikiText-2: wiki.test.raw read as it is, 512-token windows, every 16th, fp32 (ENVIRONMENT.md).
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 
 ARMS = ("interleaved", "one-shot")
+CONTROLS = ("stepwise",)
 TRAIN_DOCUMENTS = 800  # of the 1,000 in the local C4 shard; the rest are held out
 
 
@@ -56,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.markdown_only:
         return args
     arms = [a for a in args.arms.split(",") if a]
-    if not arms or set(arms) - set(ARMS):
-        parser.error(f"--arms takes {','.join(ARMS)} or one of them, got {args.arms!r}")
+    if not arms or set(arms) - set(ARMS + CONTROLS):
+        parser.error(f"--arms takes some of {','.join(ARMS + CONTROLS)}, got {args.arms!r}")
     if not 0 < args.target < 1:
         parser.error(f"--target is a fraction in (0, 1), got {args.target}")
     if args.rounds < 2:
@@ -101,6 +105,8 @@ def recipe(args: argparse.Namespace, arm: str, train: Path) -> dict:
     }
     if arm == "interleaved":  # the only difference between the arms
         data["schedule"] = {"rounds": args.rounds}
+    elif arm == "stepwise":
+        data["prune"]["steps"] = args.rounds
     return data
 
 
