@@ -90,7 +90,7 @@ def test_unsupported_family_lists_the_supported_ones(tmp_path, capsys):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["inspect", str(tmp_path / "gpt2")]) == 2
     err = capsys.readouterr().err
-    assert "does not support model type 'gpt2'" in err and "gemma2, gemma3_text, llama, mistral, phi3, qwen2, qwen3" in err
+    assert "does not support model type 'gpt2'" in err and "gemma2, gemma3_text, llama, mistral, mixtral, olmoe, phi3, qwen2, qwen2_moe, qwen3, qwen3_moe" in err
     assert "src/prunekit/models/<family>.py" in err
 
 
