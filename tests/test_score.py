@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 
 from prunekit import LayerPlan, Plan, apply_plan
-from prunekit.score import CRITERIA, CriterionError, Scores, collect_layer_stats, score_model
+from prunekit.score import CRITERIA, CriterionError, ScoreError, Scores, collect_layer_stats, score_model
 from prunekit.score.criteria import activation_scores, block_influence_scores, fluctuation_scores, magnitude_scores
 from prunekit.score.sensitivity import sensitivity_scores
 
@@ -187,6 +187,10 @@ def test_every_criterion_scores_every_family_also_after_uneven_pruning(family, c
     model = tiny_model(family)
     apply_plan(model, Plan(layers={0: LayerPlan(keep_kv_groups=(1,), keep_channels=tuple(range(40))),
                                    2: LayerPlan(drop_attention=True)}))
+    if CRITERIA[criterion].kinds == ("expert",):  # mixture-of-experts criteria (test_moe_scores.py) refuse dense models
+        with pytest.raises(ScoreError, match="no mixture-of-experts layers"):
+            score_model(model, criterion, IDS, batch_size=4, progress=False)
+        return
     scores = score_model(model, criterion, IDS, batch_size=4, progress=False)
     assert isinstance(scores, Scores)
     expected = {"channel": [40, 80, 80, 80], "head": [4, 8, 0, 8], "kv_group": [1, 2, 0, 2]}
