@@ -79,8 +79,8 @@ def test_one_pass_for_the_mlp_equals_running_the_refitted_layer_again(monkeypatc
     model = tiny_model(family)
     reference = copy.deepcopy(model)
     compensate_sequential(model, PLAN, IDS, batch_size=8, progress=False, autocast=False)
-    refit = module._refit_projection
-    monkeypatch.setattr(module, "_refit_projection", lambda *a, **k: refit(*a, **{**k, "advance": False}))
+    refit = module._solve_projection
+    monkeypatch.setattr(module, "_solve_projection", lambda *a, **k: refit(*a, **{**k, "advance": False}))
     compensate_sequential(reference, PLAN, IDS, batch_size=8, progress=False, autocast=False)
     # The refit amplifies float32 rounding of its inputs by up to 1/ridge, so the weights agree to
     # about 1e-4 of their scale; what they compute agrees closely.

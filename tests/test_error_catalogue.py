@@ -33,7 +33,7 @@ def build_world(root: Path) -> dict[str, str]:
     root.mkdir(parents=True, exist_ok=True)
     model = root / "model"
     if not model.exists():
-        prunekit.save_model(tiny_model("llama", intermediate_size=64, max_position_embeddings=128), byte_tokenizer(), model)
+        prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=128), byte_tokenizer(), model)
         other = root / "other"
         prunekit.save_model(tiny_model("llama", intermediate_size=32, vocab_size=320), byte_tokenizer(), other)
         (root / "text.txt").write_text(TEXT)
@@ -84,7 +84,7 @@ def build_world(root: Path) -> dict[str, str]:
         pruned = root / "pruned"
         prunekit.save_model(tiny_model("llama", intermediate_size=64, max_position_embeddings=128), byte_tokenizer(),
                             pruned)
-        nan_model = tiny_model("llama", intermediate_size=64)
+        nan_model = tiny_model("llama", intermediate_size=128)
         with torch.no_grad():
             nan_model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
         prunekit.save_model(nan_model, byte_tokenizer(), root / "nan_weights")
@@ -200,7 +200,8 @@ CASES: list[tuple[str, str, str]] = [
      "prune {nan_weights} --target 0.2 --criterion activation --out {root}/o11 --calib {text.txt} --calib-seq-len 16",
      "weight model.layers.1.mlp.up_proj.weight"),
     ("scores that come out NaN or inf",
-     "prune {overflow} --dtype float16 --target 0.2 --criterion activation --compensation none --out {root}/o12 "
+     "prune {overflow} --dtype float16 --target 0.2 --criterion activation --prune-structures channel,head,kv_group "
+     "--compensation none --out {root}/o12 "
      "--calib {text.txt} --calib-seq-len 16 --calib-samples 4", "NaN or inf scores"),
     ("unknown device", "prune {model} --target 0.2 --criterion activation --device gpu --out {root}/o13 --calib {text.txt}",
      "unknown device 'gpu'"),

@@ -70,7 +70,7 @@ def test_prune_refits_the_readers_of_a_pruned_hidden_size(tokenizer):
     from prunekit.pipeline import CalibrationSettings, PruneSettings, prune_loaded
 
     ids = torch.randint(3, 259, (8, 16), generator=torch.Generator().manual_seed(0))
-    settings = PruneSettings(target=0.15, basis="total", criterion="activation", prune=("hidden", "channel"),
+    settings = PruneSettings(target=0.15, basis="total", criterion="activation", prune=("hidden", "channel"), allocation="global",
                              hidden_multiple=8, ffn_multiple=16, compensation="sequential", batch_size=4,
                              calibration=CalibrationSettings(n_samples=8, seq_len=16))
     model = tiny_model("llama")

@@ -92,7 +92,7 @@ def test_embedding_capture_runs_no_layer_and_gives_the_first_layer_input(one_thr
 
 @pytest.mark.parametrize("compensation", ["sequential", "one-shot"])
 def test_pruned_model_layer_by_layer_equals_the_whole_model_one(compensation, tokenizer, one_thread):
-    settings = PruneSettings(target=0.3, criterion="activation", compensation=compensation, batch_size=4,
+    settings = PruneSettings(target=0.3, criterion="activation", compensation=compensation, batch_size=4, ffn_multiple=16,
                              calibration=CalibrationSettings(n_samples=len(IDS), seq_len=IDS.shape[1]))
     model = tiny_model("llama")
     whole, layered = copy.deepcopy(model), copy.deepcopy(model)
@@ -225,7 +225,7 @@ def test_layer_by_layer_runs_each_layer_only_while_it_alone_is_on_the_device(mon
         layer.mlp.register_forward_pre_hook(lambda module, args, layer=layer: None if state["on"] is layer else pytest.fail(
             "a layer ran outside its layer_on block"))
     settings = PruneSettings(target=0.3, criterion="activation", compensation="sequential", batch_size=4,
-                             layer_by_layer=True, device="cpu",
+                             layer_by_layer=True, device="cpu", ffn_multiple=16,
                              calibration=CalibrationSettings(n_samples=len(IDS), seq_len=IDS.shape[1]))
     prune_loaded(model, tokenizer, settings, progress=False, calibration=(IDS, None))
     # one visit per layer to score, one per kept layer to compensate
@@ -276,7 +276,8 @@ def test_prune_and_analyze_commands_take_the_device_and_layer_by_layer_options(t
     (tmp_path / "text.txt").write_text("The cat sat on the mat. The dog sat on the log. " * 20)
     common = ["--calib", str(tmp_path / "text.txt"), "--calib-samples", "4", "--calib-seq-len", "16", "--device", "cpu",
               "--layer-by-layer", "--criterion", "activation"]
-    assert main(["prune", str(tmp_path / "model"), "--target", "0.3", "--out", str(tmp_path / "pruned"), *common]) == 0
+    assert main(["prune", str(tmp_path / "model"), "--target", "0.3", "--out", str(tmp_path / "pruned"), "--ffn-multiple", "16",
+                 *common]) == 0
     pruned, _ = load(tmp_path / "pruned")
     assert model_structure(pruned).total_params < model_structure(load(tmp_path / "model")[0]).total_params
     assert main(["analyze", str(tmp_path / "model"), "--out", str(tmp_path / "analysis"), *common]) == 0

@@ -56,7 +56,8 @@ def test_iterative_steps_reach_the_target(model_dir, tmp_path):
 def test_cli_prune_target_uniform_gives_a_stock_model(model_dir, tmp_path, capsys):
     args = ["prune", str(model_dir), "--out", str(tmp_path / "out"), "--target", "0.25", "--allocation", "uniform",
             "--ffn-multiple", "16", "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8",
-            "--calib-seq-len", "32", "--no-compensate", "--criterion-option", "variant=vector"]
+            "--calib-seq-len", "32", "--no-compensate", "--criterion", "taylor", "--criterion-option", "variant=vector",
+            "--prune-structures", "channel,head,kv_group"]
     import resource
 
     resident_before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
@@ -86,15 +87,15 @@ def test_peak_memory_is_the_blocks_own_peak():
 
 @pytest.mark.parametrize("args, match", [
     (["--criterion", "wanda"], "invalid choice: 'wanda'"),
-    (["--criterion-option", "variant=second"], "option variant of taylor does not take"),
-    (["--criterion", "block_influence"], "does not score \\['channel', 'head', 'kv_group'\\]"),
+    (["--criterion", "taylor", "--criterion-option", "variant=second"], "option variant of taylor does not take"),
+    (["--criterion", "block_influence"], "does not score \\['channel'\\]"),
     (["--calib", "wikipedia"], "unknown calibration source 'wikipedia'"),
     (["--calib", "missing.txt"], "does not exist"),
     (["--target", "1.5"], "must be a fraction in \\(0, 1\\)"),
     (["--prune-structures", "head", "--target", "0.8"], "at most 0\\.[0-9]+ can be removed"),
     (["--limit", "head"], "KEY=VALUE"),
     (["--steps", "0"], "steps must be at least 1"),
-    (["--allocation", "slimllm"], "criterion 'taylor' does not record"),
+    (["--criterion", "taylor", "--allocation", "slimllm"], "criterion 'taylor' does not record"),
 ])
 def test_bad_settings_fail_before_loading(model_dir, tmp_path, monkeypatch, capsys, args, match):
     def no_loading(*a, **k):

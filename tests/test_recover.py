@@ -457,7 +457,7 @@ def test_a_job_that_cannot_fit_is_refused_before_loading(saved_pair, text_file, 
                                                                r"weights.*on the cpu, which has 0.0 GiB free; train LoRA"):
         recover(pruned, tmp_path / "out", _settings(text_file, method="distill"), teacher=dense, progress=False)
     monkeypatch.setattr(pipeline, "load", lambda *a, **k: pytest.fail("weights were loaded"))
-    settings = prunekit.PruneSettings(calibration=prunekit.CalibrationSettings(source=str(text_file)))
+    settings = prunekit.PruneSettings(criterion="taylor", prune=("channel", "head", "kv_group"), calibration=prunekit.CalibrationSettings(source=str(text_file)))
     with pytest.raises(memory.InsufficientMemoryError, match=r"prune of .*gradients.*bfloat16"):
         prunekit.prune_to_target(dense, tmp_path / "pruned_out", settings, progress=False)
 

@@ -296,6 +296,7 @@ def test_sweep_scores_once_and_draws_quality_and_speed_against_size(tiny_recipe,
     monkeypatch.setattr(sweep_module, "score_loaded", counted)
     text = tiny_recipe["evaluate"]["ppl"][0]
     args = ["sweep", tiny_recipe["model"], "--out", str(tmp_path / "sweep"), "--targets", "0.2,0.4", "--calib", text,
+            "--prune-structures", "channel,head,kv_group",
             "--calib-samples", "8", "--calib-seq-len", "32", "--eval", text, "--window-every", "1", "--eval-seq-len", "32"]
     monkeypatch.setattr(sweep_module, "benchmark_speed", _quick_speed(sweep_module.benchmark_speed))
     assert cli_main(args) == 0

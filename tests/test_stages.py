@@ -139,7 +139,7 @@ def test_a_recipe_plans_from_its_analyze_stage_when_they_score_alike(world, tmp_
     calls = []
     score_model = prunekit.pipeline.score_model
     monkeypatch.setattr("prunekit.pipeline.score_model", lambda *a, **k: calls.append(1) or score_model(*a, **k))
-    recipe = {**world["recipe"], "stages": ["analyze", "prune"],
+    recipe = {**world["recipe"], "stages": ["analyze", "prune"], "prune": {**world["recipe"]["prune"], "criterion": "taylor"},
               "analyze": {"criterion": "taylor", "calibration": world["recipe"]["prune"]["calibration"]}}
     records = prunekit.run(recipe, tmp_path / "run")
     assert len(calls) == 1 and records["prune"]["figures"]["removed"]["non-embedding"] > 0.2
@@ -151,7 +151,7 @@ def test_prune_dry_run_prints_the_preflight_and_loads_nothing(world, tmp_path, m
             "--calib", world["text"], "--calib-seq-len", "32", "--dry-run"]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
-    assert "rough time" in out and "taylor scores" in out and "parameters" in out and "GiB" in out
+    assert "rough time" in out and "magnitude scores" in out and "parameters" in out and "GiB" in out
     assert not (tmp_path / "p").exists()
 
 

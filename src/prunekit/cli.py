@@ -148,7 +148,7 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compensation", default=defaults.compensation, choices=COMPENSATIONS,
                         help="least-squares refit of o_proj/down_proj after the cut: sequential (layer by layer on the "
                         "pruned model's inputs), one-shot (original inputs), obs (sequential, and structured OBS re-picks "
-                        "which heads and channels each layer loses, same widths) or none (default %(default)s)")
+                        "which heads and channels each layer loses, same widths; a --plan is refitted as it is) or none (default %(default)s)")
     parser.add_argument("--no-compensate", action="store_true", help="the same as --compensation none")
     parser.add_argument("--bias-compensation", action="store_true",
                         help="add FLAP-style bias compensation (Llama; with --compensation one-shot)")

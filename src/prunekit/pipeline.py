@@ -76,16 +76,21 @@ class CalibrationSettings:
 class PruneSettings:
     target: float = 0.3
     basis: str = "non-embedding"
-    criterion: str = "taylor"
+    # The default is SlimGPT's procedure (structured OBS): log-increasing layer budgets, FFN channels
+    # only, OBS choosing and updating layer by layer. On SmolLM2-135M it matched or beat Taylor with
+    # global allocation and sequential compensation at 20 / 35 / 50% in under half the time, with no
+    # backward pass (BENCHMARKS.md, "The default prune"); the criterion only orders units for the
+    # planner, since OBS re-picks them.
+    criterion: str = "magnitude"
     criterion_options: dict = field(default_factory=dict)
-    allocation: str = "global"
+    allocation: str = "log_increase"
     allocation_options: dict[str, float] = field(default_factory=dict)  # e.g. alpha (slimllm), amplitude (adapt_pruner)
-    prune: tuple[str, ...] = ("channel", "head", "kv_group")
+    prune: tuple[str, ...] = ("channel",)
     limits: dict[str, float] = field(default_factory=dict)
     ffn_multiple: int = 64
     hidden_multiple: int = 64
     protect_layers: tuple[int, ...] = ()
-    compensation: str = "sequential"   # one of COMPENSATIONS
+    compensation: str = "obs"   # one of COMPENSATIONS
     bias_compensation: bool = False
     ridge: float = 1e-3
     steps: int = 1                # iterative pruning: reach the target in this many steps, scoring again in between
@@ -230,6 +235,7 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
     the long parts write their progress there (the search's state after every generation, each
     reconstructed layer), so that the same prune started again after a kill resumes them."""
     settings.validate()
+    given_plan = plan is not None
     if plan is not None and settings.steps != 1:
         raise PlanError(f"a given plan is one step, but steps={settings.steps}; drop the plan or set steps to 1")
     original = model_structure(model)
@@ -293,7 +299,8 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
         compensation = None
         if settings.compensation == "one-shot":
             compensation = compensate(model, plan, stats, ridge=settings.ridge, bias=settings.bias_compensation)
-        elif settings.compensation == "sequential":
+        elif settings.compensation == "sequential" or (settings.compensation == "obs" and given_plan):
+            # a plan the user wrote says which units go: OBS would pick others, so it is refitted as it is
             compensation = compensate_sequential(model, plan, ids, ridge=settings.ridge, batch_size=settings.batch_size,
                                                  progress=progress, device=settings.device)
         elif settings.compensation == "obs":  # the plan's widths, OBS's choice of units: the revised plan is cut
@@ -457,9 +464,9 @@ def self_text_seconds(structure: ModelStructure, source: str, tokens: int, devic
 
 
 # Layer passes over every calibration row that each compensation makes (sequential: two, the o_proj
-# fit and the MLP's; obs: its selection passes too, 248 s against sequential's 59 s on SmolLM2-135M
-# on the 2-core CPU, BENCHMARKS.md).
-COMPENSATION_PASSES = {"none": 0, "one-shot": 1, "sequential": 2, "obs": 8}
+# fit and the MLP's; obs: the same passes, plus its greedy removals and float64 inverses, which
+# cost about one more on SmolLM2-135M on the 2-core CPU: 87 s for 30 layers, BENCHMARKS.md).
+COMPENSATION_PASSES = {"none": 0, "one-shot": 1, "sequential": 2, "obs": 3}
 RECONSTRUCTION_TOKENS_PER_STEP = 5_000  # 0.33 s a step for a SmolLM2 layer on the 2-core CPU
 # log-softmax, exp and the KL sum read and write each logit several times: as costly per logit
 # as this many FLOPs on the CPU (a rough equivalence, from the search's 2-core timings)
@@ -472,7 +479,7 @@ def prune_seconds(structure: ModelStructure, settings: PruneSettings, *, scoring
     device, tokens = settings.device, settings.calibration.n_samples * settings.calibration.seq_len
     flops = structure.flops_per_token(512)
     seconds = 0.0
-    if scoring:
+    if scoring and settings.criterion_spec.needs_data:  # magnitude and random read only the weights
         spec = settings.criterion_spec
         options = spec.check_options(settings.criterion_options)
         scored = min(tokens, options.get("tokens") or tokens)  # Taylor takes its gradient on the first rows

@@ -29,16 +29,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunekit.compensate.bias import CompensationError
 from prunekit.compensate.least_squares import DEFAULT_RIDGE, reconstruction_error, refit_kept_columns
-from prunekit.models.architecture import architecture_for
-from prunekit.models.layerwise import embed_calibration, layer_on, run_layer
-from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+from prunekit.compensate.sequential import ProjectionSolver, sequential_pass
+from prunekit.models.modeling_prunekit import head_dim_of
 from prunekit.models.structure import model_structure
 from prunekit.plan.plan import KeptLayer, LayerPlan, Plan, resolve_plan
-from prunekit.score.statistics import FeatureStats
 
 # SlimGPT's and the SmolLM2 reproduction's damping: 1% of the mean diagonal of H. Relative, so one
 # value fits any token count and activation scale.
@@ -83,8 +80,8 @@ def remove_columns(weight: torch.Tensor, hinv: torch.Tensor, removed: torch.Tens
     solved = torch.linalg.solve(block, torch.cat([w_s.T, hinv[removed]], 1))  # [|S|, out + in]
     out = weight.shape[0]
     cost = float((solved[:, :out] * w_s.T).sum())
-    weight -= solved[:, :out].T @ hinv[removed]
-    hinv -= hinv[:, removed] @ solved[:, out:]
+    weight.addmm_(solved[:, :out].T, hinv[removed], alpha=-1)
+    hinv.addmm_(hinv[:, removed], solved[:, out:], alpha=-1)  # in place: no n x n temporary
     weight[:, removed] = 0
     hinv[removed] = 0
     hinv[:, removed] = 0
@@ -172,105 +169,77 @@ class SelectionReport:
                 "fits": [asdict(fit) for fit in self.fits]}
 
 
-def _gram_of_input(layer: nn.Module, projection: nn.Linear, stream: torch.Tensor, layer_kwargs: dict,
-                   batch_size: int) -> torch.Tensor:
-    """X Xᵀ of `projection`'s inputs when `layer` runs on `stream` (float64, on the layer's device)."""
-    inputs = FeatureStats.empty(projection.in_features, with_gram=True, device=projection.weight.device)
-    handle = projection.register_forward_pre_hook(lambda module, args: inputs.add(args[0]))
-    try:
-        for start in range(0, len(stream), batch_size):
-            layer(stream[start:start + batch_size], **layer_kwargs)
-    finally:
-        handle.remove()
-    return inputs.gram
+def obs_solver(structure, plan: Plan, *, damping: float = DEFAULT_DAMPING,
+               channels_per_step: int = DEFAULT_CHANNELS_PER_STEP, head_dim: int,
+               chosen: dict, plan_refit_errors: dict) -> ProjectionSolver:
+    """A `sequential_pass` solver that re-picks the removed units by greedy structured OBS (as many
+    as the plan removes) and returns OBS's updated weight; records each choice in `chosen`
+    ((layer, "attention") -> (kept KV groups, kept query heads); (layer, "mlp") -> kept channels)
+    and what the plan's own choice refitted would leave in `plan_refit_errors`."""
+    kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, structure)}
 
+    def solve(layer: int, sublayer: str, dense: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor):
+        weight, hinv = dense.clone(), damped_inverse(gram, damping)
+        if sublayer == "attention":
+            kept, shape = kept_by_source[layer], structure.layers[layer]
+            groups, heads, _ = greedy_heads(
+                weight, hinv, head_dim=head_dim, heads_per_group=shape.heads_per_group,
+                keep_groups=len(kept.kv_groups), keep_heads_per_group=len(kept.query_heads) // len(kept.kv_groups))
+            chosen[layer, sublayer] = (groups, heads)
+            columns = _head_columns(tuple(heads), head_dim, weight.device)
+        else:
+            gone, _ = greedy_channels(weight, hinv, dense.shape[1] - len(keep), channels_per_step)
+            remaining = torch.ones(dense.shape[1], dtype=torch.bool, device=weight.device)
+            remaining[gone] = False
+            columns = remaining.nonzero().flatten()
+            chosen[layer, sublayer] = columns.tolist()
+        del hinv
+        refit = torch.zeros_like(dense)  # what sequential compensation makes of the plan's own choice
+        refit[:, keep] = refit_kept_columns(dense, gram, keep, DEFAULT_RIDGE)
+        plan_refit_errors[layer, sublayer] = reconstruction_error(dense, refit, gram)
+        return weight, columns
 
-def _errors(dense: torch.Tensor, gram: torch.Tensor, plan_keep: torch.Tensor,
-            obs_weight: torch.Tensor) -> tuple[float, float, float]:
-    cut = torch.zeros_like(dense)
-    cut[:, plan_keep] = dense[:, plan_keep]
-    before = reconstruction_error(dense, cut, gram)
-    cut[:, plan_keep] = refit_kept_columns(dense, gram, plan_keep, DEFAULT_RIDGE)  # as sequential compensation does
-    return before, reconstruction_error(dense, cut, gram), reconstruction_error(dense, obs_weight, gram)
-
-
-def _zero_output(projection: nn.Linear) -> None:
-    projection.weight.zero_()
-    if projection.bias is not None:
-        projection.bias.zero_()
+    return solve
 
 
 @torch.no_grad()
 def select_and_update(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, damping: float = DEFAULT_DAMPING,
                       channels_per_step: int = DEFAULT_CHANNELS_PER_STEP, batch_size: int = 8, progress: bool = True,
-                      device: torch.device | str | None = None) -> tuple[Plan, SelectionReport]:
+                      device: torch.device | str | None = None, autocast: bool = True) -> tuple[Plan, SelectionReport]:
     """Re-pick, layer by layer, which heads and FFN channels `plan` removes (keeping its counts) by
     structured OBS on the inputs of the model pruned so far, and apply the optimal update to
     o_proj / down_proj in place, before `apply_plan`; returns (the revised plan, a report).
 
-    Removed columns are zeroed, so the stream is the pruned model's and the cut changes nothing.
-    Dropped layers are skipped, dropped sublayers zeroed. The stream lives on `device` (default:
-    the model's), each layer visiting it in turn (layer-by-layer mode works as in sequential)."""
+    The pass is sequential compensation's (`sequential_pass`: the stream on `device`, each layer
+    visiting it, bf16 autocast where it pays, at most two layer passes), with OBS choosing and
+    updating instead of refitting the plan's choice. Removed columns are zeroed, so the stream is
+    the pruned model's and the cut changes nothing; dropped layers are skipped, dropped sublayers zeroed."""
     if not (math.isfinite(damping) and damping > 0):
         raise CompensationError(f"OBS damping must be a positive finite number, got {damping}; the default is {DEFAULT_DAMPING}")
     if channels_per_step < 1:
         raise CompensationError(f"channels_per_step must be at least 1, got {channels_per_step}")
-    arch = architecture_for(model.config.model_type)
-    layers = decoder_layers(model, arch.to_dict())
     structure = model_structure(model)
-    kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, structure)}
     head_dim = head_dim_of(model.config)
-    device = device if device is not None else next(model.parameters()).device
-    stream, kwargs_of = embed_calibration(model, layers, input_ids, batch_size=batch_size, device=device)
+    kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, structure)}
+    chosen: dict = {}
+    plan_refit_errors: dict = {}
+    solve = obs_solver(structure, plan, damping=damping, channels_per_step=channels_per_step, head_dim=head_dim,
+                       chosen=chosen, plan_refit_errors=plan_refit_errors)
+    passes = sequential_pass(model, plan, input_ids, solve, batch_size=batch_size, progress=progress, device=device,
+                             autocast=autocast, desc="OBS selection: layer passes")
     revised, fits = dict(plan.layers), []
-    for i in tqdm(range(len(layers)), desc="OBS selection: layers", unit="layer", disable=not progress):
-        layer, kept, shape = layers[i], kept_by_source.get(i), structure.layers[i]
-        if kept is None:  # a dropped layer passes the stream through
-            continue
-        own = plan.layers.get(i, LayerPlan())
-        heads, groups, channels = None, None, None
-        with layer_on(layer, device):
-            attention = getattr(layer, arch.attention)
-            if not isinstance(attention, RemovedAttention) and len(kept.query_heads) < shape.num_attention_heads:
-                o_proj = getattr(attention, arch.o_proj)
-                if not kept.query_heads:
-                    _zero_output(o_proj)
-                else:
-                    gram = _gram_of_input(layer, o_proj, stream, kwargs_of[i], batch_size)
-                    dense = o_proj.weight.to(torch.float64)
-                    weight, hinv = dense.clone(), damped_inverse(gram, damping)
-                    groups, heads, _ = greedy_heads(
-                        weight, hinv, head_dim=head_dim, heads_per_group=shape.heads_per_group,
-                        keep_groups=len(kept.kv_groups), keep_heads_per_group=len(kept.query_heads) // len(kept.kv_groups))
-                    plan_columns = _head_columns(kept.query_heads, head_dim, weight.device)
-                    errors = _errors(dense, gram, plan_columns, weight)
-                    o_proj.weight.copy_(weight.to(o_proj.weight.dtype))
-                    fits.append(SelectionFit(i, "attention", len(heads), shape.num_attention_heads - len(heads),
-                                             len(set(kept.query_heads) - set(heads)), *errors))
-            mlp = getattr(layer, arch.mlp)
-            if not isinstance(mlp, RemovedMLP) and len(kept.channels) < shape.intermediate_size:
-                down_proj = getattr(mlp, arch.down_proj)
-                if not kept.channels:
-                    _zero_output(down_proj)
-                else:
-                    gram = _gram_of_input(layer, down_proj, stream, kwargs_of[i], batch_size)
-                    dense = down_proj.weight.to(torch.float64)
-                    weight, hinv = dense.clone(), damped_inverse(gram, damping)
-                    gone, _ = greedy_channels(weight, hinv, shape.intermediate_size - len(kept.channels), channels_per_step)
-                    channels = sorted(set(range(shape.intermediate_size)) - set(gone))
-                    plan_columns = torch.tensor(kept.channels, dtype=torch.long, device=weight.device)
-                    errors = _errors(dense, gram, plan_columns, weight)
-                    down_proj.weight.copy_(weight.to(down_proj.weight.dtype))
-                    fits.append(SelectionFit(i, "mlp", len(channels), len(gone),
-                                             len(set(kept.channels) - set(channels)), *errors))
-            run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
-        if heads is not None or channels is not None:
-            revised[i] = replace(
-                own,
-                keep_query_heads=tuple(heads) if heads is not None else own.keep_query_heads,
-                keep_kv_groups=tuple(groups) if groups is not None else own.keep_kv_groups,
-                keep_channels=tuple(channels) if channels is not None else own.keep_channels,
-            )
+    for layer, sublayer, _, _, error_cut, error_obs, _ in passes:
+        own, kept = revised.get(layer, LayerPlan()), kept_by_source[layer]
+        if sublayer == "attention":
+            groups, heads = chosen[layer, sublayer]
+            revised[layer] = replace(own, keep_query_heads=tuple(heads), keep_kv_groups=tuple(groups))
+            units, plan_units, total = heads, kept.query_heads, structure.layers[layer].num_attention_heads
+        else:
+            channels = chosen[layer, sublayer]
+            revised[layer] = replace(own, keep_channels=tuple(channels))
+            units, plan_units, total = channels, kept.channels, structure.layers[layer].intermediate_size
+        fits.append(SelectionFit(layer, sublayer, len(units), total - len(units), len(set(plan_units) - set(units)),
+                                 error_cut, plan_refit_errors[layer, sublayer], error_obs))
     meta = {**plan.meta, "selection": {"method": "obs", "damping": damping, "channels_per_step": channels_per_step}}
     return replace(plan, layers=revised, meta=meta), SelectionReport(tuple(fits), damping, channels_per_step)
 

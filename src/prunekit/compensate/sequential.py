@@ -16,6 +16,8 @@ the pruned model's; `apply_plan` then cuts them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -104,20 +106,49 @@ def _kept_columns(kept: KeptLayer, sublayer: str, head_dim: int) -> torch.Tensor
     return torch.tensor(kept.channels, dtype=torch.long)
 
 
+# What a sequential pass does with one projection once it has its inputs' Gram matrix:
+# (layer index, "attention" | "mlp", dense W [out, in] float64, G float64, the plan's kept columns)
+# -> (the new W in float64 with its removed columns exactly zero, the kept columns).
+ProjectionSolver = Callable[[int, str, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def least_squares_solver(ridge: float = DEFAULT_RIDGE) -> ProjectionSolver:
+    """The plan's columns, refitted (least_squares.refit_kept_columns)."""
+    def solve(layer: int, sublayer: str, dense: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor):
+        weight = torch.zeros_like(dense)
+        weight[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
+        return weight, keep
+    return solve
+
+
 @torch.no_grad()
 def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, ridge: float = DEFAULT_RIDGE,
                           batch_size: int = 8, progress: bool = True,
                           device: torch.device | str | None = None, autocast: bool = True) -> CompensationReport:
     """Refit o_proj / down_proj of every width-pruned sublayer of `plan`, layer by layer, in place,
-    before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream.
+    before `apply_plan`. Removed sublayers are zeroed and dropped layers skipped in the stream
+    (`sequential_pass`, which says how the layers run)."""
+    fits = sequential_pass(model, plan, input_ids, least_squares_solver(ridge), batch_size=batch_size,
+                           progress=progress, device=device, autocast=autocast)
+    return CompensationReport(tuple(ProjectionFit(*fit[:6]) for fit in fits), ridge, least_squares=True, bias=False)
+
+
+@torch.no_grad()
+def sequential_pass(model: nn.Module, plan: Plan, input_ids: torch.Tensor, solve: ProjectionSolver, *,
+                    batch_size: int = 8, progress: bool = True, device: torch.device | str | None = None,
+                    autocast: bool = True, desc: str = "compensation: layer passes") -> list[tuple]:
+    """Give o_proj / down_proj of every width-pruned sublayer of `plan` the weight `solve` returns
+    from its inputs in the model pruned up to it, layer by layer, in place; returns one
+    (layer, sublayer, kept, removed, error before, error after, kept columns) per solved projection,
+    the errors those of the plan's plain cut and of the new weight (`reconstruction_error`).
 
     The stream of calibration states lives on `device` (default: the model's); each layer visits
     it in turn and goes back where it was, so the model may stay in CPU memory (layer-by-layer
     mode): the device then holds one layer, the stream and one projection's fit.
 
     A layer runs at most twice: once up to o_proj (its inputs' Gram matrix), and once whole with
-    the refitted o_proj, recording down_proj's inputs; the stream then takes that pass's outputs,
-    corrected for the refitted down_proj, where the MLP's output enters the residual stream as it
+    the new o_proj, recording down_proj's inputs; the stream then takes that pass's outputs,
+    corrected for the new down_proj, where the MLP's output enters the residual stream as it
     is (a family with a norm after the MLP runs the layer a third time). With `autocast`, float32
     layers run under bfloat16 autocast where the device has fast bf16 products
     (`prunekit.models.precision`); the Gram matrices and the solve stay float64."""
@@ -135,7 +166,7 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
     # untouched one, and the untouched ones come first in most plans, so a per-layer rate would
     # promise too early an end.
     work = [_layer_passes(layers[i], arch, kept_by_source.get(i), head_dim, stream, lowered) for i in range(len(layers))]
-    bar = tqdm(total=sum(work), desc="compensation: layer passes", unit="pass", disable=not progress)
+    bar = tqdm(total=sum(work), desc=desc, unit="pass", disable=not progress)
     for i in range(len(layers)):
         layer, kept = layers[i], kept_by_source.get(i)
         if kept is None:  # a dropped layer passes the stream through
@@ -150,16 +181,17 @@ def compensate_sequential(model: nn.Module, plan: Plan, input_ids: torch.Tensor,
                 # The MLP comes last in the layer: its pass can advance the stream too.
                 advance = sublayer == "mlp" and arch.mlp_output_norm is None and keeps_mlp_inputs(
                     stream, getattr(module, projection_name).in_features, lowered=torch.is_autocast_enabled(device.type))
-                fit = _refit_projection(layer, getattr(module, projection_name), _kept_columns(kept, sublayer, head_dim),
-                                        stream, kwargs_of[i], ridge=ridge, batch_size=batch_size, advance=advance)
+                fit = _solve_projection(layer, getattr(module, projection_name), _kept_columns(kept, sublayer, head_dim),
+                                        stream, kwargs_of[i], lambda dense, gram, keep: solve(i, sublayer, dense, gram, keep),
+                                        batch_size=batch_size, advance=advance)
                 if fit is not None:
-                    fits.append(ProjectionFit(i, sublayer, *fit[:4]))
+                    fits.append((i, sublayer, *fit[:4], fit[5]))
                     advanced = fit[4]
             if not advanced:
                 run_layer(layer, stream, kwargs_of[i], batch_size=batch_size)
         bar.update(work[i])
     bar.close()
-    return CompensationReport(tuple(fits), ridge, least_squares=True, bias=False)
+    return fits
 
 
 def _layer_passes(layer: nn.Module, arch, kept: KeptLayer | None, head_dim: int, stream: torch.Tensor,
@@ -181,16 +213,16 @@ def _layer_passes(layer: nn.Module, arch, kept: KeptLayer | None, head_dim: int,
     return passes
 
 
-def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tensor, stream: torch.Tensor,
-                      layer_kwargs: dict, *, ridge: float, batch_size: int,
-                      advance: bool = False) -> tuple[int, int, float, float, bool] | None:
-    """Refit `projection`'s kept columns in place on its inputs from `stream`, zeroing the rest;
-    (kept, removed, error before, error after, whether `stream` now holds the layer's outputs),
-    or None when nothing of it is removed.
+def _solve_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tensor, stream: torch.Tensor,
+                      layer_kwargs: dict, solve, *, batch_size: int,
+                      advance: bool = False) -> tuple[int, int, float, float, bool, torch.Tensor] | None:
+    """Give `projection` the weight `solve(dense, gram, keep)` returns from its inputs in `stream`,
+    in place; (kept, removed, error of the plain cut of `keep`, error of the new weight, whether
+    `stream` now holds the layer's outputs, the kept columns), or None when `keep` is every column.
 
     With `advance`, the pass that collects the inputs runs the whole layer and leaves its outputs
-    in `stream`, corrected for the refit: the projection's output must enter the residual stream
-    as it is, and its inputs are kept meanwhile (rows x seq x in_features)."""
+    in `stream`, corrected for the new weight: the projection's output must enter the residual
+    stream as it is, and its inputs are kept meanwhile (rows x seq x in_features)."""
     weight = projection.weight
     keep = keep.to(weight.device)
     if len(keep) == projection.in_features:
@@ -209,16 +241,17 @@ def _refit_projection(layer: nn.Module, projection: nn.Linear, keep: torch.Tenso
     gram = _input_gram(layer, projection, stream, layer_kwargs, batch_size, keep_inputs=kept_inputs,
                        outputs=stream if advance else None)
     dense = weight.to(torch.float64)
-    # One buffer for the plain cut and then the refit: at 8B scale each is half a gigabyte.
-    candidate = torch.zeros_like(dense)
-    candidate[:, keep] = dense[:, keep]
     reference = ((dense @ gram) * dense).sum()  # ||W X||², shared by both errors
-    before = reconstruction_error(dense, candidate, gram, reference=reference)
-    candidate[:, keep] = refit_kept_columns(dense, gram, keep, ridge)
-    after = reconstruction_error(dense, candidate, gram, reference=reference)
-    new_weight = candidate.to(weight.dtype)
+    cut = torch.zeros_like(dense)
+    cut[:, keep] = dense[:, keep]
+    before = reconstruction_error(dense, cut, gram, reference=reference)
+    del cut  # at 8B scale each of these is half a gigabyte
+    solved, kept_columns = solve(dense, gram, keep)
+    after = reconstruction_error(dense, solved, gram, reference=reference)
+    new_weight = solved.to(weight.dtype)
+    del solved
     if advance:
         _apply_refit(stream, kept_inputs, new_weight.float() - weight.float(), batch_size)
         del kept_inputs
     weight.copy_(new_weight)
-    return len(keep), projection.in_features - len(keep), before, after, advance
+    return len(kept_columns), projection.in_features - len(kept_columns), before, after, advance, kept_columns

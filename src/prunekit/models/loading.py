@@ -244,6 +244,9 @@ def load(model: str | Path, *, dtype: str = "float32", device: str = "cpu", attn
         kwargs["config"] = config  # the pruned classes, not the stock family's that config.json names
     if source.gguf_file:
         kwargs.update(_dense_gguf_kwargs())
+        # the config read once per process (`_read_gguf_once`): without it from_pretrained parses the
+        # file's metadata, vocabulary included, once more (about a third of SmolLM2's load)
+        kwargs["config"] = config
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

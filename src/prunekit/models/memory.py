@@ -69,6 +69,13 @@ def _gram_bytes(structure: ModelStructure, index: int) -> int:
 # 1536, 2048: 30.9k) with benchmarks/profile_prune.py (BENCHMARKS.md), not derived; the
 # attention's inputs and outputs (q, k, v, rotary, attention output) dominate the hidden-sized ones.
 SAVED_PER_HIDDEN = 2
+# On the CPU the peak is the process's resident set: the interpreter with torch, transformers and
+# prunekit imported holds 0.27 GiB before any tensor (torch 2.13, transformers 5.2x, measured), and
+# the sequential pass of compensation peaked at twice the states, inputs and batch it keeps (SmolLM2-
+# 135M, OBS at 20%: 0.94 GiB above the loaded model against 0.47 counted; the allocator keeps what
+# the per-layer solves and batches free). Both measured with benchmarks/default_prune.py, not derived.
+RUNTIME_CPU_BYTES = int(0.27 * 2**30)
+SEQUENTIAL_CPU_OVERHEAD = 2.0
 SAVED_PER_ATTENTION_WIDTH = 11  # per unit of q + k + v width
 SAVED_PER_FFN = 6
 
@@ -116,13 +123,16 @@ def pruning_estimate(structure: ModelStructure, dtype: str, *, gradients: bool, 
     mlp_inputs = n_samples * seq_len * ffn * act if keeps else 0
     one_batch = tokens * (6 * structure.hidden_size + 3 * ffn) * 4
     compensation = states + mlp_inputs + one_batch if cached_layers else 0
+    if device == "cpu":
+        compensation = int(compensation * SEQUENTIAL_CPU_OVERHEAD)
     grams = sum(_gram_bytes(structure, i) for i in range(structure.num_layers)) if with_gram else 0
     saving = structure.total_params * 2  # a bf16 copy for the writing (GGUF sources declare bf16)
     stages = {"scoring one batch (gradients, saved activations, chunked loss)" if gradients
               else "scoring one batch": scoring,
               "calibration states kept for every row": compensation, "Gram matrices": grams, "the copy saved": saving}
     largest = max(stages, key=stages.get)
-    return MemoryEstimate({"weights": weights, largest: stages[largest]})
+    runtime = {"the process itself (Python, torch, transformers)": RUNTIME_CPU_BYTES} if device == "cpu" else {}
+    return MemoryEstimate({**runtime, "weights": weights, largest: stages[largest]})
 
 
 def layer_by_layer_estimate(structure: ModelStructure, dtype: str, *, n_samples: int, seq_len: int, batch_size: int,

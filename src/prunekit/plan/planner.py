@@ -14,6 +14,9 @@ Allocation decides the scope of a move: `global` ranks moves across all layers, 
 applies each width move to every layer at once (the result exports as a stock model),
 `adaptive` first gives each layer a budget from its importance (less important layers lose
 more, in the spirit of OWL / Adapt-Pruner), then fills each budget with the layer's best moves.
+`log_increase` needs no scores across layers: layer i of L loses a share proportional to
+1 + 3 log(1 + i) / log(L) (SlimGPT's incremental ratio: the last layer loses four times the first's
+share), scaled to the target; what goes inside a layer is then for the scores, or structured OBS, to pick.
 `search` plans from positions on per-layer chains (`search_space`): each layer's width moves in
 the order its scores rank them; how far each layer goes along its chain is decided by measuring
 assembled candidates (`prunekit.prune.allocation_search`), not by summing scores.
@@ -29,7 +32,7 @@ from prunekit.plan.plan import LayerPlan, Plan, PlanError, structure_signature
 from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
-ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner")
+ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner", "log_increase")
 MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 # The settings of allocations that take any (--allocation-option KEY=VALUE, prune.allocation_options):
@@ -517,8 +520,33 @@ def _adapt_pruner(planner: _Planner, goal: float) -> None:
     _fill_sublayer_budgets(planner, goal, ratios)
 
 
+# SlimGPT's published LLaMA-7B setting at 20% (min 0.0625, max 0.25): the last layer loses 4x the first's share.
+LOG_INCREASE_SPREAD = 3.0
+
+
+def log_increase_budgets(num_layers: int, target: float, weights: torch.Tensor,
+                         spread: float = LOG_INCREASE_SPREAD) -> torch.Tensor:
+    """SlimGPT's incremental per-layer removal fractions, proportional to
+    1 + spread * log(1 + i) / log(L), scaled so that the `weights`-weighted mean is `target`.
+    Layer-local errors are not comparable across layers (ENVIRONMENT.md: splitting the budget by
+    each layer's own OBS error doubled perplexity), so the split is a fixed shape: early layers,
+    whose errors every later layer inherits, lose least."""
+    if num_layers == 1:
+        return torch.tensor([target], dtype=torch.float64)
+    depth = torch.log1p(torch.arange(num_layers, dtype=torch.float64)) / torch.log(torch.tensor(float(num_layers)))
+    shape = 1 + spread * depth
+    # scaled to the target before the clamp in `_rescaled`, which would otherwise flatten the shape
+    return _rescaled(target * shape / shape.mean(), target, weights)
+
+
+def _log_increase(planner: _Planner, goal: float) -> None:
+    weights = _layer_weights(planner)
+    ratios = log_increase_budgets(planner.structure.num_layers, goal / max(float(weights.sum()), 1.0), weights)
+    _fill_sublayer_budgets(planner, goal, ratios)
+
+
 ALLOCATORS = {"uniform": _uniform, "global": _greedy, "adaptive": _adaptive, "slimllm": _slimllm,
-              "adapt_pruner": _adapt_pruner}
+              "adapt_pruner": _adapt_pruner, "log_increase": _log_increase}
 
 
 # ----------------------------------------------------------------------------- search space
@@ -629,8 +657,17 @@ def check_reachable(structure: ModelStructure, settings: PlannerSettings) -> Non
         raise PlanError(
             f"target {settings.target:.3f} of {settings.basis} is out of reach for {list(settings.prune)} under the "
             f"limits {settings.limits or 'none'}: at most {reachable:.3f} can be removed; lower the target or allow "
-            f"more structures"
+            f"more structures (--prune-structures){_multiple_hint(structure, settings)}"
         )
+
+
+def _multiple_hint(structure: ModelStructure, settings: PlannerSettings) -> str:
+    """FFNs no wider than `ffn_multiple` lose no channel: say so, a small model's usual cause."""
+    narrowest = min((s.intermediate_size for s in structure.layers if s.intermediate_size), default=0)
+    if "channel" in settings.prune and 0 < narrowest <= settings.ffn_multiple:
+        return (f", or lower --ffn-multiple ({settings.ffn_multiple}): an FFN {narrowest} wide keeps every channel "
+                f"at that multiple")
+    return ""
 
 
 def max_removable_fraction(structure: ModelStructure, settings: PlannerSettings) -> float:
@@ -707,6 +744,6 @@ def removed_fraction(before: ModelStructure, after: ModelStructure, basis: str, 
     return 1 - basis_value(after, basis, seq_len) / basis_value(before, basis, seq_len)
 
 
-__all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "LayerChain", "PlannerSettings", "SearchSpace", "adaptive_budgets",
+__all__ = ["ALLOCATIONS", "BASES", "MOVE_KINDS", "LayerChain", "PlannerSettings", "SearchSpace", "adaptive_budgets", "log_increase_budgets",
            "layer_importance", "plan_at", "search_space",
            "basis_value", "check_reachable", "make_plan", "max_removable_fraction", "removed_fraction", "shape_only_plan"]

@@ -141,15 +141,18 @@ def _fits_table(provenance: dict) -> str | None:
     rows = []
     for step in steps:
         for fit in (step.get("compensation") or {}).get("fits") or []:
+            # least squares reports the plan's cut and its refit; OBS (compensate/obs.py) its own choice
+            before = fit["error_before"] if "error_before" in fit else fit["error_plan_cut"]
+            after = fit["error_after"] if "error_after" in fit else fit["error_obs"]
             rows.append([
                 *([step["step"]] if len(steps) > 1 else []), fit["layer"], fit["sublayer"],
                 f"{fit['kept']} / {fit['kept'] + fit['removed']}",
-                f"{fit['error_before']:.3g} → {fit['error_after']:.3g}",
-                f"{100 * (1 - fit['error_after'] / fit['error_before']):.0f}%" if fit["error_before"] else "–",
+                f"{before:.3g} → {after:.3g}" if before is not None else "–",
+                f"{100 * (1 - after / before):.0f}%" if before else "–",
             ])
     if not rows:
         return None
-    header = [*(["step"] if len(steps) > 1 else []), "layer", "sublayer", "inputs kept", "relative error before → after",
+    header = [*(["step"] if len(steps) > 1 else []), "layer", "sublayer", "units kept", "relative error of the cut → after",
               "error removed"]
     return _table(header, rows, align="rl" if len(steps) == 1 else "rrl")
 

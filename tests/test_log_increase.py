@@ -1,0 +1,40 @@
+"""The `log_increase` allocation (SlimGPT's incremental per-layer ratio), the default's."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from prunekit import model_structure, predicted_structure
+from prunekit.plan.planner import PlannerSettings, log_increase_budgets, make_plan, removed_fraction
+from prunekit.score import score_model
+
+
+def test_budgets_rise_with_depth_and_average_to_the_target():
+    weights = torch.tensor([1.0, 1.0, 2.0, 1.0, 1.0, 1.0])
+    for target in (0.1, 0.35, 0.5):
+        budgets = log_increase_budgets(6, target, weights)
+        assert float((budgets * weights).sum() / weights.sum()) == pytest.approx(target, abs=1e-6)
+        assert (budgets.diff() > 0).all()
+    # unclamped, the last layer loses four times the first's share (SlimGPT's 0.0625 .. 0.25 at 20%)
+    budgets = log_increase_budgets(30, 0.2, torch.ones(30))
+    assert float(budgets[-1] / budgets[0]) == pytest.approx(4.0)
+    assert log_increase_budgets(1, 0.3, torch.ones(1)).tolist() == [0.3]
+
+
+def test_budgets_keep_their_shape_when_the_target_is_large():
+    """Scaled to the target before the clamp at 0.95: the shape is not flattened at high targets."""
+    budgets = log_increase_budgets(30, 0.5, torch.ones(30))
+    assert (budgets.diff() > 0).all() and float(budgets.max()) < 0.95
+
+
+@pytest.mark.parametrize("prune", [("channel",), ("channel", "head", "kv_group")])
+def test_plan_meets_the_target_with_later_layers_losing_more(prune):
+    model = tiny_model("llama", num_hidden_layers=6, intermediate_size=128)
+    structure = model_structure(model)
+    settings = PlannerSettings(target=0.3, allocation="log_increase", prune=prune, ffn_multiple=8)
+    plan = make_plan(structure, score_model(model, "magnitude"), settings, comparable=False)
+    after = predicted_structure(plan, structure)
+    assert removed_fraction(structure, after, "non-embedding") >= 0.3
+    widths = [layer.intermediate_size for layer in after.layers]
+    assert widths[0] == max(widths) and widths[-1] == min(widths) and widths[0] > widths[-1]
