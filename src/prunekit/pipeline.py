@@ -599,7 +599,8 @@ def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
     scores = Scores.load(path)
     counts = {"head": [s.num_attention_heads for s in structure.layers],
               "kv_group": [s.num_key_value_heads for s in structure.layers],
-              "channel": [s.intermediate_size for s in structure.layers],
+              "channel": [0 if s.num_experts else s.intermediate_size for s in structure.layers],
+              "expert": [s.num_experts for s in structure.layers],
               "hidden": [structure.hidden_size] * structure.num_layers}  # each layer's share of every residual channel
     for kind, per_layer in scores.values.items():
         sizes = [int(v.numel()) for v in per_layer]
