@@ -12,14 +12,7 @@
 #   bash benchmarks/gpu_obs_grid.sh tasks ARGS...   # the grid's arguments for the runs to score zero-shot
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
-MODEL=/tmp/smollm2.gguf
-if [ ! -f $MODEL ]; then
-    cat .gpu/m1/part.00 .gpu/m2/part.01 > $MODEL.tmp
-    echo "$(cat .gpu/m2/sha256)  $MODEL.tmp" | sha256sum -c --quiet
-    mv $MODEL.tmp $MODEL
-fi
-[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
-export PYTHONPATH=/tmp/site:.gpu/site:src PRUNEKIT_DATA_DIR=.gpu/data PYTHONUNBUFFERED=1
+source benchmarks/gpu_smollm2_env.sh  # joins the GGUF into $MODEL, installs the wheels, sets the environment
 GRID="python3 benchmarks/pruning_grid.py --model $MODEL --data-dir .gpu/data --criteria taylor --allocations global --tf32-scoring"
 case "$1" in
 grid)

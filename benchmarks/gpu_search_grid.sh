@@ -10,20 +10,13 @@
 #   bash benchmarks/gpu_search_grid.sh grid ARGS...    # call 2: allocation_search_grid.py ARGS
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
-MODEL=/tmp/smollm2.gguf
 case "$1" in
 stash)
     ls -la .gpu/m1 .gpu/data | head -3
     ;;
 grid)
     shift
-    if [ ! -f $MODEL ]; then
-        cat .gpu/m1/part.00 .gpu/m2/part.01 > $MODEL.tmp
-        echo "$(cat .gpu/m2/sha256)  $MODEL.tmp" | sha256sum -c --quiet
-        mv $MODEL.tmp $MODEL
-    fi
-    [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl
-    export PYTHONPATH=/tmp/site:.gpu/site:src PRUNEKIT_DATA_DIR=.gpu/data PYTHONUNBUFFERED=1
+    source benchmarks/gpu_smollm2_env.sh  # joins the GGUF into $MODEL, installs the wheels, sets the environment
     python3 benchmarks/allocation_search_grid.py --model $MODEL --data-dir .gpu/data "$@"
     ;;
 *)
