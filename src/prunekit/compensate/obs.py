@@ -171,14 +171,14 @@ class SelectionReport:
                 "fits": [asdict(fit) for fit in self.fits]}
 
 
-def obs_solver(structure, plan: Plan, *, damping: float = DEFAULT_DAMPING,
+def obs_solver(structure, kept_by_source: dict[int, KeptLayer], *, damping: float = DEFAULT_DAMPING,
                channels_per_step: int = DEFAULT_CHANNELS_PER_STEP, head_dim: int,
                chosen: dict, plan_refit_errors: dict) -> ProjectionSolver:
     """A `sequential_pass` solver that re-picks the removed units by greedy structured OBS (as many
     as the plan removes) and returns OBS's updated weight; records each choice in `chosen`
     ((layer, "attention") -> (kept KV groups, kept query heads); (layer, "mlp") -> kept channels)
-    and what the plan's own choice refitted would leave in `plan_refit_errors`."""
-    kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, structure)}
+    and what the plan's own choice refitted would leave in `plan_refit_errors`; `kept_by_source` is
+    what the plan keeps of each source layer (`resolve_plan`)."""
 
     def solve(layer: int, sublayer: str, dense: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor):
         weight, hinv = dense.clone(), damped_inverse(gram, damping)
@@ -225,7 +225,7 @@ def select_and_update(model: nn.Module, plan: Plan, input_ids: torch.Tensor, *, 
     kept_by_source: dict[int, KeptLayer] = {k.source_index: k for k in resolve_plan(plan, structure)}
     chosen: dict = {}
     plan_refit_errors: dict = {}
-    solve = obs_solver(structure, plan, damping=damping, channels_per_step=channels_per_step, head_dim=head_dim,
+    solve = obs_solver(structure, kept_by_source, damping=damping, channels_per_step=channels_per_step, head_dim=head_dim,
                        chosen=chosen, plan_refit_errors=plan_refit_errors)
     passes = sequential_pass(model, plan, input_ids, solve, batch_size=batch_size, progress=progress, device=device,
                              autocast=autocast, desc="OBS selection: layer passes")
