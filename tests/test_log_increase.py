@@ -38,3 +38,21 @@ def test_plan_meets_the_target_with_later_layers_losing_more(prune):
     assert removed_fraction(structure, after, "non-embedding") >= 0.3
     widths = [layer.intermediate_size for layer in after.layers]
     assert widths[0] == max(widths) and widths[-1] == min(widths) and widths[0] > widths[-1]
+
+
+def test_spread_option_sets_how_much_more_the_last_layer_loses():
+    """--allocation-option spread=S: the last layer loses (1 + S) times the first's share; 0 is uniform."""
+    assert float(log_increase_budgets(30, 0.2, torch.ones(30), spread=1.0).max() /
+                 log_increase_budgets(30, 0.2, torch.ones(30), spread=1.0).min()) == pytest.approx(2.0)
+    model = tiny_model("llama", num_hidden_layers=6, intermediate_size=128)
+    structure, scores = model_structure(model), score_model(model, "magnitude")
+    widths = {}
+    for spread in (0.0, 3.0, 8.0):
+        settings = PlannerSettings(target=0.3, allocation="log_increase", prune=("channel",), ffn_multiple=8,
+                                   allocation_options={"spread": spread})
+        after = predicted_structure(make_plan(structure, scores, settings, comparable=False), structure)
+        assert removed_fraction(structure, after, "non-embedding") >= 0.3
+        widths[spread] = [layer.intermediate_size for layer in after.layers]
+    assert max(widths[0.0]) - min(widths[0.0]) <= 8  # uniform up to one ffn_multiple of rounding
+    gap = {spread: w[0] - w[-1] for spread, w in widths.items()}
+    assert abs(gap[0.0]) <= 8 < gap[3.0] < gap[8.0]

@@ -36,8 +36,9 @@ ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_prun
 MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 # The settings of allocations that take any (--allocation-option KEY=VALUE, prune.allocation_options):
-# SlimLLM's softmax temperature (default: 10 at 20% removed, 7 at 50%), Adapt-Pruner's skew (default 1).
-ALLOCATION_OPTIONS = {"slimllm": ("alpha",), "adapt_pruner": ("amplitude",)}
+# SlimLLM's softmax temperature (default: 10 at 20% removed, 7 at 50%), Adapt-Pruner's skew (default 1),
+# log_increase's spread (default 3: the last layer loses 4x the first's share; 0 is uniform).
+ALLOCATION_OPTIONS = {"slimllm": ("alpha",), "adapt_pruner": ("amplitude",), "log_increase": ("spread",)}
 
 
 @dataclass(frozen=True)
@@ -541,7 +542,8 @@ def log_increase_budgets(num_layers: int, target: float, weights: torch.Tensor,
 
 def _log_increase(planner: _Planner, goal: float) -> None:
     weights = _layer_weights(planner)
-    ratios = log_increase_budgets(planner.structure.num_layers, goal / max(float(weights.sum()), 1.0), weights)
+    spread = planner.settings.allocation_options.get("spread", LOG_INCREASE_SPREAD)
+    ratios = log_increase_budgets(planner.structure.num_layers, goal / max(float(weights.sum()), 1.0), weights, spread)
     _fill_sublayer_budgets(planner, goal, ratios)
 
 
