@@ -29,10 +29,14 @@ from prunekit.compensate.sequential import compensate_sequential
 from prunekit.data import calibration_tokens
 from prunekit.evaluate.perplexity import perplexity
 from prunekit.export.huggingface import versions
+from prunekit.pipeline import CalibrationSettings, PruneSettings, prune_loaded
 from prunekit.plan.planner import PlannerSettings, make_plan, removed_fraction
 from prunekit.score import score_model
 
 STRUCTURES = {"hidden": ("hidden",), "ffn": ("channel",), "hidden+ffn": ("hidden", "channel")}
+# FFN channels as `prunekit prune --basis total` prunes them by default (magnitude order, log_increase
+# budgets, structured OBS): the strongest FFN-only baseline, one variant ("default").
+DEFAULT_FFN = "ffn-default"
 
 
 def main() -> int:
@@ -47,9 +51,9 @@ def main() -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    unknown = sorted(set(args.structures.split(",")) - set(STRUCTURES))
+    unknown = sorted(set(args.structures.split(",")) - set(STRUCTURES) - {DEFAULT_FFN})
     if unknown:
-        parser.error(f"unknown structures {unknown}; choose from {sorted(STRUCTURES)}")
+        parser.error(f"unknown structures {unknown}; choose from {sorted(STRUCTURES) + [DEFAULT_FFN]}")
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
@@ -72,6 +76,11 @@ def main() -> int:
               "dense": {"wikitext2": wikitext(dense), "params": structure.total_params}, "runs": []}
     for ratio in ratios:
         for name in args.structures.split(","):
+            if name == DEFAULT_FFN:
+                record["runs"].append(default_ffn_run(dense, tokenizer, ids, ratio, structure, wikitext))
+                print(f"{ratio} {name}: {record['runs'][-1]['default']['wikitext2']}", flush=True)
+                Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+                continue
             settings = PlannerSettings(target=ratio, basis="total", prune=STRUCTURES[name],
                                        ffn_multiple=args.multiple, hidden_multiple=args.multiple)
             plan = make_plan(structure, scores, settings, comparable=False)
@@ -96,6 +105,21 @@ def main() -> int:
             record["runs"].append(run)
             Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0
+
+
+def default_ffn_run(dense, tokenizer, ids, ratio: float, structure, wikitext) -> dict:
+    model = copy.deepcopy(dense)
+    began = time.perf_counter()
+    settings = PruneSettings(target=ratio, basis="total",
+                             calibration=CalibrationSettings(n_samples=ids.shape[0], seq_len=ids.shape[1]))
+    prune_loaded(model, tokenizer, settings, progress=False, calibration=(ids, None))
+    after = prunekit.model_structure(model)
+    return {"ratio": ratio, "structures": DEFAULT_FFN, "hidden": structure.hidden_size,
+            "settings": {k: getattr(settings, k) for k in ("criterion", "allocation", "prune", "compensation")},
+            "default": {"seconds": round(time.perf_counter() - began, 1), "wikitext2": wikitext(model),
+                        "removed_total": round(removed_fraction(structure, after, "total"), 5),
+                        "removed_non_embedding": round(removed_fraction(structure, after, "non-embedding"), 5),
+                        "params": after.total_params}}
 
 
 if __name__ == "__main__":
