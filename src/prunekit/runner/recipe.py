@@ -71,6 +71,7 @@ class BenchSettings:
     decode_batches: tuple[int, ...] = (1, 8)
     decode_tokens: int = 32
     repeats: int = 3
+    decode: str | None = None                 # graph or eager, as `prunekit bench --decode`; None: graph on cuda, eager on cpu
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,20 @@ def parse_recipe(data: dict) -> Recipe:
         raise RecipeError("the recover stage trains the pruned model: add the prune stage before it")
     if recipe.schedule is not None:
         check_schedule(recipe)
+    check_bench_decode(recipe.bench)
     return recipe
+
+
+def check_bench_decode(bench: BenchSettings) -> None:
+    """bench.decode names a decode timing the bench device can run (speed.DECODE_MODES)."""
+    from prunekit.evaluate.speed import DECODE_MODES
+
+    if bench.decode is not None and bench.decode not in DECODE_MODES:
+        raise RecipeError(f"bench.decode {bench.decode!r} is not a decode timing; choose one of "
+                          f"{', '.join(DECODE_MODES)}, or drop the key for graph on cuda and eager on cpu")
+    if bench.decode == "graph" and bench.device != "cuda":
+        raise RecipeError("bench.decode graph replays CUDA graphs, which need bench.device=cuda; set bench.decode=eager "
+                          "to time decode on the CPU")
 
 
 def check_schedule(recipe: Recipe) -> None:

@@ -279,7 +279,7 @@ def _run_evaluate(recipe: Recipe, run_dir: Path) -> dict:
 def _bench_options(recipe: Recipe) -> dict:
     b = recipe.bench
     return dict(device=b.device, dtype=b.dtype, prefill_batch=b.prefill_batch, prefill_len=b.prefill_len,
-                decode_batches=b.decode_batches, decode_tokens=b.decode_tokens, repeats=b.repeats)
+                decode_batches=b.decode_batches, decode_tokens=b.decode_tokens, repeats=b.repeats, decode=b.decode)
 
 
 def _preflight_bench(context: Context) -> Preflight:
@@ -298,7 +298,7 @@ def _run_bench(recipe: Recipe, run_dir: Path) -> dict:
     report = bench_models(final_model(run_dir), baseline=recipe.model if recipe.bench.baseline else None,
                           json_out=run_dir / "bench.json", **_bench_options(recipe))
     speed = report["speed"]
-    return {"ideal_speedup": speed.get("ideal_speedup"),
+    return {"ideal_speedup": speed.get("ideal_speedup"), "decode": speed["settings"]["decode"],
             "speedup": {k: v["median"] for k, v in (speed.get("speedup") or {}).items()}}
 
 
