@@ -64,6 +64,18 @@ def _product_weight(head: OutputHead) -> torch.Tensor:
     return head.weight if head.weight.is_cuda else head.weight.float()
 
 
+def product_head(head: OutputHead) -> OutputHead:
+    """`head` with its weight in the dtype of its product (a float32 copy on a CPU when the weights
+    are not float32), made once for a head whose logits `head_logits` makes chunk after chunk."""
+    return OutputHead(_product_weight(head).detach(), None if head.bias is None else head.bias.detach(), head.softcap)
+
+
+def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits of `hidden` [n, hidden] under a `product_head`: a chunk at a time, never the batch."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _logits(hidden, head.weight, head.bias, head.softcap)
+
+
 LogitsLoss = Callable[..., torch.Tensor]  # (logits [n, vocab] float32, *per-position tensors [n, ...]) -> scalar
 
 
@@ -103,7 +115,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         saved = iter(ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias = (next(saved) if want else None for want in ctx.wants)
-        scale = lambda g, dtype: None if g is None else (g * grad_output).to(dtype)  # noqa: E731
+        # in place: a head's weight gradient is vocabulary x hidden, and a scaled copy of it would
+        # add that much to the peak of every training step
+        scale = lambda g, dtype: None if g is None else g.mul_(grad_output).to(dtype)  # noqa: E731
         return (scale(grad_hidden, grad_hidden.dtype if grad_hidden is not None else None),
                 scale(grad_weight, ctx.dtypes[0]), scale(grad_bias, ctx.dtypes[1]), None, None, None,
                 *([None] * ctx.extras))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.models.loss import loss_working_bytes
+from prunekit.models.loss import chunk_positions, loss_working_bytes
 from prunekit.models.structure import ModelStructure
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -174,23 +174,43 @@ def weights_estimate(structure: ModelStructure, dtype: str) -> MemoryEstimate:
     return MemoryEstimate({"weights": structure.total_params * BYTES[dtype]})
 
 
+# Float32 buffers of one chunk's logits that distillation holds at once beyond the cross-entropy's
+# four (loss_working_bytes): the teacher's logits and log-softmax, its probabilities and their
+# product with the difference of log-probabilities. Counted from recover/losses.py, and the
+# measured peak of one step (benchmarks/recovery_loss_memory.py) agrees within its tolerance.
+DISTILLATION_CHUNK_BUFFERS = 4
+
+
 def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,
                       batch_size: int, seq_len: int, shards: int = 1,
-                      activation_checkpointing: bool = False) -> MemoryEstimate:
+                      activation_checkpointing: bool = False, device: str = "cpu") -> MemoryEstimate:
     """Per process: student weights, gradients and AdamW state (full training) or LoRA's (a few
-    percent), each split `shards` ways when sharded, the whole teacher's weights, and the logits
-    and activations of one micro-batch (with activation checkpointing: every layer's input and
-    one layer's internals)."""
+    percent), each split `shards` ways when sharded, the whole teacher's weights, the activations
+    of one micro-batch (with activation checkpointing: every layer's input and one layer's
+    internals), and the chunked loss (prunekit.models.loss): one chunk's logits of the student and,
+    distilling, of the teacher, the hidden states' gradient, float32 copies of the heads on a CPU
+    for other dtypes, and, when the head trains, its gradient summed over the chunks until the
+    backward pass takes it."""
     trained = 0.02 * student.total_params if lora else student.total_params
     layer_input = batch_size * seq_len * student.hidden_size * 4
     one_layer = 12 * layer_input  # what a layer's backward pass needs kept
     activations = layer_input * student.num_layers + one_layer if activation_checkpointing \
         else one_layer * student.num_layers
+    size, positions = BYTES[dtype], batch_size * seq_len
+    loss = loss_working_bytes(student.vocab_size, student.hidden_size, positions, dtype_bytes=size, gradients=True,
+                              device=device)
+    head = student.vocab_size * student.hidden_size * 4
+    if not lora:
+        loss += head  # the head's gradient, summed over the chunks in the forward pass
+    if teacher is not None:
+        loss += DISTILLATION_CHUNK_BUFFERS * min(positions, chunk_positions(teacher.vocab_size, device)) \
+            * teacher.vocab_size * 4
+        loss += teacher.vocab_size * teacher.hidden_size * 4 if device == "cpu" and size != 4 else 0
     return MemoryEstimate({
-        "student weights": student.total_params * BYTES[dtype] // shards,
+        "student weights": student.total_params * size // shards,
         "gradients and AdamW state": int(trained * 4 * 3) // shards,
-        "teacher weights": teacher.total_params * BYTES[dtype] if teacher is not None else 0,
-        "logits of one batch": _logits_bytes(student, batch_size, seq_len) * (2 if teacher is not None else 1),
+        "teacher weights": teacher.total_params * size if teacher is not None else 0,
+        "the loss, a chunk of positions at a time": loss,
         "activations of one batch": activations,
     })
 

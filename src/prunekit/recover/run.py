@@ -67,11 +67,11 @@ def preflight_recover(student: ModelStructure, teacher: ModelStructure | None, s
     settings.validate()
     resolve_source(settings.data.source, settings.data.data_dir)  # readable now, not after an hour of work
     shards = processes if settings.shard else 1
-    needs = recovery_estimate(student, teacher, dtype, lora=get_method(settings.method).lora,
-                              batch_size=settings.batch_size, seq_len=settings.data.seq_len, shards=shards,
-                              activation_checkpointing=settings.activation_checkpointing)
     # Under a launcher each process trains on the GPU of its local rank, and checks that one.
     device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if gpu else "cpu"
+    needs = recovery_estimate(student, teacher, dtype, lora=get_method(settings.method).lora,
+                              batch_size=settings.batch_size, seq_len=settings.data.seq_len, shards=shards,
+                              activation_checkpointing=settings.activation_checkpointing, device=device)
     hints = ("train LoRA adapters (--method lora+distill), cache the teacher's top-K logits and free it "
              "(--teacher-cache 64), recompute activations (--activation-checkpointing), lower --batch-size or "
              "--seq-len, or split it over GPUs (accelerate launch --num_processes N -m prunekit recover ... --shard)")

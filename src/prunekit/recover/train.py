@@ -8,8 +8,11 @@
 | full          | every weight                    | cross-entropy on the data                         |
 
 The loop is AdamW with linear warm-up and cosine decay, gradient accumulation and clipping, bf16
-autocast on GPUs that have it. `accelerate` places it: one process on the CPU or a GPU, or the
-same code under `accelerate launch` for DDP; with `shard=True` each process holds a 1/N slice
+autocast on GPUs that have it. The model runs to its final hidden states (the head makes the logits
+of one position) and the vocabulary-wide losses take the logits of a chunk of positions at a time
+(prunekit.models.loss), the teacher's too: a batch's full logits are never held, so a 262,144-token
+vocabulary trains in the memory its weights and activations need. `accelerate` places it: one
+process on the CPU or a GPU, or the same code under `accelerate launch` for DDP; with `shard=True` each process holds a 1/N slice
 of every weight, gradient and AdamW state (FSDP2, one unit per decoder layer), for a model
 whose training fits no single GPU. Checkpoints hold the model, optimizer and random states; a
 run that is killed resumes from its last checkpoint to the same weights as a run that never
@@ -34,6 +37,7 @@ from prunekit.data.calibration import IGNORE_INDEX
 from prunekit.data.sources import SELF_SOURCE
 from prunekit.errors import PrunekitError
 from prunekit.models.architecture import architecture_for
+from prunekit.models.loss import OutputHead, chunk_positions, chunked_head_loss, head_logits, product_head, token_nll
 from prunekit.models.modeling_prunekit import decoder_layers
 from prunekit.recover import losses
 from prunekit.recover.data import RecoveryData, recovery_rows
@@ -198,16 +202,48 @@ def _rows_of_step(order: torch.Tensor, step: int, micro: int, settings: Recovery
     return order[start:start + settings.batch_size]
 
 
+def chunkable_head(model: nn.Module) -> OutputHead | None:
+    """The output head, when the loss can make its logits a chunk at a time from the final hidden
+    states: a plain linear head. A head that LoRA adapts is not (its logits need the adapter's
+    forward), and gets the full logits."""
+    head = model.get_output_embeddings()
+    return OutputHead.of(model) if type(head) is nn.Linear else None
+
+
+def final_hidden_states(model: nn.Module, ids: torch.Tensor, head: OutputHead | None):
+    """The model's output on `ids` with every layer's hidden states; the last is the final norm's
+    output, what the head turns into logits. With a chunkable `head` the model makes the logits of
+    the last position only (transformers' logits_to_keep), through its own forward, so that DDP's
+    and FSDP's hooks run as for the full logits."""
+    return model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1 if head else 0)
+
+
+@torch.no_grad()
+def teacher_output(teacher: nn.Module, ids: torch.Tensor, *, full_logits: bool, hidden_states: bool):
+    """The teacher's output on `ids`: its full logits when the student's loss takes them, else only
+    its final hidden states (the backbone alone: the teacher is never wrapped for DDP or FSDP, and
+    without gradients the other layers' states need not be kept, unless `hidden_states` asks)."""
+    if full_logits:
+        return teacher(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+    return teacher.base_model(input_ids=ids, use_cache=False, output_hidden_states=hidden_states)
+
+
 @torch.no_grad()
 def _teacher_top_k(teacher: nn.Module, ids: torch.Tensor, rows: list[int], k: int, batch_size: int,
                    device: torch.device, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.zeros(len(ids), ids.shape[1], k, dtype=torch.bfloat16)
     indices = torch.zeros(len(ids), ids.shape[1], k, dtype=torch.int32)
+    head = product_head(OutputHead.of(teacher))
+    positions = chunk_positions(head.vocab_size, device)
     for start in tqdm(range(0, len(rows), batch_size), desc=f"teacher top-{k} logits", unit="batch", disable=not progress):
         chunk = torch.tensor(rows[start:start + batch_size])
-        logits = teacher(input_ids=ids[chunk].to(device), use_cache=False).logits
-        top_values, top_indices = losses.top_k_logits(logits, k)
-        values[chunk], indices[chunk] = top_values.to(torch.bfloat16).cpu(), top_indices.cpu()
+        hidden = teacher_output(teacher, ids[chunk].to(device), full_logits=False, hidden_states=False)
+        flat = hidden.last_hidden_state.flatten(0, 1)
+        top = [losses.top_k_logits(head_logits(head, flat[first:first + positions]), k)
+               for first in range(0, len(flat), positions)]
+        shape = (len(chunk), ids.shape[1], k)
+        values[chunk] = torch.cat([v for v, _ in top]).view(shape).to(torch.bfloat16).cpu()
+        indices[chunk] = torch.cat([i for _, i in top]).view(shape).cpu()
     return values, indices
 
 
@@ -217,13 +253,18 @@ def held_out_perplexity(model: nn.Module, ids: torch.Tensor, labels: torch.Tenso
     """exp of the mean next-token loss over the counted tokens of the held-out rows."""
     was_training = model.training
     model.eval()
+    head = chunkable_head(model)
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
         batch, target = ids[start:start + batch_size].to(device), next_tokens(labels[start:start + batch_size]).to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
         mask = target != IGNORE_INDEX
-        total += float(losses.cross_entropy(logits, target, mask)) * int(mask.sum())
+        output = final_hidden_states(model, batch, head)
+        if head is None:
+            total += float(losses.cross_entropy(output.logits, target, mask)) * int(mask.sum())
+        else:
+            total += float(token_nll(head, output.hidden_states[-1][mask], target[mask]).sum(dtype=torch.float64))
         count += int(mask.sum())
+        del output
     model.train(was_training)
     return math.exp(total / max(count, 1))
 
@@ -392,6 +433,8 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
         cache = _teacher_top_k(teacher, train_ids, mine, settings.teacher_cache, settings.batch_size, device, progress)
         if not settings.hidden_weight:
             teacher = None  # the cache replaces it: its memory is free for training
+    # the teacher's head in the dtype of its chunked product (a float32 copy on a CPU for other dtypes)
+    teacher_head = product_head(OutputHead.of(teacher)) if teacher is not None else None
 
     torch.manual_seed(settings.seed)
     if settings.activation_checkpointing:
@@ -453,19 +496,15 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
                 student.set_requires_gradient_sync(sync)
             with accelerator.no_sync(student) if not sync and sharded is None else contextlib.nullcontext():
                 with accelerator.autocast():
-                    output = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-                    logits = output.logits
-                    if not method.distill:
-                        loss = losses.cross_entropy(logits, target, mask)
-                    else:
-                        loss = _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache, layer_map,
-                                                  settings)
+                    head = chunkable_head(accelerator.unwrap_model(student))
+                    output = final_hidden_states(student, batch, head)
+                    loss = _training_loss(output, head, target, mask, batch, rows, teacher, teacher_head, cache,
+                                          layer_map, settings)
                 accelerator.backward(loss / settings.grad_accum)
             step_loss += loss.detach() / settings.grad_accum
-            # Free the logits ([batch, seq, vocab] floats, the step's largest tensor) now, not when the
-            # next forward rebinds these names: held over that forward, they add a logits-sized block to
-            # every step's peak memory, and on the CPU made the loop slower than HF Trainer's.
-            del output, logits, loss
+            # Free the step's tensors now, not when the next forward rebinds these names: held over
+            # that forward, they add to every step's peak memory.
+            del output, loss
         # Every process stops on a bad loss anywhere, before the weights take the step.
         worst = accelerator.gather(step_loss.reshape(1))
         if not torch.isfinite(worst).all():
@@ -513,25 +552,64 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
     return model, record
 
 
-def _distillation_loss(output, logits, target, mask, batch, rows, teacher, cache, layer_map, settings) -> torch.Tensor:
-    if cache is not None:
-        values, indices = cache[0][rows].to(logits.device), cache[1][rows].to(logits.device)
-        loss = losses.kl_divergence_top_k(logits, values, indices, mask, settings.temperature)
+def _training_loss(output, head: OutputHead | None, target, mask, batch, rows, teacher, teacher_head, cache, layer_map,
+                   settings) -> torch.Tensor:
+    """The loss of one micro-batch: cross-entropy on the data, or distillation (KL to the teacher's
+    logits, on the fly or from the top-k cache, plus ce_weight cross-entropy and hidden_weight
+    hidden-state matching). With a chunkable `head`, every vocabulary-wide term is taken a chunk of
+    positions at a time, the teacher's logits made from its final hidden states in the same chunk."""
+    distill = get_method(settings.method).distill
+    device = batch.device
+    taught = None
+    if distill and cache is None:
+        taught = teacher_output(teacher, batch, full_logits=head is None, hidden_states=bool(settings.hidden_weight))
+    if head is None:  # full logits
+        logits = output.logits
+        if not distill:
+            return losses.cross_entropy(logits, target, mask)
+        if cache is not None:
+            loss = losses.kl_divergence_top_k(logits, cache[0][rows].to(device), cache[1][rows].to(device), mask,
+                                              settings.temperature)
+        else:
+            loss = losses.kl_divergence(logits, taught.logits, mask, settings.temperature)
+        if settings.ce_weight:
+            loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
     else:
-        with torch.no_grad():
-            teacher_output = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-        loss = losses.kl_divergence(logits, teacher_output.logits, mask, settings.temperature)
-    if settings.ce_weight:
-        loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
+        hidden = output.hidden_states[-1].flatten(0, 1)
+        weights = (mask.float() / mask.sum().clamp(min=1)).flatten()
+        if not distill:
+            return chunked_head_loss(head, hidden, losses.weighted_cross_entropy, target.flatten(), weights)
+        if cache is not None:
+            teacher_part = (cache[0][rows].to(device).flatten(0, 1), cache[1][rows].to(device).flatten(0, 1))
+        else:
+            teacher_part = (taught.last_hidden_state.flatten(0, 1),)
+        loss = chunked_head_loss(head, hidden, _chunk_distillation(teacher_head, settings, cached=cache is not None),
+                                 target.flatten(), weights, *teacher_part)
     if settings.hidden_weight:
         # hidden_states[0] is the embedding output, [i + 1] the output of layer i, except that the
         # last entry is the final norm's output: a pair is compared only when both sides are, or
         # neither is, a last layer.
         full_mask = torch.ones(batch.shape, dtype=torch.bool, device=batch.device)
-        student_last, teacher_last = len(output.hidden_states) - 2, len(teacher_output.hidden_states) - 2
-        matched = [losses.hidden_state_distance(output.hidden_states[i + 1], teacher_output.hidden_states[source + 1],
+        student_last, teacher_last = len(output.hidden_states) - 2, len(taught.hidden_states) - 2
+        matched = [losses.hidden_state_distance(output.hidden_states[i + 1], taught.hidden_states[source + 1],
                                                 full_mask)
                    for i, source in enumerate(layer_map) if (i == student_last) == (source == teacher_last)]
         if matched:
             loss = loss + settings.hidden_weight * torch.stack(matched).mean()
     return loss
+
+
+def _chunk_distillation(teacher_head: OutputHead | None, settings: RecoverySettings, *, cached: bool):
+    """The distillation loss of a chunk of positions, as a weighted sum (recover/losses.py): the
+    teacher's logits come from its cached top-k, or from its final hidden states through its head."""
+    def loss_of_logits(logits, targets, weights, *teacher_part):
+        if cached:
+            loss = losses.weighted_kl_divergence_top_k(logits, *teacher_part, weights, settings.temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = head_logits(teacher_head, teacher_part[0])
+            loss = losses.weighted_kl_divergence(logits, teacher_logits, weights, settings.temperature)
+        if settings.ce_weight:
+            loss = loss + settings.ce_weight * losses.weighted_cross_entropy(logits, targets, weights)
+        return loss
+    return loss_of_logits
