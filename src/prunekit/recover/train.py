@@ -205,17 +205,18 @@ def _rows_of_step(order: torch.Tensor, step: int, micro: int, settings: Recovery
 def chunkable_head(model: nn.Module) -> OutputHead | None:
     """The output head, when the loss can make its logits a chunk at a time from the final hidden
     states: a plain linear head. A head that LoRA adapts is not (its logits need the adapter's
-    forward), and gets the full logits."""
+    forward), and gets the full logits. Read it after the model's forward: a sharded (FSDP2)
+    model's head weight is whole only from its forward until its backward."""
     head = model.get_output_embeddings()
     return OutputHead.of(model) if type(head) is nn.Linear else None
 
 
-def final_hidden_states(model: nn.Module, ids: torch.Tensor, head: OutputHead | None):
+def final_hidden_states(model: nn.Module, ids: torch.Tensor, chunked: object):
     """The model's output on `ids` with every layer's hidden states; the last is the final norm's
-    output, what the head turns into logits. With a chunkable `head` the model makes the logits of
-    the last position only (transformers' logits_to_keep), through its own forward, so that DDP's
-    and FSDP's hooks run as for the full logits."""
-    return model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1 if head else 0)
+    output, what the head turns into logits. When the loss is `chunked` the model makes the logits
+    of the last position only (transformers' logits_to_keep), through its own forward, so that
+    DDP's and FSDP's hooks run as for the full logits."""
+    return model(input_ids=ids, use_cache=False, output_hidden_states=True, logits_to_keep=1 if chunked else 0)
 
 
 @torch.no_grad()
@@ -253,12 +254,13 @@ def held_out_perplexity(model: nn.Module, ids: torch.Tensor, labels: torch.Tenso
     """exp of the mean next-token loss over the counted tokens of the held-out rows."""
     was_training = model.training
     model.eval()
-    head = chunkable_head(model)
+    chunked = chunkable_head(_unwrapped(model)) is not None
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
         batch, target = ids[start:start + batch_size].to(device), next_tokens(labels[start:start + batch_size]).to(device)
         mask = target != IGNORE_INDEX
-        output = final_hidden_states(model, batch, head)
+        output = final_hidden_states(model, batch, chunked)
+        head = chunkable_head(_unwrapped(model)) if chunked else None  # after the forward (see chunkable_head)
         if head is None:
             total += float(losses.cross_entropy(output.logits, target, mask)) * int(mask.sum())
         else:
@@ -328,6 +330,11 @@ def _comparable(settings: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- sharded training (FSDP2)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (accelerate's prepare under a launcher)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -452,6 +459,7 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
     if not settings.shard:
         student, optimizer = accelerator.prepare(student, optimizer)
     sharded = (student, optimizer) if settings.shard else None
+    chunked = chunkable_head(_unwrapped(student)) is not None
 
     record = {"steps": [], "loss": [], "lr": [], "eval": [], "total_steps": total_steps,
               "tokens_per_step": rows_per_step * settings.data.seq_len, "world_size": world, "precision": precision,
@@ -496,8 +504,8 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
                 student.set_requires_gradient_sync(sync)
             with accelerator.no_sync(student) if not sync and sharded is None else contextlib.nullcontext():
                 with accelerator.autocast():
-                    head = chunkable_head(accelerator.unwrap_model(student))
-                    output = final_hidden_states(student, batch, head)
+                    output = final_hidden_states(student, batch, chunked)
+                    head = chunkable_head(_unwrapped(student)) if chunked else None
                     loss = _training_loss(output, head, target, mask, batch, rows, teacher, teacher_head, cache,
                                           layer_map, settings)
                 accelerator.backward(loss / settings.grad_accum)
