@@ -174,11 +174,12 @@ def weights_estimate(structure: ModelStructure, dtype: str) -> MemoryEstimate:
     return MemoryEstimate({"weights": structure.total_params * BYTES[dtype]})
 
 
-# Float32 buffers of one chunk's logits that distillation holds at once beyond the cross-entropy's
-# four (loss_working_bytes): the teacher's logits and log-softmax, its probabilities and their
-# product with the difference of log-probabilities. Counted from recover/losses.py, and the
-# measured peak of one step (benchmarks/recovery_loss_memory.py) agrees within its tolerance.
-DISTILLATION_CHUNK_BUFFERS = 4
+# Float32 buffers of one chunk's logits that distillation holds beyond the cross-entropy's four
+# (loss_working_bytes, itself above the 2.5 measured): the teacher's logits, log-softmax and
+# probabilities live one after another. Measured, not derived: one distillation step of a 262,144-
+# token vocabulary peaked 0.9 chunk above the same step's cross-entropy (tests/test_memory_estimate.py,
+# benchmarks/recovery_loss_memory.py).
+DISTILLATION_CHUNK_BUFFERS = 1
 
 
 def recovery_estimate(student: ModelStructure, teacher: ModelStructure | None, dtype: str, *, lora: bool,
