@@ -1,0 +1,73 @@
+"""benchmarks/gpu_moe.py (issue 23's GPU benchmark) runs through the same code on the CPU at toy
+sizes: both shapes, dense beside 25% and 50% of the experts removed by prunekit's planner and
+surgery, and a record with the memory, prefill, decode and ratios the GPU run reports."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def gpu_moe(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_moe_benchmark", BENCHMARKS / "gpu_moe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_on_cpu_records_dense_and_both_cuts(tmp_path, monkeypatch, one_thread):
+    module = gpu_moe(monkeypatch)
+    out = tmp_path / "moe.json"
+    assert module.main(["--device", "cpu", "--tiny", "--prefill", "1x16", "--decode-batches", "1,4", "--context", "8",
+                        "--decode-steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["shapes"]) == {"qwen3-30b-a3b", "mixtral-8x7b"}
+    assert record["versions"]["torch"] == torch.__version__ and "date" in record["versions"]
+    for name, experts in (("qwen3-30b-a3b", (16, 12, 8)), ("mixtral-8x7b", (8, 6, 4))):
+        shape = record["shapes"][name]
+        assert shape["layers_built"] == 2
+        models = shape["models"]
+        assert list(models) == ["dense", "experts-25", "experts-50"]
+        assert [m["shape"]["experts_per_layer"] for m in models.values()] == [[e] for e in experts]
+        # top-k stays: a token runs through as many experts as before
+        assert len({m["shape"]["experts_per_token"] for m in models.values()}) == 1
+        for model in models.values():
+            assert set(model["prefill"]) == {"1x16"} and set(model["decode"]) == {"b1_eager", "b4_eager"}
+            assert model["prefill"]["1x16"]["tokens_per_s"] > 0 and model["decode"]["b4_eager"]["tokens_per_s"] > 0
+        for cut in ("experts-25", "experts-50"):
+            ratios = shape["ratios"][cut]
+            assert ratios["parameters_bytes"] == pytest.approx(
+                models[cut]["memory"]["parameters_gib"] / models["dense"]["memory"]["parameters_gib"])
+            assert ratios["parameters_bytes"] < 1 and ratios["prefill_flops"] > 0.95
+            assert ratios["decode_speedup"]["b1_eager"] == pytest.approx(
+                models[cut]["decode"]["b1_eager"]["tokens_per_s"] / models["dense"]["decode"]["b1_eager"]["tokens_per_s"])
+            # batch 1 reads top-k experts however many there are; batch 4 reads fewer distinct ones
+            assert ratios["experts_read_per_step"]["b1_eager"] == pytest.approx(1.0)
+            assert ratios["experts_read_per_step"]["b4_eager"] < 1
+
+
+def test_uniform_routing_reads_expected_distinct_experts(monkeypatch):
+    module = gpu_moe(monkeypatch)
+    assert module.experts_read_per_step(128, 8, 1) == pytest.approx(8)
+    assert module.experts_read_per_step(8, 2, 1000) == pytest.approx(8)
+    assert module.experts_read_per_step(2, 2, 5) == pytest.approx(2)
+
+
+def test_unknown_shape_is_refused_with_the_choices(monkeypatch, capsys):
+    module = gpu_moe(monkeypatch)
+    with pytest.raises(SystemExit):
+        module.main(["--shapes", "deepseek", "--out", "x.json"])
+    assert "choose from ['mixtral-8x7b', 'qwen3-30b-a3b']" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_without_a_gpu_it_says_so(tmp_path, monkeypatch, capsys):
+    module = gpu_moe(monkeypatch)
+    assert module.main(["--out", str(tmp_path / "m.json")]) == 2
+    assert "no CUDA GPU is visible here" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
