@@ -89,3 +89,32 @@ def test_a_head_that_lora_adapts_takes_the_full_logits():
     assert train_module.chunkable_head(student) is None
     plain = train_module._with_lora(tiny_model("llama"), RecoverySettings(method="lora"))
     assert train_module.chunkable_head(plain) is not None
+
+
+def test_under_autocast_where_it_applies_the_head_product_takes_the_autocast_dtype(monkeypatch):
+    """On a GPU, bf16 autocast (recovery's bf16 precision) gives the chunked head's product in bf16,
+    as it gave the full logits: the CPU is made such a device here, since the test has no GPU. The
+    loss then equals the loss of the bf16 product's logits, and the gradients keep the
+    weights' dtype; without autocast the product stays in float32."""
+    from torch.nn import functional as F
+
+    monkeypatch.setattr(loss_module, "AUTOCAST_PRODUCT_DEVICES", {"cuda", "cpu"})
+    torch.manual_seed(4)
+    hidden = torch.randn(12, 32, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    targets = torch.randint(64, (12,))
+    weights = torch.full((12,), 1 / 12)
+    head = loss_module.OutputHead(weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert loss_module.autocast_product_dtype("cpu") == torch.bfloat16
+        lowered = loss_module.chunked_head_loss(head, hidden, losses.weighted_cross_entropy, targets, weights, rows=5)
+    lowered.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    rounded = F.linear(hidden.detach().bfloat16(), weight.detach().bfloat16()).double()
+    expected = F.cross_entropy(rounded, targets)
+    assert lowered.item() == pytest.approx(expected.item(), rel=1e-5)
+    exact = F.cross_entropy(F.linear(hidden.detach().double(), weight.detach().double()), targets)
+    plain = loss_module.chunked_head_loss(head, hidden, losses.weighted_cross_entropy, targets, weights, rows=5)
+    assert plain.item() == pytest.approx(exact.item(), rel=1e-6)
+    teacher = loss_module.product_head(head, torch.bfloat16)
+    assert teacher.weight.dtype == torch.float32  # a CPU head is never lowered by product_head

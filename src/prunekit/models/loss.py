@@ -8,8 +8,8 @@ only the gradient of the hidden states (the size of the hidden states) outlives 
 
 Float32 whatever the model's dtype: on a CPU, bfloat16 products and log-softmax over a
 vocabulary-wide row are both inaccurate and pathologically slow (a 128k vocabulary took minutes
-per batch), so the head's product is made in float32 there; on a GPU it runs in the weights' dtype
-(tensor cores) and the logits are upcast before the softmax.
+per batch), so the head's product is made in float32 there; on a GPU it runs in the weights' dtype,
+or in the caller's autocast dtype (tensor cores), and the logits are upcast before the softmax.
 """
 from __future__ import annotations
 
@@ -45,6 +45,20 @@ class OutputHead:
         return self.weight.shape[0]
 
 
+# Devices where the head's product follows the caller's autocast dtype (a CPU's bf16 products over
+# a vocabulary-wide row are inaccurate and slow: see the module docstring).
+AUTOCAST_PRODUCT_DEVICES = {"cuda"}
+
+
+def autocast_product_dtype(device: torch.device | str) -> torch.dtype | None:
+    """The dtype the caller's autocast would give the head's product on `device`, where it follows
+    autocast (AUTOCAST_PRODUCT_DEVICES); None elsewhere or without autocast."""
+    kind = torch.device(device).type
+    if kind in AUTOCAST_PRODUCT_DEVICES and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
 def chunk_positions(vocab_size: int, device: torch.device | str) -> int:
     """Positions per chunk: LOSS_CHUNK_ELEMENTS logits of the device's kind."""
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
@@ -64,10 +78,13 @@ def _product_weight(head: OutputHead) -> torch.Tensor:
     return head.weight if head.weight.is_cuda else head.weight.float()
 
 
-def product_head(head: OutputHead) -> OutputHead:
+def product_head(head: OutputHead, dtype: torch.dtype | None = None) -> OutputHead:
     """`head` with its weight in the dtype of its product (a float32 copy on a CPU when the weights
-    are not float32), made once for a head whose logits `head_logits` makes chunk after chunk."""
-    return OutputHead(_product_weight(head).detach(), None if head.bias is None else head.bias.detach(), head.softcap)
+    are not float32; `dtype` on a GPU, where given: the autocast dtype its caller trains in), made
+    once for a head whose logits `head_logits` makes chunk after chunk."""
+    weight = head.weight.to(dtype) if dtype is not None and head.weight.is_cuda else _product_weight(head)
+    bias = None if head.bias is None else head.bias.detach().to(weight.dtype)
+    return OutputHead(weight.detach(), bias, head.softcap)
 
 
 def head_logits(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
@@ -86,7 +103,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, softcap, loss_of_logits, rows, *extras):
         wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        product = (weight if weight.is_cuda else weight.float()).detach().requires_grad_(wants[1])
+        lowered = autocast_product_dtype(hidden.device)  # read before the chunks turn autocast off
+        product = weight.to(lowered) if lowered is not None else weight if weight.is_cuda else weight.float()
+        product = product.detach().requires_grad_(wants[1])
         product_bias = None if bias is None else bias.detach().to(product.dtype).requires_grad_(wants[2])
         grad_hidden = torch.zeros_like(hidden) if wants[0] else None
         grad_weight = torch.zeros_like(product, dtype=torch.float32) if wants[1] else None

@@ -440,8 +440,10 @@ def recover_loaded(student: nn.Module, tokenizer, settings: RecoverySettings, *,
         cache = _teacher_top_k(teacher, train_ids, mine, settings.teacher_cache, settings.batch_size, device, progress)
         if not settings.hidden_weight:
             teacher = None  # the cache replaces it: its memory is free for training
-    # the teacher's head in the dtype of its chunked product (a float32 copy on a CPU for other dtypes)
-    teacher_head = product_head(OutputHead.of(teacher)) if teacher is not None else None
+    # the teacher's head in the dtype of its chunked product: a float32 copy on a CPU for other dtypes;
+    # on a GPU the autocast dtype of training, as the student's head product takes it (tensor cores)
+    teacher_head = (product_head(OutputHead.of(teacher), torch.bfloat16 if precision == "bf16" else None)
+                    if teacher is not None else None)
 
     torch.manual_seed(settings.seed)
     if settings.activation_checkpointing:
