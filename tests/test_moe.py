@@ -196,7 +196,7 @@ def test_plan_errors_on_moe_layers(moe_family):
         predicted_structure(Plan(layers={sparse[0]: LayerPlan(keep_experts=())}), structure)
     with pytest.raises(PlanError, match="out of range"):
         predicted_structure(Plan(layers={sparse[0]: LayerPlan(keep_experts=(0, EXPERTS))}), structure)
-    with pytest.raises(PlanError, match="channels inside its experts"):
+    with pytest.raises(PlanError, match="replace its keep_channels with keep_expert_channels"):
         predicted_structure(Plan(layers={sparse[0]: LayerPlan(keep_channels=(0, 1))}), structure)
     dense = [i for i in range(structure.num_layers) if i not in sparse]
     for layer in dense:  # Qwen3-MoE's dense layer

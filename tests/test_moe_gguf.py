@@ -1,7 +1,8 @@
-"""GGUF export of mixtures of experts (issue 23): tiny random Mixtral models, dense and with
-whole experts removed uniformly, written as llama.cpp's `llama` architecture with expert tensors
-and run by llama.cpp itself give the logits transformers gives; uneven expert counts, which
-llama.cpp cannot build, are refused before anything is written."""
+"""GGUF export of mixtures of experts (issue 23): tiny random Mixtral and Qwen3-MoE models, dense
+and with whole experts or channels inside experts removed uniformly, written as llama.cpp's `llama`
+(Mixtral) or `qwen3moe` architecture with expert tensors and run by llama.cpp itself give the
+logits transformers gives; uneven expert counts, which llama.cpp cannot build, are refused before
+anything is written."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,6 +20,11 @@ PLANS = {
                                       for i in range(4)}),
     "one expert left": Plan(layers={i: LayerPlan(keep_experts=(i,)) for i in range(4)}),
     "heads and experts": Plan(layers={i: LayerPlan(keep_kv_groups=(1,), keep_experts=(0, 2, 4)) for i in range(4)}),
+    # 16 channels of each expert, a different set in every expert and layer (both families' experts are >= 24 wide)
+    "expert channels": Plan(layers={i: LayerPlan(keep_expert_channels=tuple(
+        tuple(c for c in range(24) if (c + e + i) % 3) for e in range(6))) for i in range(4)}),
+    "experts and their channels": Plan(layers={i: LayerPlan(keep_experts=(0, 2, 5), keep_expert_channels=tuple(
+        tuple(c for c in range(24) if (c + e) % 3 != i % 3) for e in (0, 2, 5))) for i in range(4)}),
 }
 
 
@@ -37,7 +43,8 @@ def test_llama_cpp_runs_pruned_mixtral_like_transformers(name, tmp_path, one_thr
     assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
 
 
-@pytest.mark.parametrize("name", ["dense", "four experts left", "one expert left"])
+@pytest.mark.parametrize("name", ["dense", "four experts left", "one expert left", "expert channels",
+                                  "experts and their channels"])
 def test_llama_cpp_runs_pruned_qwen3_moe_like_transformers(name, tmp_path, one_thread):
     pytest.importorskip("llama_cpp")
     model = tiny_moe_model("qwen3_moe", mlp_only_layers=[])  # llama.cpp's qwen3moe has no dense layers

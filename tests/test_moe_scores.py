@@ -54,8 +54,8 @@ def _direct_scores(model, ids):
 
 
 def test_expert_criteria_are_registered():
-    for name in ("reap", "frequency"):
-        assert CRITERIA[name].kinds == ("expert",)
+    assert CRITERIA["frequency"].kinds == ("expert",)
+    assert CRITERIA["reap"].kinds == ("expert", "expert_channel")  # REAP's channel analogue too
 
 
 def test_reap_and_frequency_match_direct_computation(moe_family):

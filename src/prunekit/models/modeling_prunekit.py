@@ -142,17 +142,21 @@ def _empty_like_parameter(old: nn.Parameter, shape: tuple[int, ...]) -> nn.Param
     return nn.Parameter(torch.empty(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad)
 
 
-def set_expert_count(layer: nn.Module, arch: dict, num_experts: int, config) -> None:
-    """Give the sparse MoE block of `layer` `num_experts` routed experts: new (uninitialised)
-    router rows and expert weights, and top-k at most the experts left."""
+def set_expert_count(layer: nn.Module, arch: dict, num_experts: int, config, width: int | None = None) -> None:
+    """Give the sparse MoE block of `layer` `num_experts` routed experts, each `width` channels wide
+    (default: as wide as now): new (uninitialised) router rows and expert weights, and top-k at
+    most the experts left."""
     mlp = getattr(layer, arch["mlp"])
     router, experts = moe_parts(mlp, arch)
+    width = experts.down_proj.shape[2] if width is None else width
+    hidden = experts.down_proj.shape[1]
     router.weight = _empty_like_parameter(router.weight, (num_experts, router.weight.shape[1]))
     if getattr(router, "bias", None) is not None:
         router.bias = _empty_like_parameter(router.bias, (num_experts,))
-    for name in ("gate_up_proj", "down_proj"):
-        old = getattr(experts, name)
-        setattr(experts, name, _empty_like_parameter(old, (num_experts, *old.shape[1:])))
+    experts.gate_up_proj = _empty_like_parameter(experts.gate_up_proj, (num_experts, 2 * width, hidden))
+    experts.down_proj = _empty_like_parameter(experts.down_proj, (num_experts, hidden, width))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = width
     top_k = min(getattr(config, arch["top_k_key"]), num_experts)
     for module in (router, experts, mlp):
         if hasattr(module, "num_experts"):
@@ -172,11 +176,12 @@ def apply_layer_shapes(model: nn.Module, arch: dict, layer_shapes: list[dict]) -
         if (heads, kv_heads) != (config.num_attention_heads, config.num_key_value_heads):
             set_attention_width(layer, arch, heads, kv_heads, config)
         if moe_parts(getattr(layer, arch["mlp"]), arch) is not None:
-            # A MoE layer: the stock config sizes its experts; only their count (or the whole block) changes.
+            # A MoE layer: the stock config sizes its experts; their count, their width or the whole block changes.
             if ffn == 0:
                 set_mlp_width(layer, arch, 0, config)
-            elif shape.get("num_experts", 0) != getattr(config, arch["num_experts_key"]):
-                set_expert_count(layer, arch, shape["num_experts"], config)
+            elif (shape.get("num_experts", 0), ffn) != (getattr(config, arch["num_experts_key"]),
+                                                        getattr(config, arch["expert_width_key"])):
+                set_expert_count(layer, arch, shape["num_experts"], config, width=ffn)
         elif ffn != config.intermediate_size:
             set_mlp_width(layer, arch, ffn, config)
 

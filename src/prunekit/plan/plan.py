@@ -12,7 +12,8 @@ surgery executes a plan and never sees a score.
         "5": {"keep_channels": [0, 5, 9, ...]},        # FFN channels (rows of gate/up)
         "6": {"drop_attention": true},
         "7": {"drop_mlp": true},
-        "8": {"keep_experts": [0, 2, 3, 5]}           # routed experts of a MoE layer (router rows too)
+        "8": {"keep_experts": [0, 2, 3, 5]},          # routed experts of a MoE layer (router rows too)
+        "9": {"keep_expert_channels": [[0, 4], [1, 4], ...]}  # FFN channels of each kept routed expert
       },
       "meta": {...}                    # free-form: who made it, criterion, target
     }
@@ -26,7 +27,12 @@ attention computes with), and emptying a sublayer must be said with `drop_attent
 `keep_experts` keeps routed experts of a mixture-of-experts layer: their weights and their
 router rows stay, the rest go, and top-k becomes at most the experts left. Removing an expert is
 the same as masking its router logit to -inf. Keeping none is refused (say `drop_mlp`).
-Channels inside experts cannot be pruned yet (`keep_channels` is refused on a MoE layer).
+`keep_expert_channels` keeps FFN channels inside the routed experts: one list per kept expert (in
+the order of their source indices), every list as long as the others, since a MoE layer's experts
+share one width. Each expert keeps its own channels (rows of its gate/up, columns of its down). A
+Qwen2-MoE shared expert keeps its width. `keep_channels` is refused on a MoE layer. A pruned expert
+width is a multiple of 8: transformers' default experts kernel (grouped GEMM) needs each expert's
+rows to span a multiple of 16 bytes, which 8 bfloat16 values do.
 
 `keep_hidden` prunes the model's hidden size: the embedding columns, the output head's input
 columns, every norm over the residual stream, the input columns of q/k/v/gate/up and the output
@@ -43,8 +49,12 @@ from prunekit.errors import PrunekitError
 from prunekit.models.structure import LayerShape, ModelStructure
 
 PLAN_FORMAT = "prunekit.plan/1"
-_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "keep_experts", "drop_attention", "drop_mlp")
-_KEEP_KEYS = _LAYER_KEYS[:4]
+# What a pruned expert width must be a multiple of: transformers' grouped-GEMM experts kernel (its
+# default for fused MoE experts) refuses weight strides that are not a multiple of 16 bytes.
+EXPERT_WIDTH_MULTIPLE = 8
+_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "keep_experts", "keep_expert_channels",
+               "drop_attention", "drop_mlp")
+_KEEP_KEYS = _LAYER_KEYS[:5]
 _PLAN_KEYS = ("format", "model", "drop_layers", "keep_hidden", "layers", "meta")
 
 
@@ -60,12 +70,13 @@ class LayerPlan:
     drop_attention: bool = False
     drop_mlp: bool = False
     keep_experts: tuple[int, ...] | None = None
+    keep_expert_channels: tuple[tuple[int, ...], ...] | None = None   # per kept routed expert
 
     def to_dict(self) -> dict:
         out: dict = {}
         for key in _KEEP_KEYS:
             if getattr(self, key) is not None:
-                out[key] = list(getattr(self, key))
+                out[key] = [list(v) for v in getattr(self, key)] if key == "keep_expert_channels" else list(getattr(self, key))
         for key in ("drop_attention", "drop_mlp"):
             if getattr(self, key):
                 out[key] = True
@@ -120,7 +131,8 @@ class Plan:
             if unknown:
                 raise PlanError(f"layer {key}: unknown keys {sorted(unknown)}; a layer entry has {list(_LAYER_KEYS)}")
             layers[index] = LayerPlan(
-                **{k: _int_list(entry[k], f"layer {key} {k}") for k in _KEEP_KEYS if entry.get(k) is not None},
+                **{k: _int_lists(entry[k], f"layer {key} {k}") if k == "keep_expert_channels" else
+                   _int_list(entry[k], f"layer {key} {k}") for k in _KEEP_KEYS if entry.get(k) is not None},
                 **{k: _bool(entry[k], f"layer {key} {k}") for k in _LAYER_KEYS[len(_KEEP_KEYS):] if k in entry},
             )
         return cls(
@@ -158,6 +170,12 @@ def _int_list(values, what: str) -> tuple[int, ...]:
     return tuple(_int(v, what) for v in values)
 
 
+def _int_lists(values, what: str) -> tuple[tuple[int, ...], ...]:
+    if not isinstance(values, (list, tuple)):
+        raise PlanError(f"{what} must be a list of lists of integers (one per kept expert), got {values!r}")
+    return tuple(_int_list(v, what) for v in values)
+
+
 def _bool(value, what: str) -> bool:
     if not isinstance(value, bool):
         raise PlanError(f"{what} must be true or false, got {value!r}")
@@ -184,11 +202,14 @@ class KeptLayer:
     query_heads: tuple[int, ...]
     kv_groups: tuple[int, ...]
     channels: tuple[int, ...]
-    experts: tuple[int, ...] = ()   # kept routed experts of a MoE layer (whose channels are each expert's)
+    experts: tuple[int, ...] = ()   # kept routed experts of a MoE layer (`channels` then spans one expert's width)
+    # the channels each kept expert keeps, in the order of `experts`; () when every expert keeps all of its own
+    expert_channels: tuple[tuple[int, ...], ...] = ()
 
     @property
     def shape(self) -> LayerShape:
-        return LayerShape(len(self.query_heads), len(self.kv_groups), len(self.channels), len(self.experts))
+        width = len(self.expert_channels[0]) if self.expert_channels else len(self.channels)
+        return LayerShape(len(self.query_heads), len(self.kv_groups), width, len(self.experts))
 
 
 def _check_indices(indices: tuple[int, ...], size: int, what: str) -> tuple[int, ...]:
@@ -280,8 +301,40 @@ def resolve_plan(plan: Plan, structure: ModelStructure) -> list[KeptLayer]:
                     f"layer {index}: the plan keeps no FFN channels, which removes the whole MLP; "
                     f"say so with \"drop_mlp\": true"
                 )
-        kept.append(KeptLayer(index, heads, groups, channels, _kept_experts(index, shape, lp, channels)))
+        experts = _kept_experts(index, shape, lp, channels)
+        kept.append(KeptLayer(index, heads, groups, channels, experts, _kept_expert_channels(index, shape, lp, experts)))
     return kept
+
+
+def _kept_expert_channels(index: int, shape: LayerShape, lp: LayerPlan,
+                          experts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """Each kept expert's kept channels (() when none are pruned); one width for all of them."""
+    if lp.keep_expert_channels is None:
+        return ()
+    if not shape.num_experts:
+        raise PlanError(f"layer {index} is not a mixture-of-experts layer, yet the plan keeps channels of its experts; "
+                        f"remove its keep_expert_channels (keep_channels prunes a dense MLP)")
+    if not experts:
+        raise PlanError(f"layer {index} has no MLP left, yet the plan keeps channels of its experts")
+    if len(lp.keep_expert_channels) != len(experts):
+        raise PlanError(f"layer {index} keep_expert_channels lists {len(lp.keep_expert_channels)} experts, but the layer "
+                        f"keeps {len(experts)}; give one list per kept expert, in the order of their indices")
+    lists = tuple(_check_indices(c, shape.intermediate_size, f"layer {index} keep_expert_channels")
+                  for c in lp.keep_expert_channels)
+    widths = sorted({len(c) for c in lists})
+    if len(widths) > 1:
+        raise PlanError(f"layer {index} keep_expert_channels keeps {widths} channels in different experts; the experts of "
+                        f"a layer share one width, so keep the same number in every expert")
+    if widths == [0]:
+        raise PlanError(f"layer {index}: the plan keeps no channels of its experts, which removes the whole MLP; "
+                        f"say so with \"drop_mlp\": true")
+    if widths == [shape.intermediate_size]:
+        return ()
+    if widths[0] % EXPERT_WIDTH_MULTIPLE:
+        raise PlanError(f"layer {index} keep_expert_channels keeps {widths[0]} channels per expert; keep a multiple of "
+                        f"{EXPERT_WIDTH_MULTIPLE}, since transformers' grouped expert kernel needs each expert's rows to "
+                        f"span a multiple of 16 bytes")
+    return lists
 
 
 def _kept_experts(index: int, shape: LayerShape, lp: LayerPlan, channels: tuple[int, ...]) -> tuple[int, ...]:
@@ -295,8 +348,8 @@ def _kept_experts(index: int, shape: LayerShape, lp: LayerPlan, channels: tuple[
             raise PlanError(f"layer {index} has no MLP left, yet the plan keeps experts of it")
         return ()
     if lp.keep_channels is not None and len(channels) != shape.intermediate_size:
-        raise PlanError(f"layer {index} is a mixture-of-experts layer: prunekit cannot prune channels inside its "
-                        f"experts yet; remove its keep_channels, or remove whole experts with keep_experts")
+        raise PlanError(f"layer {index} is a mixture-of-experts layer, whose channels belong to each expert; replace its "
+                        f"keep_channels with keep_expert_channels (one list per kept expert)")
     if lp.keep_experts is None:
         return tuple(range(shape.num_experts))
     experts = _check_indices(lp.keep_experts, shape.num_experts, f"layer {index} keep_experts")

@@ -8,6 +8,9 @@ Moves, each removing one unit of structure from a layer (or from every layer, fo
     hidden    - the `hidden_multiple` lowest-scored residual channels, from every layer, the embedding
                 and the output head at once (the hidden size stays a multiple of it)
     expert    - the lowest-scored routed expert of a mixture-of-experts layer (at least one stays)
+    expert_channel - the lowest-scored channels of every routed expert of a MoE layer, each expert its
+                own, down to the next multiple of lcm(`ffn_multiple`, 8) (the experts of a layer keep
+                one width; 8, because transformers' grouped expert kernel needs 16-byte rows)
 A move costs the damage its scores predict and buys a reduction of the target basis (params,
 FLOPs or KV cache). The greedy loop takes the move with the least damage per unit bought.
 Allocation decides the scope of a move: `global` ranks moves across all layers, `uniform`
@@ -23,17 +26,18 @@ assembled candidates (`prunekit.prune.allocation_search`), not by summing scores
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from prunekit.models.structure import LayerShape, ModelStructure
-from prunekit.plan.plan import LayerPlan, Plan, PlanError, structure_signature
+from prunekit.plan.plan import EXPERT_WIDTH_MULTIPLE, LayerPlan, Plan, PlanError, structure_signature
 from prunekit.score.scores import Scores
 
 BASES = ("non-embedding", "total", "flops", "kv-cache")
 ALLOCATIONS = ("uniform", "global", "adaptive", "search", "slimllm", "adapt_pruner", "log_increase")
-MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert")
+MOVE_KINDS = ("channel", "head", "kv_group", "attention", "mlp", "layer", "hidden", "expert", "expert_channel")
 WIDTH_KINDS = ("channel", "head", "kv_group")
 # The settings of allocations that take any (--allocation-option KEY=VALUE, prune.allocation_options):
 # SlimLLM's softmax temperature (default: 10 at 20% removed, 7 at 50%), Adapt-Pruner's skew (default 1),
@@ -103,13 +107,16 @@ class _LayerState:
     dropped: bool = False
     damage: dict[str, float] = field(default_factory=lambda: {"attention": 0.0, "mlp": 0.0})
     experts: list[int] = field(default_factory=list)  # kept routed experts of a MoE layer, least important first
-    moe: bool = False                 # a MoE layer: its channels are each expert's and stay whole
+    moe: bool = False                 # a MoE layer: `channels` go unused, each expert has its own
+    # kept channels of every routed expert (removed ones too), least important first; one width for all
+    expert_channels: dict[int, list[int]] = field(default_factory=dict)
 
     def shape(self) -> LayerShape:
         if self.dropped:
             return LayerShape(0, 0, 0)
         heads = sum(len(self.heads_by_group[g]) for g in self.groups) if self.attention else 0
-        return LayerShape(heads, len(self.groups) if self.attention else 0, len(self.channels) if self.mlp else 0,
+        width = len(next(iter(self.expert_channels.values()))) if self.moe else len(self.channels)
+        return LayerShape(heads, len(self.groups) if self.attention else 0, width if self.mlp else 0,
                           len(self.experts) if self.mlp else 0)
 
 
@@ -121,6 +128,7 @@ def unit_totals(structure: ModelStructure) -> dict[str, int]:
         "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
         "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
         "hidden": structure.hidden_size, "expert": sum(s.num_experts for s in shapes),
+        "expert_channel": sum(s.num_experts * s.intermediate_size for s in shapes),
     }
 
 
@@ -147,6 +155,7 @@ class _Planner:
                 mlp=shape.intermediate_size > 0,
                 experts=_order(self._unit_scores("expert", i, shape.num_experts), range(shape.num_experts)),
                 moe=shape.num_experts > 0,
+                expert_channels=self._expert_channel_order(i, shape),
             ))
         self._structure_at: dict[int, ModelStructure] = {}
         self.hidden = _order(self._hidden_scores(), range(structure.hidden_size))  # kept, least important first
@@ -159,6 +168,22 @@ class _Planner:
         if self.scores.has(kind) and len(self.scores.values[kind]) > layer and self.scores.values[kind][layer].numel() == size:
             return self.scores.values[kind][layer].double()
         return torch.zeros(size, dtype=torch.float64)
+
+    def _expert_channel_order(self, layer: int, shape: LayerShape) -> dict[int, list[int] | range]:
+        """Each routed expert's channels, least important first: ranked only when they may be pruned
+        (a MoE model has millions of them); a stable sort breaks ties by index, as _order does."""
+        if "expert_channel" not in self.settings.prune:
+            return {e: range(shape.intermediate_size) for e in range(shape.num_experts)}
+        ranked = torch.sort(self._expert_channel_scores(layer, shape), dim=1, stable=True).indices
+        return dict(enumerate(ranked.tolist()))
+
+    def _expert_channel_scores(self, layer: int, shape: LayerShape) -> torch.Tensor:
+        """[experts, width] scores of the channels inside a MoE layer's routed experts (zeros if unscored)."""
+        size = shape.num_experts * shape.intermediate_size
+        values = self.scores.values.get("expert_channel", [])
+        if len(values) > layer and values[layer].numel() == size:
+            return values[layer].double().reshape(shape.num_experts, shape.intermediate_size)
+        return torch.zeros(shape.num_experts, shape.intermediate_size, dtype=torch.float64)
 
     def _layer_score(self, kind: str, layer: int) -> float:
         return float(self.scores.values[kind][layer]) if self.scores.has(kind) else 0.0
@@ -237,6 +262,14 @@ class _Planner:
         if "expert" in kinds and state.mlp and len(state.experts) > 1 and self._allowed("expert", 1, ignore_limits):
             damage = float(self._unit_scores("expert", i, self.structure.layers[i].num_experts)[state.experts[0]])
             yield ("expert", damage, bought(replace(before, num_experts=before.num_experts - 1)), i, 1)
+        expert_m = math.lcm(m, EXPERT_WIDTH_MULTIPLE)
+        if "expert_channel" in kinds and state.mlp and state.moe and before.intermediate_size > expert_m:
+            keep = (before.intermediate_size - 1) // expert_m * expert_m
+            cut = before.intermediate_size - keep
+            if self._allowed("expert_channel", cut * len(state.experts), ignore_limits):
+                values = self._expert_channel_scores(i, self.structure.layers[i])
+                damage = float(sum(values[e, list(state.expert_channels[e][:cut])].sum() for e in state.experts))
+                yield ("expert_channel", damage, bought(replace(before, intermediate_size=keep)), i, cut * len(state.experts))
         if "channel" in kinds and state.mlp and not state.moe and len(state.channels) > m:
             keep = (len(state.channels) - 1) // m * m
             cut = state.channels[:len(state.channels) - keep]
@@ -299,6 +332,10 @@ class _Planner:
         elif kind == "expert":
             state.experts = state.experts[1:]
             state.damage["mlp"] += damage
+        elif kind == "expert_channel":
+            cut = count // len(state.experts)
+            state.expert_channels = {e: kept[cut:] for e, kept in state.expert_channels.items()}
+            state.damage["mlp"] += damage
         elif kind == "mlp":
             state.mlp = False
         elif kind == "layer":
@@ -332,10 +369,10 @@ def _uniform(planner: _Planner, goal: float) -> None:
     start = planner.basis_total(planner.shapes())
     while start - planner.basis_total(planner.shapes()) < goal:
         options = []
-        for kind in ("channel", "head", "kv_group", "expert"):
+        for kind in ("channel", "head", "kv_group", "expert", "expert_channel"):
             per_layer = [next(planner._moves_in_layer(s, kinds=(kind,)), None) for s in planner.layers
                          if not s.dropped and s.index not in planner.settings.protect_layers
-                         and (s.moe if kind == "expert" else not (kind == "channel" and s.moe))]
+                         and (s.moe if kind in ("expert", "expert_channel") else not (kind == "channel" and s.moe))]
             if per_layer and all(mv is not None for mv in per_layer):
                 damage, gained = sum(mv[1] for mv in per_layer), sum(mv[2] for mv in per_layer)
                 if gained > 0:
@@ -698,7 +735,7 @@ def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
     if kind == "hidden":
         return [structure.hidden_size] * structure.num_layers
     return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads,
-             "expert": s.num_experts}.get(kind, 1)
+             "expert": s.num_experts, "expert_channel": s.num_experts * s.intermediate_size}.get(kind, 1)
             for s in structure.layers]
 
 
@@ -717,10 +754,13 @@ def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSett
             entry["keep_query_heads"] = tuple(sorted(h for g in state.groups for h in state.heads_by_group[g]))
         if not state.mlp and original.intermediate_size:
             entry["drop_mlp"] = True
+        elif state.moe:
+            if len(state.experts) != original.num_experts:
+                entry["keep_experts"] = tuple(sorted(state.experts))
+            if state.shape().intermediate_size != original.intermediate_size:
+                entry["keep_expert_channels"] = tuple(tuple(sorted(state.expert_channels[e])) for e in sorted(state.experts))
         elif len(state.channels) != original.intermediate_size:
             entry["keep_channels"] = tuple(sorted(state.channels))
-        elif len(state.experts) != original.num_experts:
-            entry["keep_experts"] = tuple(sorted(state.experts))
         if entry:
             layers[state.index] = LayerPlan(**entry)
     return Plan(

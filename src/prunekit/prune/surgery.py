@@ -63,20 +63,38 @@ def _prune_attention(layer: nn.Module, arch: Architecture, kept: KeptLayer, befo
     _copy_columns(getattr(attention, arch.o_proj), old[arch.o_proj], q_rows)
 
 
+def kept_expert_weights(gate_up: torch.Tensor, down: torch.Tensor, experts: torch.Tensor,
+                        channels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused expert weights (gate_up [E, 2w, d]: gate rows, then up rows; down [E, d, w]) of
+    the kept `experts`, each narrowed to its own kept `channels` ([experts kept, w'] or None for all)."""
+    gate_up, down = gate_up.index_select(0, experts), down.index_select(0, experts)
+    if channels is None:
+        return gate_up, down
+    width = down.shape[2]
+    rows = torch.cat([channels, channels + width], dim=1)  # each expert's gate rows, then its up rows
+    gate_up = gate_up.gather(1, rows.unsqueeze(2).expand(-1, -1, gate_up.shape[2]))
+    down = down.gather(2, channels.unsqueeze(1).expand(-1, down.shape[1], -1))
+    return gate_up, down
+
+
 def _prune_experts(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
-    """Keep the routed experts `kept.experts` of a MoE layer: their weights and router rows."""
-    if len(kept.experts) == before.num_experts:
+    """Keep the routed experts `kept.experts` of a MoE layer (their weights and router rows), each
+    narrowed to its own `kept.expert_channels`."""
+    if len(kept.experts) == before.num_experts and not kept.expert_channels:
         return
     router, experts = moe_parts(getattr(layer, arch.mlp), arch.to_dict())
     old = {"router": router.weight, "bias": getattr(router, "bias", None),
            "gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj}
-    set_expert_count(layer, arch.to_dict(), len(kept.experts), config)
+    set_expert_count(layer, arch.to_dict(), len(kept.experts), config, width=kept.shape.intermediate_size)
+    device = old["down_proj"].device
     index = torch.tensor(kept.experts, dtype=torch.long)
     router.weight.copy_(old["router"].index_select(0, index.to(old["router"].device)))
     if old["bias"] is not None:
         router.bias.copy_(old["bias"].index_select(0, index.to(old["bias"].device)))
-    for name in ("gate_up_proj", "down_proj"):
-        getattr(experts, name).copy_(old[name].index_select(0, index.to(old[name].device)))
+    channels = torch.tensor(kept.expert_channels, dtype=torch.long, device=device) if kept.expert_channels else None
+    gate_up, down = kept_expert_weights(old["gate_up_proj"], old["down_proj"], index.to(device), channels)
+    experts.gate_up_proj.copy_(gate_up)
+    experts.down_proj.copy_(down)
 
 
 def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:

@@ -34,6 +34,8 @@ def _check_matches(scores: Scores, structure: ModelStructure) -> None:
         "channel": lambda i: structure.layers[i].intermediate_size,
         "hidden": lambda i: structure.hidden_size,  # each layer's share of every residual channel's score
         "expert": lambda i: structure.layers[i].num_experts,  # routed experts (none on dense layers)
+        # every channel of every routed expert (none on dense layers)
+        "expert_channel": lambda i: structure.layers[i].num_experts * structure.layers[i].intermediate_size,
     }
     for kind, per_layer in scores.values.items():
         if len(per_layer) != structure.num_layers:

@@ -18,7 +18,7 @@ from prunekit.score.criteria import (
 )
 from prunekit.score.adapt_pruner import adapt_pruner_scores
 from prunekit.score.experts import DEFAULT_MIN_TOKENS, frequency_scores, reap_scores
-from prunekit.score.scores import ALL_KINDS, KINDS, SCORE_KINDS, ScoreError, Scores
+from prunekit.score.scores import ALL_KINDS, EXPERT_CHANNEL_KIND, KINDS, SCORE_KINDS, ScoreError, Scores
 from prunekit.score.sensitivity import (DEFAULT_FINE_TOKENS, DEFAULT_SENSITIVITY_KINDS, SENSITIVITY_KINDS,
                                         sensitivity_scores)
 from prunekit.score.slimllm import DEFAULT_PROTECT_LOWEST, HEAD_SEARCHES, slimllm_scores
@@ -96,11 +96,11 @@ def get_criterion(name: str) -> Criterion:
 
 register_criterion(Criterion(
     "magnitude", lambda model, ids, labels, stats, batch_size, progress: magnitude_scores(model),
-    ALL_KINDS, needs_data=False, needs_stats=False, comparable=False,
-    description="L2 norm of each component's weights (baseline)"))
+    ALL_KINDS + (EXPERT_CHANNEL_KIND,), needs_data=False, needs_stats=False, comparable=False,
+    description="L2 norm of each component's weights (baseline); channels inside routed experts too"))
 register_criterion(Criterion(
     "random", lambda model, ids, labels, stats, batch_size, progress, seed: random_scores(model, seed),
-    ALL_KINDS, needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
+    ALL_KINDS + (EXPERT_CHANNEL_KIND,), needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
     description="uniform random scores (baseline)"))
 register_criterion(Criterion(
     "activation", lambda model, ids, labels, stats, batch_size, progress: activation_scores(model, stats),
@@ -160,10 +160,11 @@ register_criterion(Criterion(
     "reap",
     lambda model, ids, labels, stats, batch_size, progress, min_tokens: reap_scores(
         model, ids, batch_size=batch_size, progress=progress, min_tokens=min_tokens),
-    ("expert",), needs_data=True, needs_stats=False, comparable=False,
+    ("expert", EXPERT_CHANNEL_KIND), needs_data=True, needs_stats=False, comparable=False,
     options={"min_tokens": (int, DEFAULT_MIN_TOKENS, None)},
     description="REAP: routed experts by the mean over their routed tokens of gate value x expert output norm "
-                "(mixtures of experts); warns about experts that got fewer than min_tokens tokens", whole_model=True))
+                "(mixtures of experts), channels inside them by gate value x |activation| x down column norm; "
+                "warns about experts that got fewer than min_tokens tokens", whole_model=True))
 register_criterion(Criterion(
     "frequency",
     lambda model, ids, labels, stats, batch_size, progress, min_tokens: frequency_scores(

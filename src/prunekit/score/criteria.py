@@ -33,6 +33,10 @@ def magnitude_scores(model: nn.Module) -> Scores:
         values["attention"].append(group_sq.sum().sqrt())
         values["mlp"].append(channel_sq.sum().sqrt())
         values["layer"].append((group_sq.sum() + channel_sq.sum()).sqrt())
+    if arch.is_moe:  # channels inside routed experts (mixtures of experts)
+        from prunekit.score.experts import expert_channel_magnitudes
+
+        values["expert_channel"] = expert_channel_magnitudes(model)
     return Scores("magnitude", values, {"unit": "weight L2 norm"})
 
 

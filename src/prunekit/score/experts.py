@@ -6,6 +6,12 @@ REAP (Lasby et al., 2025) scores expert e by the mean over the tokens routed to 
 g_e(x) * ||E_e(x)||: an expert whose output the router weights little, or whose output is small,
 adds little when it is gone. An expert that no calibration token reached scores 0, and the pass
 says which experts received fewer than `min_tokens` tokens: their scores rest on too few samples.
+
+Channels inside experts (`expert_channel`): REAP's channel analogue scores channel c of expert e
+by the sum over the tokens routed to e of g_e(x) |h_c(x)|, divided by all the layer's tokens, times
+the norm of down's column c (h = act(gate) * up, the input of down): Wanda-sp's |W| x activation
+weighted by how often and how strongly the router uses the expert. Magnitude scores them by the
+norm of the channel's weights (its gate and up rows, its down column).
 """
 from __future__ import annotations
 
@@ -24,11 +30,33 @@ _f64 = torch.float64
 DEFAULT_MIN_TOKENS = 16   # fewer routed calibration tokens than this: the expert's score is called unreliable
 
 
-def expert_output_norms(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-    """||E(x)|| per row of `hidden` [tokens, d] for one gated expert (gate_up [2w, d], down [d, w],
-    the layout of transformers' fused experts: gate rows, then up rows)."""
+def expert_inner_activations(hidden: torch.Tensor, gate_up: torch.Tensor, act) -> torch.Tensor:
+    """act(gate) * up per row of `hidden` [tokens, d] for one gated expert (gate_up [2w, d], the
+    layout of transformers' fused experts: gate rows, then up rows): what its down projection reads."""
     gate, up = nn.functional.linear(hidden, gate_up).chunk(2, dim=-1)
-    return nn.functional.linear(act(gate) * up, down).float().norm(dim=-1)
+    return act(gate) * up
+
+
+def expert_output_norms(hidden: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """||E(x)|| per row of `hidden` [tokens, d] for one gated expert (down [d, w])."""
+    return nn.functional.linear(expert_inner_activations(hidden, gate_up, act), down).float().norm(dim=-1)
+
+
+def expert_channel_magnitudes(model: nn.Module) -> list[torch.Tensor]:
+    """Per layer, [experts, width]: the L2 norm of each expert channel's weights (its gate and up
+    rows, its down column); empty for a dense layer."""
+    arch = architecture_for(model.config.model_type)
+    out = []
+    for layer in decoder_layers(model, arch.to_dict()):
+        parts = moe_parts(getattr(layer, arch.mlp), arch.to_dict())
+        if parts is None:
+            out.append(torch.zeros(0, dtype=_f64))
+            continue
+        experts = parts[1]
+        gate_up, down = experts.gate_up_proj.detach().to(_f64), experts.down_proj.detach().to(_f64)
+        gate, up = gate_up.chunk(2, dim=1)
+        out.append((gate.pow(2).sum(2) + up.pow(2).sum(2) + down.pow(2).sum(1)).sqrt().cpu())
+    return out
 
 
 def routed_sums(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,11 +75,12 @@ class ExpertRouting:
     counts: torch.Tensor           # [experts] tokens routed to each expert
     gate_sums: torch.Tensor        # [experts] sum of their gate values
     weighted_norm_sums: torch.Tensor  # [experts] sum of gate value x ||expert output||
+    channel_sums: torch.Tensor     # [experts, width] sum of gate value x |input of down| per channel
 
     @classmethod
-    def empty(cls, num_experts: int, device) -> ExpertRouting:
+    def empty(cls, num_experts: int, width: int, device) -> ExpertRouting:
         zeros = lambda: torch.zeros(num_experts, dtype=_f64, device=device)  # noqa: E731
-        return cls(0, zeros(), zeros(), zeros())
+        return cls(0, zeros(), zeros(), zeros(), torch.zeros(num_experts, width, dtype=_f64, device=device))
 
     def add(self, experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         num_experts = self.counts.numel()
@@ -61,14 +90,22 @@ class ExpertRouting:
         self.gate_sums += gates
         for e in torch.nonzero(counts).flatten().tolist():
             token, slot = torch.where(top_k_index == e)
-            norms = expert_output_norms(hidden[token], experts.gate_up_proj[e], experts.down_proj[e], experts.act_fn)
-            self.weighted_norm_sums[e] += (top_k_weights[token, slot].to(_f64) * norms.to(_f64)).sum()
+            gates = top_k_weights[token, slot].to(_f64)
+            inner = expert_inner_activations(hidden[token], experts.gate_up_proj[e], experts.act_fn)
+            norms = nn.functional.linear(inner, experts.down_proj[e]).float().norm(dim=-1)
+            self.weighted_norm_sums[e] += (gates * norms.to(_f64)).sum()
+            self.channel_sums[e] += (gates[:, None] * inner.abs().to(_f64)).sum(0)
 
     def reap(self) -> torch.Tensor:
         return (self.weighted_norm_sums / self.counts.clamp_min(1)).cpu()
 
     def frequency(self) -> torch.Tensor:
         return (self.counts / max(self.tokens, 1)).cpu()
+
+    def channel_activation(self, down: torch.Tensor) -> torch.Tensor:
+        """[experts, width]: mean over the layer's tokens of gate value x |h_c|, times ||down[:, c]||."""
+        column_norms = down.to(_f64).norm(dim=1)  # [experts, width]
+        return (self.channel_sums / max(self.tokens, 1) * column_norms.to(self.channel_sums.device)).cpu()
 
 
 @torch.no_grad()
@@ -87,7 +124,7 @@ def collect_expert_routing(model: nn.Module, input_ids: torch.Tensor, *, batch_s
             routing.append(None)
             continue
         _, experts = parts
-        record = ExpertRouting.empty(experts.gate_up_proj.shape[0], experts.gate_up_proj.device)
+        record = ExpertRouting.empty(*experts.down_proj.shape[::2], experts.down_proj.device)
         routing.append(record)
         handles.append(experts.register_forward_hook(
             lambda module, args, output, record=record: record.add(module, *args[:3])))
@@ -109,7 +146,8 @@ def under_routed(routing: list[ExpertRouting | None], min_tokens: int) -> dict[i
             for i, r in enumerate(routing) if r is not None and (r.counts < min_tokens).any()}
 
 
-def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_tokens: int, unit: str) -> Scores:
+def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_tokens: int, unit: str,
+                   channel_values: list[torch.Tensor] | None = None) -> Scores:
     few = under_routed(routing, min_tokens)
     if few:
         listed = "; ".join(f"layer {i}: experts {experts}" for i, experts in sorted(few.items()))
@@ -117,6 +155,8 @@ def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_to
                       f"({listed}), so their {name} scores rest on too few tokens; calibrate on more samples "
                       f"(--calib-samples or --calib-seq-len)", stacklevel=2)
     values = {"expert": [value(r) if r is not None else torch.zeros(0, dtype=_f64) for r in routing]}
+    if channel_values is not None:
+        values["expert_channel"] = channel_values
     meta = {"unit": unit, "min_tokens": min_tokens,
             "expert_tokens": [r.counts.tolist() if r is not None else [] for r in routing],
             "under_routed": {str(i): experts for i, experts in few.items()}}
@@ -125,9 +165,15 @@ def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_to
 
 def reap_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
                 min_tokens: int = DEFAULT_MIN_TOKENS) -> Scores:
-    """REAP: per routed expert, the mean over its routed calibration tokens of gate value x ||output||."""
+    """REAP: per routed expert, the mean over its routed calibration tokens of gate value x ||output||;
+    per channel of every expert, the mean over all tokens of gate value x |input of down| x ||down column||."""
     routing = collect_expert_routing(model, input_ids, batch_size=batch_size, progress=progress)
-    return _expert_scores("reap", routing, ExpertRouting.reap, min_tokens, "mean gate x expert output norm")
+    arch = architecture_for(model.config.model_type)
+    channels = [r.channel_activation(moe_parts(getattr(layer, arch.mlp), arch.to_dict())[1].down_proj.detach())
+                if r is not None else torch.zeros(0, dtype=_f64)
+                for r, layer in zip(routing, decoder_layers(model, arch.to_dict()))]
+    return _expert_scores("reap", routing, ExpertRouting.reap, min_tokens,
+                          "mean gate x expert output norm; channels: mean gate x |h| x down column norm", channels)
 
 
 def frequency_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,

@@ -22,7 +22,9 @@ UNIT_KINDS = ("kv_group", "head", "channel")  # one value per unit of a layer
 HIDDEN_KIND = "hidden"                        # one value per residual channel, from every layer
 ALL_KINDS = KINDS + (HIDDEN_KIND,)
 EXPERT_KIND = "expert"                        # one value per routed expert of a MoE layer (none on dense layers)
-SCORE_KINDS = ALL_KINDS + (EXPERT_KIND,)      # every kind a Scores may hold; only MoE criteria score experts
+# one value per channel of every routed expert of a MoE layer: [experts, width] (none on dense layers)
+EXPERT_CHANNEL_KIND = "expert_channel"
+SCORE_KINDS = ALL_KINDS + (EXPERT_KIND, EXPERT_CHANNEL_KIND)  # every kind a Scores may hold; only MoE criteria score experts
 
 
 def first_non_finite(values: dict[str, list[torch.Tensor]]) -> tuple[str, int] | None:
