@@ -372,7 +372,9 @@ def main(argv=None) -> int:
     record = {"command": " ".join(sys.argv), "versions": versions(device),
               "settings": {k: v for k, v in vars(args).items()},
               "scores": "random expert scores (seeded): speed and memory depend on how many experts go, not which",
-              "allocation": "uniform (every MoE layer keeps the same count: the stock family)", "shapes": {}}
+              "allocation": "uniform (every MoE layer keeps the same count: the stock family)",
+              "order": "dense, then cut in place to each fraction and measured (one copy on the GPU, so not interleaved)",
+              "shapes": {}}
     out = Path(args.out)
 
     def save() -> None:

@@ -340,3 +340,28 @@ def test_cli_prunes_expert_channels_uniformly_to_a_stock_model(moe_dir, tmp_path
     assert config[width_key] in (8, 16) and "layer_shapes" not in config
     assert json.loads((out / "prunekit.json").read_text())["pruning"]["removed"]["non-embedding"] >= 0.2
     assert torch.isfinite(_logits(out)).all()
+
+
+def _pipeline_counts_expert_channels() -> bool:
+    import inspect
+
+    from prunekit import pipeline
+
+    return '"expert_channel"' in inspect.getsource(pipeline.load_scores_for)
+
+
+@pytest.mark.xfail(not _pipeline_counts_expert_channels(), strict=True,
+                   reason="pipeline.load_scores_for does not count expert_channel scores yet (the lead's edit)")
+def test_saved_reap_scores_load_for_prune(tmp_path):
+    """`prunekit analyze --criterion reap` then `prune --scores`: the saved expert and expert-channel
+    scores are checked against the model's shape and accepted."""
+    from prunekit.pipeline import load_scores_for
+    from prunekit.score import score_model
+
+    model = tiny_moe_model("qwen3_moe")
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score_model(model, "reap", ids, progress=False).save(tmp_path / "scores.json")
+    loaded = load_scores_for(tmp_path / "scores.json", model_structure(model))
+    assert loaded.values["expert_channel"][0].shape == (EXPERTS, model.config.moe_intermediate_size)
