@@ -18,11 +18,16 @@ then 50% of the original count removed, each measured before the next cut. Per m
   barely change (only the router rows); a decode step reads the experts its batch routes to, about
   E (1 - (1 - k/E)^B) per layer for B rows under uniform routing.
 
+`--narrow F` then also removes F of every remaining expert's channels (prunekit's `expert_channel`
+move, uniform, widths a multiple of `--width-multiple`) and measures that model too: narrower
+experts cut the FLOPs of the top-k experts a token runs, which whole-expert removal does not.
+
 Mixtral-8x7B in bf16 (93 GB) does not fit an 80 GB H100: `--mixtral-layers` (default 16 of its 32)
 builds the first N layers, and the record says so; `--qwen-layers` likewise (default all 48).
 The JSON record is written after every measured model, so a killed run keeps what it had.
 
     PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --out gpu_moe.json        # on a CUDA machine
+    PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --narrow 0.5 --out gpu_moe.json   # and narrowed experts
     PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --device cpu --tiny --out /tmp/moe.json  # smoke test
 """
 from __future__ import annotations
@@ -144,6 +149,36 @@ def expert_plan(model: nn.Module, keep: int, seed: int):
     counts = {after.layers[i].num_experts for i in sparse}
     if counts != {keep}:
         raise RuntimeError(f"the planner left {sorted(counts)} experts per layer, not {keep}")
+    return plan
+
+
+def narrowing_plan(model: nn.Module, fraction: float, multiple: int, seed: int):
+    """prunekit's plan that removes `fraction` of every routed expert's channels (each expert its
+    own, random scores; uniform allocation, widths a multiple of `multiple`): the channel analogue
+    of `expert_plan`, which cuts the FLOPs of the top-k experts a token runs, unlike whole experts."""
+    from prunekit.models.structure import model_structure
+    from prunekit.plan.planner import PlannerSettings, make_plan
+    from prunekit.plan.plan import predicted_structure
+    from prunekit.score.scores import Scores
+
+    structure = model_structure(model)
+    sparse = moe_layers(structure)
+    width = structure.layers[sparse[0]].intermediate_size
+    goal = round(width * (1 - fraction) / multiple) * multiple
+    if not 0 < goal < width:
+        raise ValueError(f"--narrow {fraction} leaves {goal} of {width} channels at a multiple of {multiple}; choose another")
+    per_step = sum(structure.layers[i].num_experts * multiple * structure.layer_costs[i].per_expert_channel for i in sparse)
+    target = ((width - goal) / multiple - 0.5) * per_step / structure.non_embedding_params
+    generator = torch.Generator().manual_seed(seed)
+    scores = Scores("random", {"expert_channel": [
+        torch.rand(s.num_experts, s.intermediate_size, generator=generator, dtype=torch.float64) if s.num_experts
+        else torch.zeros(0, dtype=torch.float64) for s in structure.layers]}, {"seed": seed})
+    settings = PlannerSettings(target=target, allocation="uniform", prune=("expert_channel",), ffn_multiple=multiple)
+    plan = make_plan(structure, scores, settings, comparable=False)
+    after = predicted_structure(plan, structure)
+    widths = {after.layers[i].intermediate_size for i in sparse}
+    if widths != {goal}:
+        raise RuntimeError(f"the planner left experts {sorted(widths)} wide, not {goal}")
     return plan
 
 
@@ -337,6 +372,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mixtral-layers", type=int, default=16,
                         help="build only the first N of Mixtral-8x7B's 32 layers (all 32 need 93 GB in bf16)")
     parser.add_argument("--removed", default="0.25,0.5", help="fractions of each MoE layer's routed experts to remove")
+    parser.add_argument("--narrow", type=float, default=0.0,
+                        help="then also remove this fraction of every remaining expert's channels (on top of the last "
+                             "expert cut) and measure again; 0 skips it")
+    parser.add_argument("--width-multiple", type=int, default=None, help="expert widths stay multiples of it (default 128)")
     parser.add_argument("--prefill", default=None, help="batch x length, comma-separated (default 1x2048,8x512)")
     parser.add_argument("--decode-batches", default="1,16")
     parser.add_argument("--context", type=int, default=None, help="prompt tokens before the timed decode steps (default 512)")
@@ -355,6 +394,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--removed takes fractions in (0, 1), e.g. 0.25,0.5; got {args.removed}")
     args.prefill = [tuple(int(v) for v in p.split("x")) for p in (args.prefill or ("1x64" if args.tiny else "1x2048,8x512")).split(",")]
     args.decode_batches = [int(b) for b in args.decode_batches.split(",") if b]
+    if not 0 <= args.narrow < 1:
+        parser.error(f"--narrow takes a fraction in [0, 1), e.g. 0.5; got {args.narrow}")
+    args.width_multiple = args.width_multiple or (8 if args.tiny else 128)
     args.context = args.context or (16 if args.tiny else 512)
     args.decode_steps = args.decode_steps or (4 if args.tiny else 32)
     return args
@@ -398,6 +440,7 @@ def main(argv=None) -> int:
         entry["build_seconds"] = round(time.time() - t0, 1)
         log(f"{shape}: {config.num_hidden_layers} of {full_layers} layers built and filled in {entry['build_seconds']} s")
         dense_experts = describe(model)["experts_per_layer"][0]
+        name = "dense"
         log(f"  dense ({dense_experts} experts per layer)")
         entry["models"]["dense"] = measure(model, args, device)
         save()
@@ -415,6 +458,16 @@ def main(argv=None) -> int:
             log("    ratios to dense: " + json.dumps({k: v for k, v in entry["ratios"][name].items()
                                                        if k in ("parameters_bytes", "prefill_speedup", "decode_speedup")},
                                                       default=lambda x: x)[:400])
+            save()
+        if args.narrow:
+            name = f"{name}+width-{round(args.narrow * 100)}"
+            t0 = time.time()
+            apply_plan(model, narrowing_plan(model, args.narrow, args.width_multiple, args.seed))
+            prune_seconds = round(time.time() - t0, 1)
+            log(f"  {name} (experts {describe(model)['expert_width'][0]} wide; planned and cut in place in {prune_seconds} s)")
+            entry["models"][name] = measure(model, args, device)
+            entry["models"][name]["prune_seconds"] = prune_seconds
+            entry["ratios"][name] = ratios(entry["models"]["dense"], entry["models"][name])
             save()
         del model
         gc.collect()

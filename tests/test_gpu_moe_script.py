@@ -25,21 +25,24 @@ def test_tiny_run_on_cpu_records_dense_and_both_cuts(tmp_path, monkeypatch, one_
     module = gpu_moe(monkeypatch)
     out = tmp_path / "moe.json"
     assert module.main(["--device", "cpu", "--tiny", "--prefill", "1x16", "--decode-batches", "1,4", "--context", "8",
-                        "--decode-steps", "2", "--repeats", "1", "--out", str(out)]) == 0
+                        "--decode-steps", "2", "--repeats", "1", "--narrow", "0.5", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert set(record["shapes"]) == {"qwen3-30b-a3b", "mixtral-8x7b"}
     assert record["versions"]["torch"] == torch.__version__ and "date" in record["versions"]
-    for name, experts in (("qwen3-30b-a3b", (16, 12, 8)), ("mixtral-8x7b", (8, 6, 4))):
+    for name, experts, width in (("qwen3-30b-a3b", (16, 12, 8, 8), 32), ("mixtral-8x7b", (8, 6, 4, 4), 96)):
         shape = record["shapes"][name]
         assert shape["layers_built"] == 2
         models = shape["models"]
-        assert list(models) == ["dense", "experts-25", "experts-50"]
+        assert list(models) == ["dense", "experts-25", "experts-50", "experts-50+width-50"]
         assert [m["shape"]["experts_per_layer"] for m in models.values()] == [[e] for e in experts]
+        assert [m["shape"]["expert_width"] for m in models.values()] == [[width]] * 3 + [[width // 2]]
         # top-k stays: a token runs through as many experts as before
         assert len({m["shape"]["experts_per_token"] for m in models.values()}) == 1
         for model in models.values():
             assert set(model["prefill"]) == {"1x16"} and set(model["decode"]) == {"b1_eager", "b4_eager"}
             assert model["prefill"]["1x16"]["tokens_per_s"] > 0 and model["decode"]["b4_eager"]["tokens_per_s"] > 0
+        # narrower experts cut the FLOPs a token runs through; fewer experts barely do
+        assert shape["ratios"]["experts-50+width-50"]["prefill_flops"] < shape["ratios"]["experts-50"]["prefill_flops"] - 0.03
         for cut in ("experts-25", "experts-50"):
             ratios = shape["ratios"][cut]
             assert ratios["parameters_bytes"] == pytest.approx(

@@ -140,6 +140,7 @@ def _order(values: torch.Tensor, units: range | list[int]) -> list[int]:
 class _Planner:
     def __init__(self, structure: ModelStructure, scores: Scores, settings: PlannerSettings, comparable: bool):
         self.structure, self.scores, self.settings = structure, scores, settings
+        self._expert_channel_cache: dict[int, torch.Tensor] = {}
         self.layers: list[_LayerState] = []
         for i, shape in enumerate(structure.layers):
             per_group = shape.heads_per_group
@@ -150,7 +151,9 @@ class _Planner:
                 groups=_order(group_scores, range(shape.num_key_value_heads)),
                 heads_by_group={g: _order(head_scores, range(g * per_group, (g + 1) * per_group))
                                 for g in range(shape.num_key_value_heads)},
-                channels=_order(self._unit_scores("channel", i, shape.intermediate_size), range(shape.intermediate_size)),
+                # a MoE layer's channels are each expert's (expert_channels): its own list goes unused
+                channels=list(range(shape.intermediate_size)) if shape.num_experts else
+                _order(self._unit_scores("channel", i, shape.intermediate_size), range(shape.intermediate_size)),
                 attention=shape.num_attention_heads > 0,
                 mlp=shape.intermediate_size > 0,
                 experts=_order(self._unit_scores("expert", i, shape.num_experts), range(shape.num_experts)),
@@ -178,12 +181,17 @@ class _Planner:
         return dict(enumerate(ranked.tolist()))
 
     def _expert_channel_scores(self, layer: int, shape: LayerShape) -> torch.Tensor:
-        """[experts, width] scores of the channels inside a MoE layer's routed experts (zeros if unscored)."""
-        size = shape.num_experts * shape.intermediate_size
-        values = self.scores.values.get("expert_channel", [])
-        if len(values) > layer and values[layer].numel() == size:
-            return values[layer].double().reshape(shape.num_experts, shape.intermediate_size)
-        return torch.zeros(shape.num_experts, shape.intermediate_size, dtype=torch.float64)
+        """[experts, width] scores of the channels inside a MoE layer's routed experts (zeros if
+        unscored); kept once per layer, since a MoE layer has up to millions of them."""
+        cache = self._expert_channel_cache
+        if layer not in cache:
+            size = shape.num_experts * shape.intermediate_size
+            values = self.scores.values.get("expert_channel", [])
+            if len(values) > layer and values[layer].numel() == size:
+                cache[layer] = values[layer].double().reshape(shape.num_experts, shape.intermediate_size)
+            else:
+                cache[layer] = torch.zeros(shape.num_experts, shape.intermediate_size, dtype=torch.float64)
+        return cache[layer]
 
     def _layer_score(self, kind: str, layer: int) -> float:
         return float(self.scores.values[kind][layer]) if self.scores.has(kind) else 0.0
