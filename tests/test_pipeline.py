@@ -145,3 +145,20 @@ def test_analyze_writes_scores_report_and_plots(model_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(args) == 2  # exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_default_criterion_follows_the_compensation(model_dir, tmp_path, capsys):
+    """OBS re-picks the units, so its scores only order them (magnitude, free); any other
+    compensation keeps what the scores pick, so a prune that names only the compensation gets
+    Taylor, from the API and the CLI alike; a named criterion is kept."""
+    assert PruneSettings().criterion == "magnitude"
+    assert PruneSettings(compensation="obs").criterion == "magnitude"
+    for compensation in ("sequential", "one-shot", "none"):
+        assert PruneSettings(compensation=compensation).criterion == "taylor"
+        assert PruneSettings(compensation=compensation, criterion="activation").criterion == "activation"
+    args = ["prune", str(model_dir), "--out", str(tmp_path / "out"), "--target", "0.25", "--ffn-multiple", "16",
+            "--calib", str(tmp_path / "calib.txt"), "--calib-samples", "8", "--calib-seq-len", "32",
+            "--compensation", "sequential"]
+    assert main(args) == 0
+    settings = json.loads((tmp_path / "out" / "prunekit.json").read_text())["pruning"]["settings"]
+    assert (settings["criterion"], settings["compensation"]) == ("taylor", "sequential")

@@ -124,8 +124,9 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     how.add_argument("--target", type=float, help="fraction of --basis to remove, e.g. 0.3")
     parser.add_argument("--basis", default=defaults.basis, choices=BASES,
                         help=f"what --target counts (default {defaults.basis} parameters)")
-    parser.add_argument("--criterion", default=defaults.criterion, choices=sorted(CRITERIA),
-                        help=f"importance criterion (default {defaults.criterion})")
+    parser.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
+                        help="importance criterion (default: magnitude with --compensation obs, the default, "
+                             "which re-picks the units; taylor with any other compensation)")
     parser.add_argument("--criterion-option", action="append", metavar="KEY=VALUE",
                         help="criterion option, e.g. variant=vector (taylor), angular=true (block_influence), "
                         "kinds=layer,head (sensitivity)")
@@ -371,7 +372,8 @@ def _add_sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for sweep.json, sweep.md and the figures")
     parser.add_argument("--targets", default="0.1,0.2,0.3,0.4,0.5", help="fractions of --basis to remove")
     parser.add_argument("--basis", default=defaults.basis, choices=BASES)
-    parser.add_argument("--criterion", default=defaults.criterion, choices=sorted(CRITERIA))
+    parser.add_argument("--criterion", default=None, choices=sorted(CRITERIA),
+                        help="default: magnitude with --compensation obs, taylor with any other")
     parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS)
     parser.add_argument("--prune-structures", default=",".join(defaults.prune))
     parser.add_argument("--compensation", default=defaults.compensation, choices=COMPENSATIONS)

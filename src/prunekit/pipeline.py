@@ -72,6 +72,14 @@ class CalibrationSettings:
                                 f"or a .txt / .jsonl[:field] file")
 
 
+def default_criterion(compensation: str) -> str:
+    """The criterion a prune uses when none is named. OBS re-picks which units go, so the scores only
+    order them for the planner and the free `magnitude` does; every other compensation keeps the
+    units the scores pick, and magnitude picks badly (BENCHMARKS.md's grid: ~20x Taylor's perplexity
+    at 20% with sequential compensation), so those get `taylor`."""
+    return "magnitude" if compensation == "obs" else "taylor"
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     target: float = 0.3
@@ -79,9 +87,8 @@ class PruneSettings:
     # The default is SlimGPT's procedure (structured OBS): log-increasing layer budgets, FFN channels
     # only, OBS choosing and updating layer by layer. On SmolLM2-135M it matched or beat Taylor with
     # global allocation and sequential compensation at 20 / 35 / 50% in under half the time, with no
-    # backward pass (BENCHMARKS.md, "The default prune"); the criterion only orders units for the
-    # planner, since OBS re-picks them.
-    criterion: str = "magnitude"
+    # backward pass (BENCHMARKS.md, "The default prune"). None: `default_criterion(compensation)`.
+    criterion: str | None = None
     criterion_options: dict = field(default_factory=dict)
     allocation: str = "log_increase"
     allocation_options: dict[str, float] = field(default_factory=dict)  # e.g. alpha (slimllm), amplitude (adapt_pruner)
@@ -109,6 +116,10 @@ class PruneSettings:
     search: SearchSettings = field(default_factory=SearchSettings)
     # Fold each span of dropped layers into the layer before it as a least-squares linear map (ReplaceMe).
     replace_dropped_layers: bool = False
+
+    def __post_init__(self):
+        if self.criterion is None:
+            object.__setattr__(self, "criterion", default_criterion(self.compensation))
 
     def planner_settings(self, target: float | None = None) -> PlannerSettings:
         return PlannerSettings(
@@ -439,7 +450,8 @@ def prune_to_target(model: str | Path, out: str | Path, settings: PruneSettings,
 def prune_to_plan(model: str | Path, plan: Plan | str | Path, out: str | Path, *, force: bool = False,
                   dtype: str = "float32", settings: PruneSettings | None = None) -> SavedModel:
     """`prune` along a given plan; without `settings`, the plan is cut as it is (no compensation)."""
-    return prune(model, out, settings or PruneSettings(compensation="none"), plan=plan, force=force, dtype=dtype)
+    settings = settings or PruneSettings(compensation="none", criterion="magnitude")  # a plan needs no scores
+    return prune(model, out, settings, plan=plan, force=force, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- preflight
