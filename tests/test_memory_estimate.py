@@ -139,7 +139,8 @@ def test_recovery_estimate_is_a_lower_bound_within_two_and_a_half_times_the_meas
     """A few full-weight steps (8 x 256 tokens, a 6-layer model with an 8,000-token vocabulary, fp32,
     eager and with activation checkpointing): the estimate the preflight admits a job on says what it
     needs "at least", and the peak resident memory the training added lies between 1 and 2.5 times it
-    (measured 1.8-2.1x on the 2-core Xeon: the estimate leaves out the attention probabilities,
+    (measured 1.8-2.1x on the 2-core Xeon while the estimate counted full logits, less now that it counts
+    the chunked loss's head gradient and chunk buffers: it leaves out the attention probabilities,
     allocator slack and the tokenized data). Checkpointing saves at least what the estimate says it saves."""
     for recompute in (False, True):
         result = recovery_peaks[method, recompute]
