@@ -74,8 +74,9 @@ def main() -> None:
             runs.append(run_one(args.model, target, Path(work), args.extra.split()))
             print(json.dumps(runs[-1]))
     record = {
-        "what": "the default prune of SmolLM2-135M from the shell (no options but --target), timed, and the "
-                "WikiText-2 perplexity of its output (raw test, 512-token windows, every 16th, fp32)",
+        "what": (f"the prune of SmolLM2-135M from the shell with {args.extra} beside --target" if args.extra else
+                 "the default prune of SmolLM2-135M from the shell (no options but --target)")
+                + ", timed, and the WikiText-2 perplexity of its output (raw test, 512-token windows, every 16th, fp32)",
         "command": " ".join(["python", "benchmarks/default_prune.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
