@@ -10,8 +10,9 @@ Tolerances (what the README's block claims, on the same 2-core CPU):
   choices can flip on a tie;
 - measured speedups within 25% where neither the record nor the run flags the row unreliable (the
   bench flags a row whose repeats spread over 25%: the machine was busy; the committed record, made
-  while other jobs ran, flags four of five), and each stage's time within a factor of 2: timings on
-  a shared machine move with its load (the record keeps the load average at its start).
+  while other jobs ran, flags four of five), and no stage more than 2 times slower than printed:
+  the record was made on a loaded machine (it keeps the load average at its start), so a run alone
+  may be much faster, which is no regression.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def assert_block_matches(printed: dict, measured: dict, unreliable: set[str] = f
     assert set(printed["seconds"]) == set(STAGES)
     for stage, shown in printed["seconds"].items():
         if stage != "report":  # seconds, and printed rounded to whole ones
-            assert shown / TIME_FACTOR <= measured["seconds"][stage] <= shown * TIME_FACTOR, (stage, shown, measured)
+            assert measured["seconds"][stage] <= shown * TIME_FACTOR, (stage, shown, measured)
 
 
 @pytest.mark.slow

@@ -185,6 +185,8 @@ CASES: list[tuple[str, str, str]] = [
      "recover of"),
     ("unknown export format in a recipe", "run {recipe_export.yaml} --out {root}/run9",
      "export.format must be huggingface"),
+    ("unknown decode timing in a recipe", "run {recipe_export.yaml} --out {root}/run10 bench.decode=fast",
+     "choose one of graph, eager"),
     ("scores computed for another model",
      "prune {model} --target 0.2 --scores {other_scores.json} --out {root}/o16 --calib {text.txt}",
      "computed for another model"),
