@@ -342,16 +342,6 @@ def test_cli_prunes_expert_channels_uniformly_to_a_stock_model(moe_dir, tmp_path
     assert torch.isfinite(_logits(out)).all()
 
 
-def _pipeline_counts_expert_channels() -> bool:
-    import inspect
-
-    from prunekit import pipeline
-
-    return '"expert_channel"' in inspect.getsource(pipeline.load_scores_for)
-
-
-@pytest.mark.xfail(not _pipeline_counts_expert_channels(), strict=True,
-                   reason="pipeline.load_scores_for does not count expert_channel scores yet (the lead's edit)")
 def test_saved_reap_scores_load_for_prune(tmp_path):
     """`prunekit analyze --criterion reap` then `prune --scores`: the saved expert and expert-channel
     scores are checked against the model's shape and accepted."""

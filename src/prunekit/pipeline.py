@@ -349,11 +349,15 @@ def prune_loaded(model: nn.Module, tokenizer, settings: PruneSettings, *, progre
 def unit_counts(structure: ModelStructure) -> dict[str, int]:
     """How many of each prunable structure a model has."""
     layers = structure.layers
-    return {"layers": len(layers), "attention sublayers": sum(s.num_attention_heads > 0 for s in layers),
-            "MLP sublayers": sum(s.intermediate_size > 0 for s in layers),
-            "query heads": sum(s.num_attention_heads for s in layers),
-            "KV groups": sum(s.num_key_value_heads for s in layers),
-            "FFN channels": sum(s.intermediate_size for s in layers)}
+    counts = {"layers": len(layers), "attention sublayers": sum(s.num_attention_heads > 0 for s in layers),
+              "MLP sublayers": sum(s.intermediate_size > 0 for s in layers),
+              "query heads": sum(s.num_attention_heads for s in layers),
+              "KV groups": sum(s.num_key_value_heads for s in layers),
+              "FFN channels": sum(s.intermediate_size for s in layers)}
+    if any(s.num_experts for s in layers):  # an expert's width alone would hide the experts removed
+        counts["routed experts"] = sum(s.num_experts for s in layers)
+        counts["channels inside experts"] = sum(s.num_experts * s.intermediate_size for s in layers)
+    return counts
 
 
 def prune_summary(saved: SavedModel, *, seconds: float) -> str:
@@ -613,6 +617,7 @@ def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
               "kv_group": [s.num_key_value_heads for s in structure.layers],
               "channel": [0 if s.num_experts else s.intermediate_size for s in structure.layers],
               "expert": [s.num_experts for s in structure.layers],
+              "expert_channel": [s.num_experts * s.intermediate_size for s in structure.layers],
               "hidden": [structure.hidden_size] * structure.num_layers}  # each layer's share of every residual channel
     for kind, per_layer in scores.values.items():
         sizes = [int(v.numel()) for v in per_layer]
