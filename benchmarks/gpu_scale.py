@@ -85,7 +85,8 @@ def model_bytes(model) -> int:
 def _settings(args, **overrides):
     from prunekit.pipeline import CalibrationSettings, PruneSettings
 
-    fields = dict(target=TARGET, criterion="activation", compensation="none", batch_size=args.batch_size,
+    # global allocation, as when the records were made (the default allocation is log_increase since)
+    fields = dict(target=TARGET, criterion="activation", allocation="global", compensation="none", batch_size=args.batch_size,
                   device=args.device, prune=("channel", "head", "kv_group"),
                   calibration=CalibrationSettings(n_samples=args.rows, seq_len=args.seq_len))
     return PruneSettings(**{**fields, **overrides})
