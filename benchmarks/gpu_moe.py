@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings, when run without PYTHONPATH=benchmarks
+from gpu_speed import synchronize, timed  # noqa: E402
 from random_llama import random_weights  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")
@@ -210,19 +211,6 @@ def experts_read_per_step(experts: int, top_k: int, batch: int) -> float:
 
 
 # ----------------------------------------------------------------------------- timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(call, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    call()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def rates(seconds: list[float], work: float) -> dict:

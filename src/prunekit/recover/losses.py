@@ -17,7 +17,9 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def _per_position_weights(mask: torch.Tensor) -> torch.Tensor:
+def per_position_weights(mask: torch.Tensor) -> torch.Tensor:
+    """1 / the number of counted positions where `mask` is set, 0 elsewhere: the weights that make
+    the `weighted_*` sums the mean over the counted positions."""
     return mask.float() / mask.sum().clamp(min=1)
 
 
@@ -49,7 +51,7 @@ def weighted_kl_divergence_top_k(student_logits: torch.Tensor, teacher_values: t
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy; `labels` and `mask` are already shifted (position t predicts labels[t])."""
-    return weighted_cross_entropy(logits.flatten(0, 1), labels.flatten(), _per_position_weights(mask).flatten())
+    return weighted_cross_entropy(logits.flatten(0, 1), labels.flatten(), per_position_weights(mask).flatten())
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
@@ -57,7 +59,7 @@ def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ma
     """KL(teacher || student) of the softened distributions, times T² (Hinton et al.), so that
     gradients keep their scale as T changes."""
     return weighted_kl_divergence(student_logits.flatten(0, 1), teacher_logits.flatten(0, 1),
-                                  _per_position_weights(mask).flatten(), temperature)
+                                  per_position_weights(mask).flatten(), temperature)
 
 
 def top_k_logits(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +74,7 @@ def kl_divergence_top_k(student_logits: torch.Tensor, teacher_values: torch.Tens
     tokens, against the student's full-vocabulary log-probabilities at those tokens. Equals
     `kl_divergence` when k is the whole vocabulary."""
     return weighted_kl_divergence_top_k(student_logits.flatten(0, 1), teacher_values.flatten(0, 1),
-                                        teacher_indices.flatten(0, 1), _per_position_weights(mask).flatten(),
+                                        teacher_indices.flatten(0, 1), per_position_weights(mask).flatten(),
                                         temperature)
 
 

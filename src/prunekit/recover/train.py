@@ -586,7 +586,7 @@ def _training_loss(output, head: OutputHead | None, target, mask, batch, rows, t
             loss = loss + settings.ce_weight * losses.cross_entropy(logits, target, mask)
     else:
         hidden = output.hidden_states[-1].flatten(0, 1)
-        weights = (mask.float() / mask.sum().clamp(min=1)).flatten()
+        weights = losses.per_position_weights(mask).flatten()
         if not distill:
             return chunked_head_loss(head, hidden, losses.weighted_cross_entropy, target.flatten(), weights)
         if cache is not None:
