@@ -18,8 +18,8 @@ applies each width move to every layer at once (the result exports as a stock mo
 `adaptive` first gives each layer a budget from its importance (less important layers lose
 more, in the spirit of OWL / Adapt-Pruner), then fills each budget with the layer's best moves.
 `log_increase` needs no scores across layers: layer i of L loses a share proportional to
-1 + 3 log(1 + i) / log(L) (SlimGPT's incremental ratio: the last layer loses four times the first's
-share), scaled to the target; what goes inside a layer is then for the scores, or structured OBS, to pick.
+1 + spread log(1 + i) / log(L) (SlimGPT's incremental ratio; the default spread 3 makes the last layer
+lose four times the first's share), scaled to the target; what goes inside a layer is then for the scores, or structured OBS, to pick.
 `search` plans from positions on per-layer chains (`search_space`): each layer's width moves in
 the order its scores rank them; how far each layer goes along its chain is decided by measuring
 assembled candidates (`prunekit.prune.allocation_search`), not by summing scores.
