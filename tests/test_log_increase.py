@@ -56,3 +56,15 @@ def test_spread_option_sets_how_much_more_the_last_layer_loses():
     assert max(widths[0.0]) - min(widths[0.0]) <= 8  # uniform up to one ffn_multiple of rounding
     gap = {spread: w[0] - w[-1] for spread, w in widths.items()}
     assert abs(gap[0.0]) <= 8 < gap[3.0] < gap[8.0]
+
+
+def test_a_bad_spread_is_refused_before_planning():
+    """A negative or non-numeric spread, or an option log_increase does not take, is one clear error
+    from the settings, before any model is read."""
+    from prunekit.plan.plan import PlanError
+
+    for options, message in (({"spread": -1.0}, "must be a number of at least 0"),
+                             ({"spread": "wide"}, "must be a number of at least 0"),
+                             ({"alpha": 7.0}, "takes only spread, not alpha")):
+        with pytest.raises(PlanError, match=message):
+            PlannerSettings(target=0.3, allocation="log_increase", allocation_options=options).validate()
