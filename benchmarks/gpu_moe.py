@@ -29,6 +29,7 @@ The JSON record is written after every measured model, so a killed run keeps wha
     PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --out gpu_moe.json        # on a CUDA machine
     PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --narrow 0.5 --out gpu_moe.json   # and narrowed experts
     PYTHONPATH=src:benchmarks python benchmarks/gpu_moe.py --device cpu --tiny --out /tmp/moe.json  # smoke test
+    python benchmarks/gpu_moe.py --markdown benchmarks/results/gpu_moe.json   # GPU_BENCHMARKS.md's tables, from the record
 """
 from __future__ import annotations
 
@@ -348,6 +349,141 @@ def ratios(dense: dict, pruned: dict) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- tables
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LABELS = {"qwen3-30b-a3b": "Qwen3-30B-A3B", "mixtral-8x7b": "Mixtral-8x7B"}
+
+
+def record_name(path: Path) -> str:
+    """How tools/docs_check.py names the record: relative to benchmarks/results/ when it lies there."""
+    try:
+        return str(path.resolve().relative_to(RESULTS))
+    except ValueError:
+        return str(path)
+
+
+class Row:
+    """One Markdown table row whose every figure carries its docs-check reference, so that the
+    printed line pastes into the docs as it is (tools/docs_check.py reads the references)."""
+
+    def __init__(self, *cells: str):
+        self.cells, self.refs = list(cells), []
+
+    def add(self, text: str, ref: str) -> str:
+        """`text` is printed; the figure in it (the part before any unit) is checked against `ref`."""
+        self.refs.append(f"{text}@{ref}")
+        return text
+
+    def line(self) -> str:
+        return "| " + " | ".join(self.cells) + " |" + (f" <!-- fig {'; '.join(self.refs)} -->" if self.refs else "")
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def markdown(record: dict, name: str) -> str:
+    """Per shape, three tables, each pruned model beside the dense one (in brackets pruned / dense):
+    the shapes, memory, and speed with the ideals the script records beside the measurements (prefill
+    FLOPs per token; distinct experts a decode step reads under uniform routing)."""
+    command = record["command"].replace("/root/out/", "")
+    command = command if command.startswith("python") else f"python {command}"
+    versions = record["versions"]
+    minutes = record["seconds"] / 60
+    lines = [f"`{command}` ({versions.get('gpu', 'cpu')}, torch {versions['torch']}, transformers "
+             f"{versions['transformers']}, {versions['date']}; {minutes:.1f} min in all) "
+             f"<!-- record: {name} --> <!-- fig {minutes:.1f}@{{seconds}}/60 -->", ""]
+    for shape, entry in record["shapes"].items():
+        models, ratios_ = entry["models"], entry["ratios"]
+        dense = models["dense"]
+        at_models, at_ratios = f"shapes/{shape}/models", f"shapes/{shape}/ratios"
+        built, whole = entry["layers_built"], entry["layers_of_published_model"]
+        lines.append(f"**{LABELS.get(shape, shape)} shape** ({built} of its {whole} layers"
+                     f"{'' if built == whole else ', the first ones'}; {dense['shape']['experts_per_layer'][0]} routed "
+                     f"experts of {dense['shape']['expert_width'][0]} channels per layer, top-"
+                     f"{dense['shape']['experts_per_token']}), random bf16 weights. <!-- record: {name} -->")
+        lines.append("")
+
+        def bracket(row: Row, model: str, text: str, ref: str, unit: str = "") -> str:
+            return "" if model == "dense" else f" ({row.add(text, ref)}{unit})"
+
+        # the shapes
+        lines.append("| model | experts per layer | expert width | parameters (billions) | "
+                     "active per token, non-embedding (billions) |")
+        lines.append("|---|---|---|---|---|")
+        for model, m in models.items():
+            at = f"{at_models}/{model}/shape"
+            row = Row(model, str(m["shape"]["experts_per_layer"][0]), str(m["shape"]["expert_width"][0]))
+            row.cells.append(row.add(f"{m['shape']['params'] / 1e9:.2f}", f"{{{at}/params}}/1e9") + bracket(
+                row, model, f"{m['shape']['params'] / dense['shape']['params']:.2f}",
+                f"{{{at}/params}}/{{{at_models}/dense/shape/params}}"))
+            row.cells.append(row.add(f"{m['shape']['active_non_embedding_params'] / 1e9:.2f}",
+                                     f"{{{at}/active_non_embedding_params}}/1e9") + bracket(
+                row, model, f"{ratios_.get(model, {}).get('active_params', 1):.2f}", f"{at_ratios}/{model}/active_params"))
+            lines.append(row.line())
+        lines.append("")
+        # memory
+        prefill_keys = list(dense["prefill"])
+        decode_keys = [k for k in dense["decode"] if "tokens_per_s" in dense["decode"][k]]
+        resident = "allocated_gib" in dense["memory"]  # CUDA runs only
+        header = ["model", "parameters GiB"]
+        if resident:
+            header += ["resident GiB"] + [f"peak GiB, prefill {k}" for k in prefill_keys]
+            header += [f"peak GiB, decode {k.replace('_', ' ')}" for k in decode_keys]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for model, m in models.items():
+            at = f"{at_models}/{model}"
+            row = Row(model)
+            row.cells.append(row.add(f"{m['memory']['parameters_gib']:.2f}", f"{at}/memory/parameters_gib") + bracket(
+                row, model, f"{ratios_.get(model, {}).get('parameters_bytes', 1):.2f}", f"{at_ratios}/{model}/parameters_bytes"))
+            if resident:
+                row.cells.append(row.add(f"{m['memory']['allocated_gib']:.2f}", f"{at}/memory/allocated_gib") + bracket(
+                    row, model, f"{ratios_.get(model, {}).get('allocated', 1):.2f}", f"{at_ratios}/{model}/allocated"))
+                row.cells += [row.add(f"{m['prefill'][k]['memory']['peak_gib']:.2f}", f"{at}/prefill/{k}/memory/peak_gib")
+                              for k in prefill_keys]
+                row.cells += [row.add(f"{m['decode'][k]['memory']['peak_gib']:.2f}", f"{at}/decode/{k}/memory/peak_gib")
+                              for k in decode_keys]
+            lines.append(row.line())
+        lines.append("")
+        # speed, with the ideals beside it
+        header = ["model"] + [f"prefill {k} tok/s" for k in prefill_keys]
+        header += ["prefill GFLOP per token (ideal speedup)"]
+        header += [f"decode {k.replace('_', ' (')}) tok/s" for k in decode_keys]
+        header += ["distinct experts read per layer and decode step, " + " / ".join(k.split("_")[0] for k in decode_keys)
+                   + " (pruned / dense)"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for model, m in models.items():
+            at = f"{at_models}/{model}"
+            row = Row(model)
+            for kind, keys in (("prefill", prefill_keys), ("decode", decode_keys)):
+                for k in keys:
+                    result = m[kind].get(k, {})
+                    if "tokens_per_s" not in result:
+                        row.cells.append("failed" if result else "")
+                        continue
+                    row.cells.append(row.add(_rate(result["tokens_per_s"]), f"{at}/{kind}/{k}/tokens_per_s") + bracket(
+                        row, model, f"{ratios_.get(model, {}).get(f'{kind}_speedup', {}).get(k, 1):.2f}",
+                        f"{at_ratios}/{model}/{kind}_speedup/{k}", "x"))
+                if kind == "prefill":  # removing experts leaves top-k: the FLOPs a token runs through barely move
+                    flops = m["shape"]["prefill_flops_per_token_2048"]
+                    row.cells.append(row.add(f"{flops / 1e9:.2f}", f"{{{at}/shape/prefill_flops_per_token_2048}}/1e9") + bracket(
+                        row, model, f"{dense['shape']['prefill_flops_per_token_2048'] / flops:.2f}",
+                        f"1/{{{at_ratios}/{model}/prefill_flops}}", "x"))
+            reads = []
+            for k in decode_keys:
+                reads.append(row.add(f"{m['decode'][k]['experts_read_per_layer_uniform']:.1f}",
+                                     f"{at}/decode/{k}/experts_read_per_layer_uniform") + bracket(
+                    row, model, f"{ratios_.get(model, {}).get('experts_read_per_step', {}).get(k, 1):.2f}",
+                    f"{at_ratios}/{model}/experts_read_per_step/{k}"))
+            row.cells.append(" / ".join(reads))
+            lines.append(row.line())
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -371,8 +507,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up")
     parser.add_argument("--graph", action="store_true", help="also time static-cache decode replayed from a CUDA graph")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="the JSON record, rewritten after every measured model")
+    parser.add_argument("--out", help="the JSON record, rewritten after every measured model")
+    parser.add_argument("--markdown", metavar="RECORD", help="print GPU_BENCHMARKS.md's tables of this record and stop "
+                                                            "(no GPU needed)")
     args = parser.parse_args(argv)
+    if not args.markdown and not args.out:
+        parser.error("--out is required (or --markdown RECORD to print the tables of a record)")
     args.shapes = [s for s in args.shapes.split(",") if s]
     unknown = sorted(set(args.shapes) - set(SHAPES))
     if unknown:
@@ -392,6 +532,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text()), record_name(Path(args.markdown))))
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("gpu_moe: no CUDA GPU is visible here; run it on a GPU machine, or pass --device cpu --tiny", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,48 @@ def test_without_a_gpu_it_says_so(tmp_path, monkeypatch, capsys):
     module = gpu_moe(monkeypatch)
     assert module.main(["--out", str(tmp_path / "m.json")]) == 2
     assert "no CUDA GPU is visible here" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+
+
+def test_markdown_of_the_committed_record_carries_a_reference_that_docs_check_accepts_for_every_figure(
+        tmp_path, monkeypatch, capsys):
+    """`--markdown` prints GPU_BENCHMARKS.md's tables from the H100 record: every figure in them
+    carries its docs-check reference, and every reference reads the value printed."""
+    module = gpu_moe(monkeypatch)
+    record = BENCHMARKS / "results" / "gpu_moe.json"
+    assert module.main(["--markdown", str(record)]) == 0
+    printed = capsys.readouterr().out
+    for model in ("dense", "experts-25", "experts-50", "experts-50+width-50"):
+        assert sum(line.startswith(f"| {model} |") for line in printed.splitlines()) == 6  # 3 tables x 2 shapes
+    assert "16 of its 32 layers" in printed and "NVIDIA H100" in printed
+
+    # docs_check on the printed block, in a root that holds only the record (no git history: the
+    # provenance entry says no script ages it, so only the values are checked)
+    spec = importlib.util.spec_from_file_location("docs_check", BENCHMARKS.parent / "tools" / "docs_check.py")
+    docs_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "docs_check", docs_check)  # its dataclasses look their module up
+    spec.loader.exec_module(docs_check)
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    (results / "gpu_moe.json").write_text(record.read_text())
+    (results / "provenance.json").write_text(json.dumps({"gpu_moe.json": {"script": None}}))
+    doc = tmp_path / "GPU_BENCHMARKS.md"
+    doc.write_text("## MoE\n\n" + printed)
+    report = docs_check.Report()
+    docs_check.check_file(doc, tmp_path, docs_check.Records(tmp_path), report)
+    assert report.failures == []
+    assert report.checked > 150
+
+    # a record that no longer says what the table prints is caught
+    changed = json.loads(record.read_text())
+    changed["shapes"]["mixtral-8x7b"]["models"]["dense"]["prefill"]["1x2048"]["tokens_per_s"] *= 1.01
+    (results / "gpu_moe.json").write_text(json.dumps(changed))
+    report = docs_check.Report()
+    docs_check.check_file(doc, tmp_path, docs_check.Records(tmp_path), report)
+    assert len(report.failures) == 1 and "differs from its record" in report.failures[0]
+
+
+def test_out_or_markdown_is_required(monkeypatch, capsys):
+    module = gpu_moe(monkeypatch)
+    with pytest.raises(SystemExit):
+        module.main([])
+    assert "--out is required (or --markdown RECORD" in capsys.readouterr().err
