@@ -75,6 +75,22 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+# Calibration text for the recipe tests: short, repetitive, so that a byte tokenizer fills rows quickly.
+RECIPE_TEXT = "The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60
+
+
+def saved_tiny_llama(directory: Path) -> tuple[str, str]:
+    """A tiny llama saved with the byte tokenizer as `directory`/dense, and `directory`/text.txt to
+    calibrate it on: (model path, text path), what a recipe's `model` and calibration `source` name."""
+    import prunekit
+
+    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), byte_tokenizer(),
+                        directory / "dense")
+    text = directory / "text.txt"
+    text.write_text(RECIPE_TEXT)
+    return str(directory / "dense"), str(text)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

@@ -9,9 +9,8 @@ import pytest
 import prunekit
 from prunekit.runner import RecipeError, load_recipe
 from prunekit.runner import stages as run_module
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import saved_tiny_llama
 
-TEXT = "The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60
 
 
 @pytest.fixture(autouse=True)
@@ -21,15 +20,12 @@ def _single_thread(one_thread):
 
 @pytest.fixture
 def prune_and_bench(tmp_path) -> dict:
-    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), byte_tokenizer(),
-                        tmp_path / "dense")
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
+    model, text = saved_tiny_llama(tmp_path)
     return {
-        "model": str(tmp_path / "dense"),
+        "model": model,
         "stages": ["prune", "bench"],
         "prune": {"target": 0.25, "ffn_multiple": 16,
-                  "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
+                  "calibration": {"source": text, "n_samples": 8, "seq_len": 32}},
         "bench": {"prefill_batch": 1, "prefill_len": 16, "decode_batches": [1], "decode_tokens": 4, "repeats": 1},
     }
 

@@ -23,13 +23,12 @@ from prunekit.preflight import InsufficientDiskError, Machine
 from prunekit.runner import RecipeError, load_recipe, shipped_recipes, validate_settings
 from prunekit.runner import stages as run_module
 from prunekit.score import CriterionError
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import byte_tokenizer, saved_tiny_llama, tiny_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from random_llama import LLAMA3_8B  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60)
 
 
 @pytest.fixture(autouse=True)
@@ -183,19 +182,16 @@ def test_overrides_set_any_key_with_yaml_types():
 
 @pytest.fixture
 def tiny_recipe(tmp_path) -> dict:
-    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), byte_tokenizer(),
-                        tmp_path / "dense")
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
+    model, text = saved_tiny_llama(tmp_path)
     return {
-        "model": str(tmp_path / "dense"),
+        "model": model,
         "stages": ["analyze", "plan", "prune", "recover", "evaluate", "bench", "export", "report"],
         "analyze": {"criterion": "sensitivity", "criterion_options": {"kinds": ["layer", "attention", "mlp"]},
-                    "calibration": {"source": str(text), "n_samples": 4, "seq_len": 32}},
-        "prune": {"target": 0.25, "ffn_multiple": 16, "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
+                    "calibration": {"source": text, "n_samples": 4, "seq_len": 32}},
+        "prune": {"target": 0.25, "ffn_multiple": 16, "calibration": {"source": text, "n_samples": 8, "seq_len": 32}},
         "recover": {"method": "lora+distill", "tokens": 32 * 4 * 3, "lr": 0.01, "eval_every": 1,
-                    "data": {"source": str(text), "seq_len": 32, "held_out": 2}},
-        "evaluate": {"ppl": [str(text)], "seq_len": 32, "window_every": 1},
+                    "data": {"source": text, "seq_len": 32, "held_out": 2}},
+        "evaluate": {"ppl": [text], "seq_len": 32, "window_every": 1},
         "bench": {"prefill_batch": 1, "prefill_len": 16, "decode_batches": [1], "decode_tokens": 4, "repeats": 1},
     }
 

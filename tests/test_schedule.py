@@ -21,9 +21,8 @@ from prunekit.runner import RecipeError, load_recipe
 from prunekit.runner import schedule as schedule_module
 from prunekit.runner.recipe import ScheduleSettings
 from prunekit.runner.stages import recipe_stages
-from tests.conftest import byte_tokenizer, tiny_model
+from tests.conftest import saved_tiny_llama, tiny_model
 
-TEXT = ("The cat sat on the mat. The dog sat on the log. A bird sat on the wire and sang. " * 60)
 
 
 @pytest.fixture(autouse=True)
@@ -33,19 +32,16 @@ def _single_thread(one_thread):
 
 @pytest.fixture
 def recipe(tmp_path) -> dict:
-    prunekit.save_model(tiny_model("llama", intermediate_size=128, max_position_embeddings=256), byte_tokenizer(),
-                        tmp_path / "dense")
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
+    model, text = saved_tiny_llama(tmp_path)
     return {
-        "model": str(tmp_path / "dense"),
+        "model": model,
         "stages": ["prune", "recover", "evaluate"],
         "prune": {"target": 0.3, "ffn_multiple": 16, "compensation": "none",
-                  "calibration": {"source": str(text), "n_samples": 8, "seq_len": 32}},
+                  "calibration": {"source": text, "n_samples": 8, "seq_len": 32}},
         "recover": {"method": "full", "tokens": 2 * 32 * 4 * 3, "lr": 0.003, "eval_every": 0, "checkpoint_every": 1,
-                    "data": {"source": str(text), "seq_len": 32, "held_out": 2}},
+                    "data": {"source": text, "seq_len": 32, "held_out": 2}},
         "schedule": {"rounds": 2},
-        "evaluate": {"ppl": [str(text)], "seq_len": 32, "window_every": 1, "dense": False},
+        "evaluate": {"ppl": [text], "seq_len": 32, "window_every": 1, "dense": False},
     }
 
 
