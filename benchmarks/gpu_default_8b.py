@@ -21,34 +21,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from random_llama import LLAMA3_8B, random_weights  # noqa: E402
 
 
-def build(home: str, layers: int | None):
+# `--tiny`: the same code path at toy sizes, so that a CPU smoke test can run the script before a GPU call
+TINY = {"hidden_size": 256, "intermediate_size": 768, "num_attention_heads": 8, "num_key_value_heads": 2,
+        "num_hidden_layers": 2, "vocab_size": 1024}
+
+
+def build(home: str, args):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**{**LLAMA3_8B, **({"num_hidden_layers": layers} if layers else {})},
-                         max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+    shape = {**LLAMA3_8B, **(TINY if args.tiny else {}), **({"num_hidden_layers": args.layers} if args.layers else {})}
+    config = LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    return random_weights(model, home, fill_device="cuda").eval()
+    return random_weights(model, home, fill_device=args.device).eval()
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def run(name: str, settings, args, ids) -> dict:
     from prunekit.pipeline import prune_loaded
 
-    model = build("cpu" if settings.layer_by_layer else "cuda", args.layers)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    model = build("cpu" if settings.layer_by_layer else args.device, args)
+    synchronize(args.device)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     record = prune_loaded(model, None, settings, progress=False, calibration=(ids, None))
-    torch.cuda.synchronize()
-    result = {"name": name, "seconds": round(time.perf_counter() - started, 1),
-              "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+    synchronize(args.device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    result = {"name": name, "seconds": round(time.perf_counter() - started, 1), "peak_gpu_gib": peak and round(peak, 2),
               "removed": record["removed"], "settings": {k: getattr(settings, k) for k in
                                                           ("criterion", "allocation", "prune", "compensation",
                                                            "layer_by_layer")}}
     print(json.dumps(result), flush=True)
     del model, record
-    torch.cuda.empty_cache()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
     return result
 
 
@@ -61,28 +73,37 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=None, help="fewer layers for a smoke test")
     parser.add_argument("--target", type=float, default=0.25)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, same code path (a CPU smoke test)")
+    parser.add_argument("--runs", default="default,layer-by-layer,previous",
+                        help="which of: default, layer-by-layer, previous (comma-separated)")
     args = parser.parse_args()
-    ids = torch.randint(0, LLAMA3_8B["vocab_size"], (args.rows, args.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, (TINY if args.tiny else LLAMA3_8B)["vocab_size"], (args.rows, args.seq_len), generator=torch.Generator().manual_seed(0))
     calibration = CalibrationSettings(n_samples=args.rows, seq_len=args.seq_len)
-    default = PruneSettings(target=args.target, device="cuda", batch_size=4, calibration=calibration)
+    default = PruneSettings(target=args.target, device=args.device, batch_size=4, calibration=calibration)
     # Taylor's backward pass at 4 rows of 2048 peaks at 93 GiB (GPU_BENCHMARKS.md): 2 rows fit an H100
-    previous = PruneSettings(target=args.target, device="cuda", batch_size=2, calibration=calibration,
+    previous = PruneSettings(target=args.target, device=args.device, batch_size=2, calibration=calibration,
                              criterion="taylor", allocation="global", prune=("channel", "head", "kv_group"),
                              compensation="sequential")
     record = {"what": __doc__.split("\n\n")[0].replace("\n", " "),
               "command": " ".join(["python", "benchmarks/gpu_default_8b.py", *sys.argv[1:]]),
-              "date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+              "date": datetime.date.today().isoformat(),
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
               "versions": {"torch": torch.__version__}, "calibration": f"random tokens, {args.rows} x {args.seq_len}",
               "runs": []}
     out = Path(args.out)
-    for name, settings in (("default, whole model", default),
-                           ("default, layer by layer", PruneSettings(**{**default.__dict__, "layer_by_layer": True})),
-                           ("previous default (Taylor), whole model", previous)):
+    chosen = {"default": ("default, whole model", default),
+              "layer-by-layer": ("default, layer by layer", PruneSettings(**{**default.__dict__, "layer_by_layer": True})),
+              "previous": ("previous default (Taylor), whole model", previous)}
+    for key in args.runs.split(","):
+        name, settings = chosen[key]
         try:
             record["runs"].append(run(name, settings, args, ids))
-        except torch.OutOfMemoryError as error:
-            record["runs"].append({"name": name, "error": str(error).splitlines()[0]})
-            torch.cuda.empty_cache()
+        except Exception as error:  # one failed run (out of memory above all) must not lose the others' figures
+            record["runs"].append({"name": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"})
+            print(record["runs"][-1], flush=True)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
         out.write_text(json.dumps(record, indent=1) + "\n")
 
 
