@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-every", type=int, default=16, help="WikiText-2: every n-th window")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--device", default="cpu", help="where pruning, recovery and evaluation run (cpu, cuda)")
     parser.add_argument("--data-dir", default=os.environ.get("PRUNEKIT_DATA_DIR"))
     parser.add_argument("--work", type=Path, default=Path("runs/adapt_pruner_schedule"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/adapt_pruner_schedule_cpu.json"))
@@ -94,12 +95,14 @@ def split_c4(data_dir: str, work: Path) -> tuple[Path, Path]:
 def recipe(args: argparse.Namespace, arm: str, train: Path) -> dict:
     """The recipe of one arm: recipes/adapt-pruner.yaml's prune, distillation from the original."""
     recover = {"method": "distill", "tokens": args.tokens, "batch_size": args.batch_size, "eval_every": 0,
+               "device": args.device,
                "checkpoint_every": 0,
                "precision": args.precision, "data": {"source": str(train), "seq_len": args.seq_len, "held_out": 4}}
     data = {
         "model": args.model, "stages": ["prune", "recover"], "data_dir": args.data_dir,
         "prune": {"target": args.target, "criterion": "adapt_pruner", "allocation": "adapt_pruner",
                   "prune": ["channel", "head", "kv_group"], "compensation": "none", "ffn_multiple": args.ffn_multiple,
+                  "device": args.device,
                   "calibration": {"source": str(train), "n_samples": args.calib_samples, "seq_len": args.seq_len}},
         "recover": recover,
     }
@@ -116,12 +119,13 @@ def evaluate(model_spec: str | Path, c4_ids: torch.Tensor, args: argparse.Namesp
     from prunekit.recover.train import held_out_perplexity
 
     model, tokenizer = prunekit.load(model_spec, dtype="float32")
+    model.to(args.device)
     started = time.perf_counter()
     wiki = perplexity(model, tokenizer, dataset="wikitext2", split="test", seq_len=args.eval_seq_len,
                       window_every=args.eval_every, protocol="raw", batch_size=4, data_dir=args.data_dir,
                       progress=False)
     with torch.no_grad():
-        c4 = held_out_perplexity(model, c4_ids, c4_ids.clone(), 4, torch.device("cpu"))
+        c4 = held_out_perplexity(model, c4_ids, c4_ids.clone(), 4, torch.device(args.device))
     structure = prunekit.model_structure(model)
     return {"wikitext2": round(wiki.perplexity, 3), "c4_held_out": round(c4, 3),
             "params": structure.total_params, "non_embedding_params": structure.non_embedding_params,

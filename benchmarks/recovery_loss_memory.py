@@ -8,7 +8,12 @@ recovery estimate of the same prunekit tree.
     python benchmarks/recovery_loss_memory.py --before-commit 463de77 --json benchmarks/results/recovery_loss_memory.json
 
 `--before-commit` names a commit whose src/ is run as "before" (git archive into a temporary
-directory, put first on PYTHONPATH); "after" is this checkout.
+directory, put first on PYTHONPATH); "after" is this checkout. `--before-src DIR` names such a
+tree already extracted (a machine without the git history, e.g. the GPU machine). With a CUDA
+GPU, recovery trains there (accelerate's choice) and the peak is torch's peak allocation on the
+device during the job, set beside the estimate for the device:
+
+    python benchmarks/recovery_loss_memory.py --before-src .gpu/before_src/src --batch-size 8 --seq-len 512 --json OUT.json
 """
 from __future__ import annotations
 
@@ -56,12 +61,21 @@ ONE_STEP = textwrap.dedent("""
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32) if method == "distill" else None
     structure = model_structure(model)
-    estimate = recovery_estimate(structure, structure if teacher is not None else None, "float32", lora=False,
-                                 batch_size=batch, seq_len=seq)
+    cuda = torch.cuda.is_available()
+    sizing = dict(lora=False, batch_size=batch, seq_len=seq)
+    try:
+        estimate = recovery_estimate(structure, structure if teacher is not None else None, "float32", **sizing,
+                                     device="cuda" if cuda else "cpu")
+    except TypeError:  # a tree from before the estimate knew devices
+        estimate = recovery_estimate(structure, structure if teacher is not None else None, "float32", **sizing)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        device_baseline = torch.cuda.memory_allocated()
     started = time.perf_counter()
     _, record = recover_loaded(model, tokenizer, settings, teacher=teacher, progress=False)
-    print(json.dumps({"prunekit": prunekit.__file__, "estimate_bytes": estimate.total,
-                      "estimate_parts": estimate.parts, "measured_bytes": status("VmHWM") - baseline,
+    measured = torch.cuda.max_memory_allocated() - device_baseline if cuda else status("VmHWM") - baseline
+    print(json.dumps({"prunekit": prunekit.__file__, "estimate_bytes": estimate.total, "device": "cuda" if cuda else "cpu",
+                      "estimate_parts": estimate.parts, "measured_bytes": measured,
                       "step_seconds": record["train_seconds"], "seconds": time.perf_counter() - started,
                       "loss": record["loss"][0]}))
 """)
@@ -74,17 +88,27 @@ def measure(method: str, batch: int, seq: int, text: Path, src: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["prunekit"]).resolve().is_relative_to(src.resolve()):  # else "before" measured "after"
+        raise SystemExit(f"the job imported prunekit from {result['prunekit']}, not from {src}")
     gib = lambda size: round(size / 2**30, 3)  # noqa: E731
-    return {"method": method, "prunekit": result["prunekit"], "measured_peak_over_start_gib": gib(result["measured_bytes"]),
+    return {"method": method, "prunekit": result["prunekit"], "device": result.get("device", "cpu"),
+            "measured_peak_over_start_gib": gib(result["measured_bytes"]),
             "estimate_gib": gib(result["estimate_bytes"]),
             "estimate_parts_gib": {k: gib(v) for k, v in result["estimate_parts"].items()},
             "estimate_over_measured": round(result["estimate_bytes"] / result["measured_bytes"], 3),
             "step_seconds": round(result["step_seconds"], 2), "first_loss": result["loss"]}
 
 
+def torch_device_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before-commit", default=None, help="run this commit's src/ as 'before'")
+    parser.add_argument("--before-src", default=None, help="an extracted src/ tree to run as 'before'")
     parser.add_argument("--methods", default="distill,full")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -100,11 +124,14 @@ def main() -> None:
                                      check=True).stdout
             subprocess.run(["tar", "-x", "-C", work], input=archive, check=True)
             trees = {"before": Path(work) / "src", **trees}
+        elif args.before_src:
+            trees = {"before": Path(args.before_src).resolve(), **trees}
         for name, src in trees.items():
             for method in args.methods.split(","):
                 runs.setdefault(name, {})[method] = measure(method, args.batch_size, args.seq_len, text, src)
                 print(name, json.dumps(runs[name][method]), flush=True)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=False)
     record = {
         "what": "peak resident memory one recovery step added to a fresh process (VmHWM after clear_refs, less the "
                 "resident set before the models were built), beside the recovery estimate of the same tree: a "
@@ -114,7 +141,8 @@ def main() -> None:
         "full_logits_of_one_batch_gib": round(args.batch_size * args.seq_len * SHAPE["vocab_size"] * 4 / 2**30, 3),
         "command": " ".join(["python", "benchmarks/recovery_loss_memory.py", *sys.argv[1:]]),
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads 2",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads 2"
+                   + (f", {torch_device_name()}" if torch_device_name() else ""),
         "checkout": head.stdout.strip(), "before_commit": args.before_commit, "runs": runs,
     }
     if args.json:
