@@ -11,7 +11,8 @@ here changes one thing against the measured setting, from the same dense model a
   does (0.5 removes about 30% of the non-embedding parameters here, 0.2 about 12%);
 - `fp32`: the gradient without prunekit's bf16 autocast (LLM-Pruner takes it in fp16 on a GPU);
 - `rows10`: the gradient on 10 calibration rows (LLM-Pruner's `--num_examples` default is 10);
-- `vector`: |sum of w * dL/dw| per channel (LLM-Pruner's `--taylor vectorize`).
+- `vector`: |sum of w * dL/dw| per channel (LLM-Pruner's `--taylor vectorize`);
+- `global`: channels ranked across layers 4-27 instead of the same width in each (`--global_pruning`).
 Calibration C4 128 x 512, seed 0; WikiText-2 `wiki.test.raw`, 512-token windows, every 16th, fp32.
 
     python benchmarks/llm_pruner_gap.py --data-dir ../shared/data --out benchmarks/results/llm_pruner_gap_cpu.json
@@ -33,7 +34,7 @@ import torch
 PROTECT = (0, 1, 2, 3, 28, 29)  # the layers LLM-Pruner's measured run left whole (it pruned MLPs 4-27)
 # name -> criterion options; what each variant changes against the measured setting
 SCORINGS = {"as-measured": {}, "per-layer": {}, "fp32": {"autocast": False}, "rows10": {"tokens": 10 * 512},
-            "vector": {"variant": "vector"}}
+            "vector": {"variant": "vector"}, "global": {}}
 DEFAULT_VARIANTS = "as-measured@0.5,per-layer@0.5,per-layer@0.2,rows10@0.5,fp32@0.5,vector@0.5"
 
 
@@ -91,8 +92,8 @@ def main() -> int:
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
         "versions": versions(),
-        "setting": f"criterion taylor, allocation uniform, prune channel, compensation none, protect_layers "
-                   f"{list(PROTECT)}, ffn_multiple {args.ffn_multiple}; calibration c4 128x512 seed 0; wikitext2 raw "
+        "setting": f"criterion taylor, allocation uniform (global where a run says so), prune channel, compensation "
+                   f"none, protect_layers {list(PROTECT)}, ffn_multiple {args.ffn_multiple}; calibration c4 128x512 seed 0; wikitext2 raw "
                    f"test, 512-token windows, every {args.eval_every}th, fp32",
         "runs": [],
     }
@@ -109,7 +110,8 @@ def main() -> int:
             target, kept = per_layer_target(structure, ratio, args.ffn_multiple)
         else:
             target, kept = ratio, None
-        settings = PlannerSettings(target=target, allocation="uniform", prune=("channel",),
+        allocation = "global" if name == "global" else "uniform"
+        settings = PlannerSettings(target=target, allocation=allocation, prune=("channel",),
                                    ffn_multiple=args.ffn_multiple, protect_layers=PROTECT)
         plan = make_plan(structure, scores, settings, comparable=get_criterion("taylor").comparable)
         model = copy.deepcopy(dense)
@@ -117,8 +119,10 @@ def main() -> int:
         result = perplexity(model, tokenizer, dataset="wikitext2", split="test", seq_len=512,
                             window_every=args.eval_every, protocol="raw", batch_size=args.batch_size,
                             data_dir=args.data_dir, progress=False)
-        widths = sorted({s.intermediate_size for i, s in enumerate(after.layers) if i not in PROTECT})
-        run = {"variant": name, "ratio": ratio, "criterion_options": options, "target": round(target, 6),
+        widths = [s.intermediate_size for i, s in enumerate(after.layers) if i not in PROTECT]
+        widths = sorted(set(widths)) if allocation == "uniform" else widths
+        run = {"variant": name, "ratio": ratio, "criterion_options": options, "allocation": allocation,
+               "target": round(target, 6),
                "removed_non_embedding": round(removed_fraction(structure, after, "non-embedding"), 4),
                "kept_channels_pruned_layers": widths, "llm_pruner_kept": kept,
                "wikitext2_ppl": round(result.perplexity, 2), "windows": result.n_windows,
