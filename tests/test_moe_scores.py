@@ -55,7 +55,8 @@ def _direct_scores(model, ids):
 
 def test_expert_criteria_are_registered():
     assert CRITERIA["frequency"].kinds == ("expert",)
-    assert CRITERIA["reap"].kinds == ("expert", "expert_channel")  # REAP's channel analogue too
+    # REAP's channel analogue too, inside routed experts and (gated by its sigmoid) in a shared expert
+    assert CRITERIA["reap"].kinds == ("expert", "expert_channel", "channel")
 
 
 def test_reap_and_frequency_match_direct_computation(moe_family):
@@ -112,7 +113,7 @@ def test_reap_scores_plan_and_cut(moe_family):
 @pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
 def test_dense_criteria_score_attention_of_moe_models(moe_family, criterion):
     """Heads and KV groups of a MoE model score and prune with the dense criteria; the experts'
-    MLP blocks get no channel scores (channels inside experts are not pruned)."""
+    MLP blocks get no channel scores from activation and taylor; magnitude scores a shared expert's."""
     from prunekit import apply_plan
     from prunekit.plan.planner import PlannerSettings, make_plan
 
@@ -122,7 +123,8 @@ def test_dense_criteria_score_attention_of_moe_models(moe_family, criterion):
     structure = model_structure(model)
     for i, shape in enumerate(structure.layers):
         assert scores.values["head"][i].numel() == shape.num_attention_heads
-        assert scores.values["channel"][i].numel() == (0 if shape.num_experts else shape.intermediate_size)
+        shared = shape.shared_expert_size if criterion == "magnitude" else 0
+        assert scores.values["channel"][i].numel() == (shared if shape.num_experts else shape.intermediate_size)
     plan = make_plan(structure, scores, PlannerSettings(target=0.1, prune=("head", "kv_group")),
                      comparable=CRITERIA[criterion].comparable)
     if architecture_for(moe_family).attention_norms_span_heads:  # OLMoE refuses head pruning

@@ -18,7 +18,7 @@ class CommandLineError(PrunekitError, ValueError):
 
 
 def format_structure(structure, title: str, seq_len: int) -> str:
-    from prunekit.models.structure import LayerShape, format_count
+    from prunekit.models.structure import format_count
 
     lines = [
         f"{title}: {structure.model_type}, {structure.num_layers} layers, hidden {structure.hidden_size}, "
@@ -32,8 +32,8 @@ def format_structure(structure, title: str, seq_len: int) -> str:
     ]
     for i, shape in enumerate(structure.layers):
         costs = structure.layer_costs[i]
-        attention = costs.params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - costs.other
-        mlp = costs.params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - costs.other
+        attention = costs.params(shape.attention_part()) - costs.other
+        mlp = costs.params(shape.mlp_part()) - costs.other
         groups = (
             f"{shape.num_key_value_heads} x {shape.heads_per_group} q/group" if shape.num_attention_heads else "attention removed"
         )

@@ -615,7 +615,7 @@ def load_scores_for(path: str | Path, structure: ModelStructure) -> Scores:
     scores = Scores.load(path)
     counts = {"head": [s.num_attention_heads for s in structure.layers],
               "kv_group": [s.num_key_value_heads for s in structure.layers],
-              "channel": [0 if s.num_experts else s.intermediate_size for s in structure.layers],
+              "channel": [s.dense_ffn_width for s in structure.layers],  # a MoE layer's shared expert
               "expert": [s.num_experts for s in structure.layers],
               "expert_channel": [s.num_experts * s.intermediate_size for s in structure.layers],
               "hidden": [structure.hidden_size] * structure.num_layers}  # each layer's share of every residual channel

@@ -167,8 +167,8 @@ def _sublayer_params(structure: ModelStructure) -> tuple[int, int]:
     """Parameters of all attention sublayers and of all MLP sublayers (their norms included)."""
     attention = mlp = 0
     for shape, costs in zip(structure.layers, structure.layer_costs):
-        attention += costs.params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - costs.other
-        mlp += costs.params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - costs.other
+        attention += costs.params(shape.attention_part()) - costs.other
+        mlp += costs.params(shape.mlp_part()) - costs.other
     return attention, mlp
 
 

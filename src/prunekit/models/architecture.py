@@ -67,9 +67,11 @@ class Architecture:
     num_experts_key: str | None = None
     expert_width_key: str = "intermediate_size"
     top_k_key: str = "num_experts_per_tok"
-    # An always-on expert beside the routed ones (Qwen2-MoE), scaled by sigmoid(shared_expert_gate).
+    # An always-on expert beside the routed ones (Qwen2-MoE), scaled by sigmoid(shared_expert_gate):
+    # a dense gated MLP with the family's gate/up/down names, as wide as config[shared_expert_width_key].
     shared_expert: str | None = None
     shared_expert_gate: str | None = None
+    shared_expert_width_key: str | None = None
     # q/k norms over all heads at once (OLMoE), not per head: head pruning would change the kept
     # heads' outputs, so surgery refuses it.
     attention_norms_span_heads: bool = False

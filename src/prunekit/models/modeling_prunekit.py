@@ -119,7 +119,11 @@ def set_mlp_width(layer: nn.Module, arch: dict, intermediate_size: int, config) 
         for norm in arch["mlp_norms"]:
             setattr(layer, norm, nn.Identity())
         return
-    hidden = config.hidden_size
+    _set_ffn_width(mlp, arch, intermediate_size, config.hidden_size)
+
+
+def _set_ffn_width(mlp: nn.Module, arch: dict, intermediate_size: int, hidden: int) -> None:
+    """New (uninitialised) gate/up rows and down columns for a gated FFN of `intermediate_size` channels."""
     if arch["gate_up_proj"]:
         fused = getattr(mlp, arch["gate_up_proj"])
         setattr(mlp, arch["gate_up_proj"], empty_linear(hidden, 2 * intermediate_size, fused))
@@ -129,6 +133,19 @@ def set_mlp_width(layer: nn.Module, arch: dict, intermediate_size: int, config) 
     setattr(mlp, arch["down_proj"], empty_linear(intermediate_size, hidden, getattr(mlp, arch["down_proj"])))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = intermediate_size
+
+
+def shared_expert_of(layer: nn.Module, arch: dict) -> nn.Module | None:
+    """The shared expert of `layer`'s MoE block (Qwen2-MoE), or None (a dense, removed or plain MoE MLP)."""
+    mlp = getattr(layer, arch["mlp"])
+    name = arch.get("shared_expert")
+    return getattr(mlp, name) if name and moe_parts(mlp, arch) is not None else None
+
+
+def set_shared_expert_width(layer: nn.Module, arch: dict, width: int, config) -> None:
+    """Give the shared expert of `layer`'s MoE block `width` channels (its gate/up rows and down
+    columns, uninitialised: the caller loads weights)."""
+    _set_ffn_width(shared_expert_of(layer, arch), arch, width, config.hidden_size)
 
 
 def moe_parts(mlp: nn.Module, arch: dict) -> tuple[nn.Module, nn.Module] | None:
@@ -182,6 +199,10 @@ def apply_layer_shapes(model: nn.Module, arch: dict, layer_shapes: list[dict]) -
             elif (shape.get("num_experts", 0), ffn) != (getattr(config, arch["num_experts_key"]),
                                                         getattr(config, arch["expert_width_key"])):
                 set_expert_count(layer, arch, shape["num_experts"], config, width=ffn)
+            # (shapes saved before shared experts were pruned do not list them: those kept the config's width)
+            shared, width_key = shape.get("shared_expert_size"), arch.get("shared_expert_width_key")
+            if ffn and shared and width_key and shared != getattr(config, width_key):
+                set_shared_expert_width(layer, arch, shared, config)
         elif ffn != config.intermediate_size:
             set_mlp_width(layer, arch, ffn, config)
 
@@ -193,7 +214,8 @@ def _pruned_classes(base_model_type: str, architecture_items: tuple, config_mode
     base_model_class = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base_model_type])
 
     class PrunekitConfig(base_config_class):
-        """The family's config plus `layer_shapes`: per decoder layer, its head counts and FFN width.
+        """The family's config plus `layer_shapes`: per decoder layer, its head counts and FFN width
+        (and in a MoE layer its expert count and shared expert's width).
 
         The family's own fields keep the values of the model before pruning (the stock config
         validates them, e.g. that heads divide hidden_size); `layer_shapes` overrides them.

@@ -15,12 +15,20 @@ from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, deco
 class LayerShape:
     """Widths of one decoder layer; 0 heads means no attention sublayer, 0 channels no MLP.
     In a MoE layer `intermediate_size` is each routed expert's width and `num_experts` their count
-    (0: a dense MLP)."""
+    (0: a dense MLP); `shared_expert_size` is the width of its shared expert (Qwen2-MoE; 0: none).
+    A layer whose MLP is gone has intermediate_size 0 and no shared expert."""
 
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
     num_experts: int = 0
+    shared_expert_size: int = 0
+
+    @property
+    def dense_ffn_width(self) -> int:
+        """The units of the dense `channel` structure: a dense layer's FFN channels, a MoE layer's
+        shared expert's (0 for a MoE layer without one)."""
+        return self.shared_expert_size if self.num_experts else self.intermediate_size
 
     @property
     def heads_per_group(self) -> int:
@@ -30,7 +38,17 @@ class LayerShape:
         out = asdict(self)
         if not self.num_experts:  # dense layers read as they always have
             del out["num_experts"]
+        if not self.shared_expert_size:  # so do MoE layers without a shared expert
+            del out["shared_expert_size"]
         return out
+
+    def attention_part(self) -> LayerShape:
+        """This layer's attention alone (what its attention costs, with LayerCosts.params)."""
+        return LayerShape(self.num_attention_heads, self.num_key_value_heads, 0)
+
+    def mlp_part(self) -> LayerShape:
+        """This layer's MLP alone: routed experts, their widths and the shared expert."""
+        return replace(self, num_attention_heads=0, num_key_value_heads=0)
 
 
 @dataclass(frozen=True)
@@ -49,10 +67,12 @@ class LayerCosts:
     attention_hidden_vectors: int = 0
     mlp_hidden_vectors: int = 0
     head_dim: int = 0
-    # A MoE layer: one routed expert's router row (and bias), and one channel of one expert (its
-    # gate and up rows and down column). mlp_fixed holds the shared expert and its gate.
+    # A MoE layer: one routed expert's router row (and bias), one channel of one expert (its
+    # gate and up rows and down column), and one channel of the shared expert (the same, with
+    # biases if it has them). mlp_fixed holds the shared expert's gate.
     per_expert: int = 0
     per_expert_channel: int = 0
+    per_shared_channel: int = 0
 
     def at_hidden_size(self, old: int, new: int) -> LayerCosts:
         """These costs for a model whose residual stream has `new` channels instead of `old`."""
@@ -66,6 +86,7 @@ class LayerCosts:
             per_channel=self.per_channel + 3 * delta if self.per_channel else 0,
             per_expert=self.per_expert + delta if self.per_expert else 0,
             per_expert_channel=self.per_expert_channel + 3 * delta if self.per_expert_channel else 0,
+            per_shared_channel=self.per_shared_channel + 3 * delta if self.per_shared_channel else 0,
         )
 
     def params(self, shape: LayerShape) -> int:
@@ -75,12 +96,13 @@ class LayerCosts:
         )
         mlp = (self.mlp_fixed + shape.intermediate_size * self.per_channel
                + shape.num_experts * (self.per_expert + shape.intermediate_size * self.per_expert_channel)
+               + shape.shared_expert_size * self.per_shared_channel
                if shape.intermediate_size else 0)
         return attention + mlp + self.other
 
     def active_params(self, shape: LayerShape, experts_per_token: int) -> int:
         """The parameters one token runs through: all of them, but only the top-k routed experts
-        of a MoE layer (the router still scores every expert)."""
+        of a MoE layer (the router still scores every expert; the shared expert runs for every token)."""
         idle = max(shape.num_experts - min(experts_per_token, shape.num_experts), 0)
         return self.params(shape) - (idle * shape.intermediate_size * self.per_expert_channel if shape.intermediate_size else 0)
 
@@ -191,8 +213,8 @@ class ModelStructure:
                     "heads_per_group": shape.heads_per_group,
                     "layer_type": self.layer_types[i] if self.layer_types else None,
                     "params": self.layer_params(i),
-                    "attention_params": self.layer_costs[i].params(LayerShape(shape.num_attention_heads, shape.num_key_value_heads, 0)) - self.layer_costs[i].other,
-                    "mlp_params": self.layer_costs[i].params(LayerShape(0, 0, shape.intermediate_size, shape.num_experts)) - self.layer_costs[i].other,
+                    "attention_params": self.layer_costs[i].params(shape.attention_part()) - self.layer_costs[i].other,
+                    "mlp_params": self.layer_costs[i].params(shape.mlp_part()) - self.layer_costs[i].other,
                 }
                 for i, shape in enumerate(self.layers)
             ],
@@ -213,6 +235,15 @@ def _params(module: nn.Module) -> int:
 
 def _bias_size(linear: nn.Linear) -> int:
     return 1 if linear.bias is not None else 0
+
+
+def _ffn_costs(mlp: nn.Module, arch: Architecture, hidden: int) -> tuple[int, int, int]:
+    """A gated dense FFN (a dense layer's MLP, or a shared expert): its width, the parameters of one
+    channel (its gate and up rows with their biases, its down column) and its vectors of hidden size
+    that do not scale with the width (down's bias)."""
+    down = getattr(mlp, arch.down_proj)
+    up = getattr(mlp, arch.gate_up_proj or arch.up_proj)
+    return down.in_features, 2 * (hidden + _bias_size(up)) + hidden, _bias_size(down)
 
 
 def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, head_dim: int) -> tuple[LayerShape, LayerCosts]:
@@ -240,29 +271,28 @@ def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, he
         per_query_head = head_dim * (hidden + q_bias) + head_dim * hidden
         per_kv_group = 2 * head_dim * (hidden + kv_bias)
         attention_vectors += _bias_size(o_proj)
-    ffn = per_channel = num_experts = per_expert = per_expert_channel = 0
+    ffn = per_channel = num_experts = per_expert = per_expert_channel = shared = per_shared_channel = 0
     moe = moe_parts(mlp, arch.to_dict())
     if moe is not None:
         router, experts = moe
         num_experts, ffn = experts.down_proj.shape[0], experts.down_proj.shape[2]
         per_expert = hidden + (1 if getattr(router, "bias", None) is not None else 0)
         per_expert_channel = 3 * hidden
-        # the shared expert reads and writes the stream (gate/up columns, down rows), its gate reads it
-        for name in (arch.shared_expert, arch.shared_expert_gate):
-            if name:
-                mlp_vectors += _params(getattr(mlp, name)) // hidden
+        if arch.shared_expert:  # a dense MLP every token runs: its channels are costed like a dense FFN's
+            shared, per_shared_channel, bias_vectors = _ffn_costs(getattr(mlp, arch.shared_expert), arch, hidden)
+            mlp_vectors += bias_vectors
+        if arch.shared_expert_gate:  # reads the stream
+            mlp_vectors += _params(getattr(mlp, arch.shared_expert_gate)) // hidden
     elif not isinstance(mlp, RemovedMLP):
-        down = getattr(mlp, arch.down_proj)
-        ffn = down.in_features
-        up = getattr(mlp, arch.gate_up_proj or arch.up_proj)
-        per_channel = 2 * (hidden + _bias_size(up)) + hidden
-        mlp_vectors += _bias_size(down)
-    shape = LayerShape(heads, kv_heads, ffn, num_experts)
+        ffn, per_channel, bias_vectors = _ffn_costs(mlp, arch, hidden)
+        mlp_vectors += bias_vectors
+    shape = LayerShape(heads, kv_heads, ffn, num_experts, shared)
     costs = LayerCosts(
         attention_fixed=attention_total - heads * per_query_head - kv_heads * per_kv_group if heads else attention_total,
         per_query_head=per_query_head,
         per_kv_group=per_kv_group,
-        mlp_fixed=mlp_total - ffn * per_channel - num_experts * (per_expert + ffn * per_expert_channel) if ffn else mlp_total,
+        mlp_fixed=(mlp_total - ffn * per_channel - num_experts * (per_expert + ffn * per_expert_channel)
+                   - shared * per_shared_channel) if ffn else mlp_total,
         per_channel=per_channel,
         other=other,
         attention_hidden_vectors=attention_vectors if heads else 0,
@@ -270,6 +300,7 @@ def _layer_shape_and_costs(layer: nn.Module, arch: Architecture, hidden: int, he
         head_dim=head_dim,
         per_expert=per_expert,
         per_expert_channel=per_expert_channel,
+        per_shared_channel=per_shared_channel,
     )
     return shape, costs
 

@@ -13,7 +13,8 @@ surgery executes a plan and never sees a score.
         "6": {"drop_attention": true},
         "7": {"drop_mlp": true},
         "8": {"keep_experts": [0, 2, 3, 5]},          # routed experts of a MoE layer (router rows too)
-        "9": {"keep_expert_channels": [[0, 4], [1, 4], ...]}  # FFN channels of each kept routed expert
+        "9": {"keep_expert_channels": [[0, 4], [1, 4], ...]}, # FFN channels of each kept routed expert
+        "10": {"keep_shared_expert_channels": [0, 3, ...]}    # FFN channels of a MoE layer's shared expert
       },
       "meta": {...}                    # free-form: who made it, criterion, target
     }
@@ -29,10 +30,12 @@ router rows stay, the rest go, and top-k becomes at most the experts left. Remov
 the same as masking its router logit to -inf. Keeping none is refused (say `drop_mlp`).
 `keep_expert_channels` keeps FFN channels inside the routed experts: one list per kept expert (in
 the order of their source indices), every list as long as the others, since a MoE layer's experts
-share one width. Each expert keeps its own channels (rows of its gate/up, columns of its down). A
-Qwen2-MoE shared expert keeps its width. `keep_channels` is refused on a MoE layer. A pruned expert
-width is a multiple of 8: transformers' default experts kernel (grouped GEMM) needs each expert's
-rows to span a multiple of 16 bytes, which 8 bfloat16 values do.
+share one width. Each expert keeps its own channels (rows of its gate/up, columns of its down).
+`keep_channels` is refused on a MoE layer. A pruned expert width is a multiple of 8: transformers'
+default experts kernel (grouped GEMM) needs each expert's rows to span a multiple of 16 bytes, which
+8 bfloat16 values do. `keep_shared_expert_channels` keeps FFN channels of a MoE layer's shared
+expert (Qwen2-MoE: a dense MLP that every token runs, scaled by a sigmoid gate): rows of its
+gate/up, columns of its down, any number but none (say `drop_mlp`, which removes the whole block).
 
 `keep_hidden` prunes the model's hidden size: the embedding columns, the output head's input
 columns, every norm over the residual stream, the input columns of q/k/v/gate/up and the output
@@ -52,9 +55,9 @@ PLAN_FORMAT = "prunekit.plan/1"
 # What a pruned expert width must be a multiple of: transformers' grouped-GEMM experts kernel (its
 # default for fused MoE experts) refuses weight strides that are not a multiple of 16 bytes.
 EXPERT_WIDTH_MULTIPLE = 8
-_LAYER_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "keep_experts", "keep_expert_channels",
-               "drop_attention", "drop_mlp")
-_KEEP_KEYS = _LAYER_KEYS[:5]
+_KEEP_KEYS = ("keep_query_heads", "keep_kv_groups", "keep_channels", "keep_experts", "keep_expert_channels",
+              "keep_shared_expert_channels")
+_LAYER_KEYS = _KEEP_KEYS + ("drop_attention", "drop_mlp")
 _PLAN_KEYS = ("format", "model", "drop_layers", "keep_hidden", "layers", "meta")
 
 
@@ -71,6 +74,7 @@ class LayerPlan:
     drop_mlp: bool = False
     keep_experts: tuple[int, ...] | None = None
     keep_expert_channels: tuple[tuple[int, ...], ...] | None = None   # per kept routed expert
+    keep_shared_expert_channels: tuple[int, ...] | None = None        # of a MoE layer's shared expert
 
     def to_dict(self) -> dict:
         out: dict = {}
@@ -189,7 +193,9 @@ def structure_signature(structure: ModelStructure) -> dict:
         "hidden_size": structure.hidden_size,
         "head_dim": structure.head_dim,
         "vocab_size": structure.vocab_size,
-        "layers": [[s.num_attention_heads, s.num_key_value_heads, s.intermediate_size] + ([s.num_experts] if s.num_experts else [])
+        # MoE layers add their expert count, and then their shared expert's width if they have one
+        "layers": [[s.num_attention_heads, s.num_key_value_heads, s.intermediate_size]
+                   + ([s.num_experts] if s.num_experts else []) + ([s.shared_expert_size] if s.shared_expert_size else [])
                    for s in structure.layers],
     }
 
@@ -205,11 +211,12 @@ class KeptLayer:
     experts: tuple[int, ...] = ()   # kept routed experts of a MoE layer (`channels` then spans one expert's width)
     # the channels each kept expert keeps, in the order of `experts`; () when every expert keeps all of its own
     expert_channels: tuple[tuple[int, ...], ...] = ()
+    shared_channels: tuple[int, ...] = ()  # kept channels of a MoE layer's shared expert (all of them if unpruned)
 
     @property
     def shape(self) -> LayerShape:
         width = len(self.expert_channels[0]) if self.expert_channels else len(self.channels)
-        return LayerShape(len(self.query_heads), len(self.kv_groups), width, len(self.experts))
+        return LayerShape(len(self.query_heads), len(self.kv_groups), width, len(self.experts), len(self.shared_channels))
 
 
 def _check_indices(indices: tuple[int, ...], size: int, what: str) -> tuple[int, ...]:
@@ -302,8 +309,28 @@ def resolve_plan(plan: Plan, structure: ModelStructure) -> list[KeptLayer]:
                     f"say so with \"drop_mlp\": true"
                 )
         experts = _kept_experts(index, shape, lp, channels)
-        kept.append(KeptLayer(index, heads, groups, channels, experts, _kept_expert_channels(index, shape, lp, experts)))
+        kept.append(KeptLayer(index, heads, groups, channels, experts, _kept_expert_channels(index, shape, lp, experts),
+                              _kept_shared_channels(index, shape, lp, experts)))
     return kept
+
+
+def _kept_shared_channels(index: int, shape: LayerShape, lp: LayerPlan, experts: tuple[int, ...]) -> tuple[int, ...]:
+    """The kept channels of a MoE layer's shared expert: all of them unless the plan names some."""
+    if lp.keep_shared_expert_channels is None:
+        return tuple(range(shape.shared_expert_size)) if experts else ()
+    if not shape.shared_expert_size:
+        fix = ("keep_channels prunes a dense MLP" if shape.intermediate_size and not shape.num_experts else
+               "its experts are pruned with keep_experts / keep_expert_channels" if shape.num_experts else "its MLP is gone")
+        raise PlanError(f"layer {index} has no shared expert, yet the plan keeps channels of it; remove its "
+                        f"keep_shared_expert_channels ({fix})")
+    if not experts:
+        raise PlanError(f"layer {index} has no MLP left, yet the plan keeps channels of its shared expert")
+    channels = _check_indices(lp.keep_shared_expert_channels, shape.shared_expert_size,
+                              f"layer {index} keep_shared_expert_channels")
+    if not channels:
+        raise PlanError(f"layer {index}: the plan keeps no channels of its shared expert; a MoE block cannot run without "
+                        f"it, so keep some, or remove the whole block with \"drop_mlp\": true")
+    return channels
 
 
 def _kept_expert_channels(index: int, shape: LayerShape, lp: LayerPlan,
@@ -366,18 +393,24 @@ def _check_made_for(expected: dict, structure: ModelStructure) -> None:
         for key in ("model_type", "hidden_size", "head_dim", "vocab_size")
         if key in expected and expected[key] != actual[key]
     ]
-    if "layers" in expected and expected["layers"] != actual["layers"]:
-        exp, act = expected["layers"], actual["layers"]
+    exp, act = expected.get("layers"), actual["layers"]
+    if exp is not None and (len(exp) != len(act) or not all(map(_same_layer, exp, act))):
         if len(exp) != len(act):
             differences.append(f"{len(exp)} layers vs {len(act)}")
         else:
-            first = next(i for i, (a, b) in enumerate(zip(exp, act)) if a != b)
+            first = next(i for i, (a, b) in enumerate(zip(exp, act)) if not _same_layer(a, b))
             differences.append(f"layer {first} [heads, kv heads, ffn] {exp[first]} vs {act[first]}")
     if differences:
         raise PlanError(
             "this plan was made for another model (plan vs model: " + "; ".join(differences) +
             "); make a new plan for this model"
         )
+
+
+def _same_layer(expected: list, actual: list) -> bool:
+    """One layer's widths agree; a plan made before signatures listed the shared expert's width
+    (a MoE layer of four numbers) still matches its model."""
+    return list(expected) == actual or (len(expected) == 4 and len(actual) == 5 and list(expected) == actual[:4])
 
 
 def predicted_structure(plan: Plan, structure: ModelStructure) -> ModelStructure:

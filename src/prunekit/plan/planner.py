@@ -1,7 +1,8 @@
 """From scores to a plan: remove the least important structures until a target is met.
 
 Moves, each removing one unit of structure from a layer (or from every layer, for `uniform`):
-    channel   - the `ffn_multiple` lowest-scored FFN channels (widths stay multiples of it)
+    channel   - the `ffn_multiple` lowest-scored FFN channels (widths stay multiples of it); on a MoE
+                layer, the channels of its shared expert (Qwen2-MoE), a dense MLP every token runs
     head      - the lowest-scored query head of every kept KV group (GQA stays balanced)
     kv_group  - the lowest-scored KV group with its query heads
     attention / mlp - the whole sublayer;  layer - the whole decoder layer
@@ -101,13 +102,13 @@ class _LayerState:
     index: int
     groups: list[int]                 # kept KV groups, least important first
     heads_by_group: dict[int, list[int]]   # kept query heads of each group, least important first
-    channels: list[int]               # kept channels, least important first
+    channels: list[int]               # kept channels (of a MoE layer: its shared expert's), least important first
     attention: bool
     mlp: bool
     dropped: bool = False
     damage: dict[str, float] = field(default_factory=lambda: {"attention": 0.0, "mlp": 0.0})
     experts: list[int] = field(default_factory=list)  # kept routed experts of a MoE layer, least important first
-    moe: bool = False                 # a MoE layer: `channels` go unused, each expert has its own
+    moe: bool = False                 # a MoE layer: each expert has its own channels; `channels` are the shared expert's
     # kept channels of every routed expert (removed ones too), least important first; one width for all
     expert_channels: dict[int, list[int]] = field(default_factory=dict)
 
@@ -117,14 +118,14 @@ class _LayerState:
         heads = sum(len(self.heads_by_group[g]) for g in self.groups) if self.attention else 0
         width = len(next(iter(self.expert_channels.values()))) if self.moe else len(self.channels)
         return LayerShape(heads, len(self.groups) if self.attention else 0, width if self.mlp else 0,
-                          len(self.experts) if self.mlp else 0)
+                          len(self.experts) if self.mlp else 0, len(self.channels) if self.mlp and self.moe else 0)
 
 
 def unit_totals(structure: ModelStructure) -> dict[str, int]:
     """How many units of each kind a model has: what `limits` count fractions of."""
     shapes = structure.layers
     return {
-        "channel": sum(s.intermediate_size for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
+        "channel": sum(s.dense_ffn_width for s in shapes), "head": sum(s.num_attention_heads for s in shapes),
         "kv_group": sum(s.num_key_value_heads for s in shapes), "attention": sum(s.num_attention_heads > 0 for s in shapes),
         "mlp": sum(s.intermediate_size > 0 for s in shapes), "layer": len(shapes),
         "hidden": structure.hidden_size, "expert": sum(s.num_experts for s in shapes),
@@ -151,9 +152,8 @@ class _Planner:
                 groups=_order(group_scores, range(shape.num_key_value_heads)),
                 heads_by_group={g: _order(head_scores, range(g * per_group, (g + 1) * per_group))
                                 for g in range(shape.num_key_value_heads)},
-                # a MoE layer's channels are each expert's (expert_channels): its own list goes unused
-                channels=list(range(shape.intermediate_size)) if shape.num_experts else
-                _order(self._unit_scores("channel", i, shape.intermediate_size), range(shape.intermediate_size)),
+                # a MoE layer's own channels are its shared expert's (each routed expert's are in expert_channels)
+                channels=_order(self._unit_scores("channel", i, shape.dense_ffn_width), range(shape.dense_ffn_width)),
                 attention=shape.num_attention_heads > 0,
                 mlp=shape.intermediate_size > 0,
                 experts=_order(self._unit_scores("expert", i, shape.num_experts), range(shape.num_experts)),
@@ -278,12 +278,13 @@ class _Planner:
                 values = self._expert_channel_scores(i, self.structure.layers[i])
                 damage = float(sum(values[e, list(state.expert_channels[e][:cut])].sum() for e in state.experts))
                 yield ("expert_channel", damage, bought(replace(before, intermediate_size=keep)), i, cut * len(state.experts))
-        if "channel" in kinds and state.mlp and not state.moe and len(state.channels) > m:
+        if "channel" in kinds and state.mlp and len(state.channels) > m:
             keep = (len(state.channels) - 1) // m * m
             cut = state.channels[:len(state.channels) - keep]
             if self._allowed("channel", len(cut), ignore_limits):
-                damage = float(self._unit_scores("channel", i, self.structure.layers[i].intermediate_size)[cut].sum())
-                yield ("channel", damage, bought(replace(before, intermediate_size=keep)), i, len(cut))
+                damage = float(self._unit_scores("channel", i, self.structure.layers[i].dense_ffn_width)[cut].sum())
+                narrower = replace(before, shared_expert_size=keep) if state.moe else replace(before, intermediate_size=keep)
+                yield ("channel", damage, bought(narrower), i, len(cut))
         if state.attention:
             per_group = len(state.heads_by_group[state.groups[0]])
             if "head" in kinds and per_group > 1 and self._allowed("head", len(state.groups), ignore_limits):
@@ -380,7 +381,8 @@ def _uniform(planner: _Planner, goal: float) -> None:
         for kind in ("channel", "head", "kv_group", "expert", "expert_channel"):
             per_layer = [next(planner._moves_in_layer(s, kinds=(kind,)), None) for s in planner.layers
                          if not s.dropped and s.index not in planner.settings.protect_layers
-                         and (s.moe if kind in ("expert", "expert_channel") else not (kind == "channel" and s.moe))]
+                         and (s.moe if kind in ("expert", "expert_channel") else
+                              not (kind == "channel" and s.moe and not planner.structure.layers[s.index].dense_ffn_width))]
             if per_layer and all(mv is not None for mv in per_layer):
                 damage, gained = sum(mv[1] for mv in per_layer), sum(mv[2] for mv in per_layer)
                 if gained > 0:
@@ -510,8 +512,10 @@ def _fill_sublayer_budgets(planner: _Planner, goal: float, ratios: torch.Tensor)
             continue
         whole = planner._layer_basis(i, shape)
         without_attention = replace(shape, num_attention_heads=0, num_key_value_heads=0)
+        # a MoE layer's channel moves narrow its shared expert only: its ratio is of that expert's part
+        without_channels = replace(shape, shared_expert_size=0) if shape.num_experts else replace(shape, intermediate_size=0)
         parts = ((attention_kinds, whole - planner._layer_basis(i, without_attention)),
-                 (("channel",) if "channel" in width else (), whole - planner._layer_basis(i, replace(shape, intermediate_size=0))))
+                 (("channel",) if "channel" in width else (), whole - planner._layer_basis(i, without_channels)))
         for kinds, part in parts:
             if kinds and part > 0:
                 _greedy(planner, float(ratios[i]) * part, layers=[i], kinds=kinds, overshoot=False)
@@ -633,6 +637,7 @@ def search_space(structure: ModelStructure, scores: Scores, settings: PlannerSet
     start is global allocation's plan: the search begins where the default ends."""
     settings.validate()
     check_reachable(structure, settings)
+    check_shared_expert_scores(structure, scores, settings)
     kinds = tuple(k for k in settings.prune if k in WIDTH_KINDS)
     walker = _Planner(structure, scores, settings, comparable)
     chains = []
@@ -686,6 +691,7 @@ def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettin
             f"--kinds) or prune only {[k for k in settings.prune if scores.has(k)]}"
         )
     check_reachable(structure, settings)
+    check_shared_expert_scores(structure, scores, settings)
     if settings.allocation == "search":
         raise PlanError("allocation 'search' measures candidate models, so it needs the model and calibration data: "
                         "run it through prunekit.prune (or `prunekit prune --allocation search`), not make_plan")
@@ -694,6 +700,21 @@ def make_plan(structure: ModelStructure, scores: Scores, settings: PlannerSettin
     ALLOCATORS[settings.allocation](planner, settings.target * total)
     achieved = 1 - planner.basis_total(planner.shapes()) / total
     return _to_plan(planner, structure, settings, scores, achieved)
+
+
+def check_shared_expert_scores(structure: ModelStructure, scores: Scores, settings: PlannerSettings) -> None:
+    """Refuse to prune the shared experts of MoE layers by `channel` scores that do not rank their
+    channels: unscored, they would all look free to remove and go first."""
+    if "channel" not in settings.prune:
+        return
+    values = scores.values.get("channel", [])
+    unscored = [i for i, s in enumerate(structure.layers)
+                if s.num_experts and s.shared_expert_size and i not in settings.protect_layers
+                and not (len(values) > i and values[i].numel() == s.shared_expert_size)]
+    if unscored:
+        raise PlanError(f"the {scores.criterion} scores do not rank the channels of the shared experts of MoE layers "
+                        f"{unscored}; score them with magnitude, random or reap, or leave channel out of "
+                        f"--prune-structures (routed experts: expert, expert_channel)")
 
 
 def check_reachable(structure: ModelStructure, settings: PlannerSettings) -> None:
@@ -710,7 +731,7 @@ def check_reachable(structure: ModelStructure, settings: PlannerSettings) -> Non
 
 def _multiple_hint(structure: ModelStructure, settings: PlannerSettings) -> str:
     """FFNs no wider than `ffn_multiple` lose no channel: say so, a small model's usual cause."""
-    narrowest = min((s.intermediate_size for s in structure.layers if s.intermediate_size), default=0)
+    narrowest = min((s.dense_ffn_width for s in structure.layers if s.dense_ffn_width), default=0)
     if "channel" in settings.prune and 0 < narrowest <= settings.ffn_multiple:
         return (f", or lower --ffn-multiple ({settings.ffn_multiple}): an FFN {narrowest} wide keeps every channel "
                 f"at that multiple")
@@ -742,7 +763,7 @@ def shape_only_plan(structure: ModelStructure, settings: PlannerSettings) -> Pla
 def _unit_counts(structure: ModelStructure, kind: str) -> list[int]:
     if kind == "hidden":
         return [structure.hidden_size] * structure.num_layers
-    return [{"channel": s.intermediate_size, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads,
+    return [{"channel": s.dense_ffn_width, "head": s.num_attention_heads, "kv_group": s.num_key_value_heads,
              "expert": s.num_experts, "expert_channel": s.num_experts * s.intermediate_size}.get(kind, 1)
             for s in structure.layers]
 
@@ -767,6 +788,8 @@ def _to_plan(planner: _Planner, structure: ModelStructure, settings: PlannerSett
                 entry["keep_experts"] = tuple(sorted(state.experts))
             if state.shape().intermediate_size != original.intermediate_size:
                 entry["keep_expert_channels"] = tuple(tuple(sorted(state.expert_channels[e])) for e in sorted(state.experts))
+            if len(state.channels) != original.shared_expert_size:
+                entry["keep_shared_expert_channels"] = tuple(sorted(state.channels))
         elif len(state.channels) != original.intermediate_size:
             entry["keep_channels"] = tuple(sorted(state.channels))
         if entry:

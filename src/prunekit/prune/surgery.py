@@ -19,6 +19,8 @@ from prunekit.models.modeling_prunekit import (
     set_attention_width,
     set_expert_count,
     set_mlp_width,
+    set_shared_expert_width,
+    shared_expert_of,
 )
 from prunekit.models.structure import ModelStructure, model_structure
 from prunekit.plan.plan import KeptLayer, Plan, PlanError, kept_hidden, resolve_plan
@@ -97,28 +99,48 @@ def _prune_experts(layer: nn.Module, arch: Architecture, kept: KeptLayer, before
     experts.down_proj.copy_(down)
 
 
+def _ffn_projections(ffn: nn.Module, arch: Architecture) -> dict[str, nn.Linear]:
+    return {name: getattr(ffn, name) for name in (arch.gate_proj, arch.up_proj, arch.gate_up_proj, arch.down_proj) if name}
+
+
+def _copy_ffn_channels(ffn: nn.Module, arch: Architecture, old: dict[str, nn.Linear], channels: tuple[int, ...],
+                       width: int) -> None:
+    """Fill the narrowed gated FFN `ffn` with the gate/up rows and down columns of `channels` of its
+    `old` projections (`width` channels wide)."""
+    rows = torch.tensor(channels, dtype=torch.long)
+    if arch.gate_up_proj:
+        fused_rows = torch.cat([rows, rows + width])
+        _copy_rows(getattr(ffn, arch.gate_up_proj), old[arch.gate_up_proj], fused_rows)
+    else:
+        _copy_rows(getattr(ffn, arch.gate_proj), old[arch.gate_proj], rows)
+        _copy_rows(getattr(ffn, arch.up_proj), old[arch.up_proj], rows)
+    _copy_columns(getattr(ffn, arch.down_proj), old[arch.down_proj], rows)
+
+
+def _prune_shared_expert(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
+    """Keep the channels `kept.shared_channels` of a MoE layer's shared expert."""
+    if len(kept.shared_channels) == before.shared_expert_size:
+        return
+    old = _ffn_projections(shared_expert_of(layer, arch.to_dict()), arch)
+    set_shared_expert_width(layer, arch.to_dict(), len(kept.shared_channels), config)
+    _copy_ffn_channels(shared_expert_of(layer, arch.to_dict()), arch, old, kept.shared_channels, before.shared_expert_size)
+
+
 def _prune_mlp(layer: nn.Module, arch: Architecture, kept: KeptLayer, before, config) -> None:
     if before.num_experts:
         if kept.channels:
             _prune_experts(layer, arch, kept, before, config)
+            _prune_shared_expert(layer, arch, kept, before, config)
         else:
             set_mlp_width(layer, arch.to_dict(), 0, config)
         return
     if len(kept.channels) == before.intermediate_size:
         return
     mlp = getattr(layer, arch.mlp)
-    old = {name: getattr(mlp, name) for name in (arch.gate_proj, arch.up_proj, arch.gate_up_proj, arch.down_proj) if name}
+    old = _ffn_projections(mlp, arch)
     set_mlp_width(layer, arch.to_dict(), len(kept.channels), config)
-    if not kept.channels:
-        return
-    rows = torch.tensor(kept.channels, dtype=torch.long)
-    if arch.gate_up_proj:
-        fused_rows = torch.cat([rows, rows + before.intermediate_size])
-        _copy_rows(getattr(mlp, arch.gate_up_proj), old[arch.gate_up_proj], fused_rows)
-    else:
-        _copy_rows(getattr(mlp, arch.gate_proj), old[arch.gate_proj], rows)
-        _copy_rows(getattr(mlp, arch.up_proj), old[arch.up_proj], rows)
-    _copy_columns(getattr(mlp, arch.down_proj), old[arch.down_proj], rows)
+    if kept.channels:
+        _copy_ffn_channels(mlp, arch, old, kept.channels, before.intermediate_size)
 
 
 def rms_fold_factor(old_hidden: int, new_hidden: int) -> float:
@@ -261,6 +283,8 @@ def _set_model_format(model: nn.Module, arch: Architecture, structure: ModelStru
             setattr(config, arch.expert_width_key, moe.intermediate_size)
             setattr(config, arch.num_experts_key, moe.num_experts)
             setattr(config, arch.top_k_key, min(getattr(config, arch.top_k_key), moe.num_experts))
+            if arch.shared_expert_width_key and moe.shared_expert_size:
+                setattr(config, arch.shared_expert_width_key, moe.shared_expert_size)
     else:
         # The stock fields keep the source's values (its config class validates them);
         # from_pretrained builds that model, then reshapes each layer to layer_shapes.

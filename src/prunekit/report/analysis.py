@@ -31,7 +31,7 @@ def _check_matches(scores: Scores, structure: ModelStructure) -> None:
     widths: dict[str, Callable[[int], int]] = {
         "head": lambda i: structure.layers[i].num_attention_heads,
         "kv_group": lambda i: structure.layers[i].num_key_value_heads,
-        "channel": lambda i: structure.layers[i].intermediate_size,
+        "channel": lambda i: structure.layers[i].dense_ffn_width,  # a MoE layer's: its shared expert's (if any)
         "hidden": lambda i: structure.hidden_size,  # each layer's share of every residual channel's score
         "expert": lambda i: structure.layers[i].num_experts,  # routed experts (none on dense layers)
         # every channel of every routed expert (none on dense layers)
@@ -194,7 +194,7 @@ def _channel_section(scores: Scores, out_dir: Path, data: str) -> str:
     if not scores.has("channel"):
         return "\n".join(lines + [_skipped(["channel"], scores)])
     if not any(len(values) for values in scores.values["channel"]):
-        return "\n".join(lines + ["*No layer has an MLP left: no channel scores.*"])
+        return "\n".join(lines + ["*No layer has a dense FFN left (an MLP, or a MoE block's shared expert): no channel scores.*"])
     levels = (0.0, 0.05, 0.5, 0.95, 1.0)
     rows = []
     for index, per_layer in enumerate(scores.values["channel"]):

@@ -97,7 +97,7 @@ def get_criterion(name: str) -> Criterion:
 register_criterion(Criterion(
     "magnitude", lambda model, ids, labels, stats, batch_size, progress: magnitude_scores(model),
     ALL_KINDS + (EXPERT_CHANNEL_KIND,), needs_data=False, needs_stats=False, comparable=False,
-    description="L2 norm of each component's weights (baseline); channels inside routed experts too"))
+    description="L2 norm of each component's weights (baseline); channels inside routed experts and shared experts too"))
 register_criterion(Criterion(
     "random", lambda model, ids, labels, stats, batch_size, progress, seed: random_scores(model, seed),
     ALL_KINDS + (EXPERT_CHANNEL_KIND,), needs_data=False, needs_stats=False, comparable=False, options={"seed": (int, 0, None)},
@@ -160,10 +160,11 @@ register_criterion(Criterion(
     "reap",
     lambda model, ids, labels, stats, batch_size, progress, min_tokens: reap_scores(
         model, ids, batch_size=batch_size, progress=progress, min_tokens=min_tokens),
-    ("expert", EXPERT_CHANNEL_KIND), needs_data=True, needs_stats=False, comparable=False,
+    ("expert", EXPERT_CHANNEL_KIND, "channel"), needs_data=True, needs_stats=False, comparable=False,
     options={"min_tokens": (int, DEFAULT_MIN_TOKENS, None)},
     description="REAP: routed experts by the mean over their routed tokens of gate value x expert output norm "
-                "(mixtures of experts), channels inside them by gate value x |activation| x down column norm; "
+                "(mixtures of experts), channels inside them by gate value x |activation| x down column norm, "
+                "channels of a shared expert (or dense MLP) the same with its sigmoid gate (or 1); "
                 "warns about experts that got fewer than min_tokens tokens", whole_model=True))
 register_criterion(Criterion(
     "frequency",

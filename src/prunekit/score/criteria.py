@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_weights
+from prunekit.score.parts import attention_weights, group_sum, layers_of, mlp_weights, shared_expert_weights
 from prunekit.score.scores import Scores
 from prunekit.score.statistics import LayerStats
 
@@ -18,7 +18,8 @@ def _sq(t: torch.Tensor, dims) -> torch.Tensor:
 
 
 def magnitude_scores(model: nn.Module) -> Scores:
-    """L2 norm of all the weights that go with a component (rows in, columns out)."""
+    """L2 norm of all the weights that go with a component (rows in, columns out). On a MoE layer
+    `channel` scores its shared expert's channels (Qwen2-MoE) and `expert_channel` its routed experts'."""
     arch, layers, head_dim = layers_of(model)
     values: dict[str, list] = {k: [] for k in ("layer", "attention", "mlp", "kv_group", "head", "channel", "hidden")}
     for layer in layers:
@@ -29,7 +30,7 @@ def magnitude_scores(model: nn.Module) -> Scores:
         channel_sq = _sq(m.gate, 1) + _sq(m.up, 1) + _sq(m.down, 1) if m else torch.zeros(0, dtype=_f64)
         values["head"].append(head_sq.sqrt())
         values["kv_group"].append(group_sq.sqrt())
-        values["channel"].append(channel_sq.sqrt())
+        values["channel"].append(channel_sq.sqrt() if m else _shared_expert_magnitudes(layer, arch))
         values["attention"].append(group_sq.sum().sqrt())
         values["mlp"].append(channel_sq.sum().sqrt())
         values["layer"].append((group_sq.sum() + channel_sq.sum()).sqrt())
@@ -38,6 +39,13 @@ def magnitude_scores(model: nn.Module) -> Scores:
 
         values["expert_channel"] = expert_channel_magnitudes(model)
     return Scores("magnitude", values, {"unit": "weight L2 norm"})
+
+
+def _shared_expert_magnitudes(layer: nn.Module, arch) -> torch.Tensor:
+    """A MoE layer's `channel` scores: the L2 norms of its shared expert's channels (empty without one).
+    They stay out of the layer's `mlp` and `layer` magnitudes, which leave MoE blocks at 0 as before."""
+    shared = shared_expert_weights(layer, arch)
+    return (_sq(shared.gate, 1) + _sq(shared.up, 1) + _sq(shared.down, 1)).sqrt() if shared else torch.zeros(0, dtype=_f64)
 
 
 def per_hidden_channel(a, m, hidden: int, reduce) -> torch.Tensor:

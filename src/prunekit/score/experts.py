@@ -12,6 +12,11 @@ by the sum over the tokens routed to e of g_e(x) |h_c(x)|, divided by all the la
 the norm of down's column c (h = act(gate) * up, the input of down): Wanda-sp's |W| x activation
 weighted by how often and how strongly the router uses the expert. Magnitude scores them by the
 norm of the channel's weights (its gate and up rows, its down column).
+
+Channels of the dense FFNs (`channel`), from the same pass: a shared expert's channel c (Qwen2-MoE)
+scores the mean over all tokens of sigmoid(shared gate(x)) |h_c(x)| times the norm of down's column
+c, the same measure with the shared expert's gate in the router's place; a dense layer's MLP (Qwen-MoE
+mixes them in) the same with gate 1. A MoE layer without a shared expert has no `channel` scores.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunekit.models.architecture import architecture_for
-from prunekit.models.modeling_prunekit import decoder_layers, moe_parts
+from prunekit.models.modeling_prunekit import RemovedMLP, decoder_layers, moe_parts, shared_expert_of
 from prunekit.score.scores import ScoreError, Scores
 
 _f64 = torch.float64
@@ -108,17 +113,69 @@ class ExpertRouting:
         return (self.channel_sums / max(self.tokens, 1) * column_norms.to(self.channel_sums.device)).cpu()
 
 
+@dataclass
+class FFNChannelActivity:
+    """One dense gated FFN (a dense layer's MLP or a MoE layer's shared expert) over the calibration
+    tokens: per channel, the sum of gate value x |input of down| (gate 1 for a dense MLP)."""
+
+    tokens: int
+    sums: torch.Tensor             # [width]
+    gate: torch.Tensor | None = None  # [tokens, 1] sigmoid(shared gate) of the block's current input
+
+    def add(self, inner: torch.Tensor) -> None:
+        inner = inner.reshape(-1, inner.shape[-1]).abs().to(_f64)
+        weighted = inner if self.gate is None else self.gate.to(_f64) * inner
+        self.tokens += inner.shape[0]
+        self.sums += weighted.sum(0)
+
+    def channel_activation(self, down: torch.Tensor) -> torch.Tensor:
+        """[width]: mean over tokens of gate value x |h_c|, times ||down[:, c]|| (down [d, width])."""
+        return (self.sums / max(self.tokens, 1) * down.to(_f64).norm(dim=0).to(self.sums.device)).cpu()
+
+
+def _dense_ffn(layer: nn.Module, arch) -> nn.Module | None:
+    """`layer`'s dense gated FFN: its MoE block's shared expert, or its dense MLP; None for a MoE
+    block without a shared expert, or a removed MLP."""
+    shared = shared_expert_of(layer, arch.to_dict())
+    if shared is not None:
+        return shared
+    mlp = getattr(layer, arch.mlp)
+    return mlp if moe_parts(mlp, arch.to_dict()) is None and not isinstance(mlp, RemovedMLP) else None
+
+
+def _ffn_channel_hooks(layer: nn.Module, arch, activity: list) -> list:
+    """Hooks that record the channels of `layer`'s dense FFN (its MLP, or its MoE block's shared expert)
+    into a new FFNChannelActivity appended to `activity` (None when it has neither)."""
+    mlp, ffn = getattr(layer, arch.mlp), _dense_ffn(layer, arch)
+    if ffn is None:
+        activity.append(None)
+        return []
+    down = getattr(ffn, arch.down_proj)
+    record = FFNChannelActivity(0, torch.zeros(down.in_features, dtype=_f64, device=down.weight.device))
+    activity.append(record)
+    handles = [down.register_forward_pre_hook(lambda module, args: record.add(args[0]))]
+    if ffn is not mlp:  # a shared expert: its gate reads the block's input, before the expert runs
+        gate = getattr(mlp, arch.shared_expert_gate)
+        handles.append(mlp.register_forward_pre_hook(lambda module, args: setattr(
+            record, "gate", torch.sigmoid(gate(args[0].reshape(-1, args[0].shape[-1]))))))
+    return handles
+
+
 @torch.no_grad()
 def collect_expert_routing(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8,
-                           progress: bool = True) -> list[ExpertRouting | None]:
+                           progress: bool = True, ffn_activity: list | None = None) -> list[ExpertRouting | None]:
     """Run the calibration rows through `model` and record every MoE layer's routing (None for a
-    dense layer). Only the experts module's inputs are read; the model computes as it always does."""
+    dense layer). Only the experts module's inputs are read; the model computes as it always does.
+    Given a list, `ffn_activity` receives per layer the FFNChannelActivity of its dense FFN (a
+    dense MLP or a shared expert), from the same pass, or None."""
     arch = architecture_for(model.config.model_type)
     layers = decoder_layers(model, arch.to_dict())
     device = next(model.parameters()).device
     routing: list[ExpertRouting | None] = []
     handles = []
     for layer in layers:
+        if ffn_activity is not None:
+            handles += _ffn_channel_hooks(layer, arch, ffn_activity)
         parts = moe_parts(getattr(layer, arch.mlp), arch.to_dict())
         if parts is None:
             routing.append(None)
@@ -129,6 +186,8 @@ def collect_expert_routing(model: nn.Module, input_ids: torch.Tensor, *, batch_s
         handles.append(experts.register_forward_hook(
             lambda module, args, output, record=record: record.add(module, *args[:3])))
     if all(r is None for r in routing):
+        for handle in handles:
+            handle.remove()
         raise ScoreError(f"this {arch.model_type} model has no mixture-of-experts layers, so there are no experts to "
                          f"score; use a criterion for dense structures (activation, taylor, ...)")
     try:
@@ -147,7 +206,7 @@ def under_routed(routing: list[ExpertRouting | None], min_tokens: int) -> dict[i
 
 
 def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_tokens: int, unit: str,
-                   channel_values: list[torch.Tensor] | None = None) -> Scores:
+                   channel_values: list[torch.Tensor] | None = None, ffn_values: list[torch.Tensor] | None = None) -> Scores:
     few = under_routed(routing, min_tokens)
     if few:
         listed = "; ".join(f"layer {i}: experts {experts}" for i, experts in sorted(few.items()))
@@ -157,6 +216,8 @@ def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_to
     values = {"expert": [value(r) if r is not None else torch.zeros(0, dtype=_f64) for r in routing]}
     if channel_values is not None:
         values["expert_channel"] = channel_values
+    if ffn_values is not None:
+        values["channel"] = ffn_values
     meta = {"unit": unit, "min_tokens": min_tokens,
             "expert_tokens": [r.counts.tolist() if r is not None else [] for r in routing],
             "under_routed": {str(i): experts for i, experts in few.items()}}
@@ -166,14 +227,20 @@ def _expert_scores(name: str, routing: list[ExpertRouting | None], value, min_to
 def reap_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,
                 min_tokens: int = DEFAULT_MIN_TOKENS) -> Scores:
     """REAP: per routed expert, the mean over its routed calibration tokens of gate value x ||output||;
-    per channel of every expert, the mean over all tokens of gate value x |input of down| x ||down column||."""
-    routing = collect_expert_routing(model, input_ids, batch_size=batch_size, progress=progress)
+    per channel of every expert, the mean over all tokens of gate value x |input of down| x ||down column||;
+    per channel of a shared expert or dense MLP (`channel`), the same with its sigmoid gate (or 1)."""
+    activity: list[FFNChannelActivity | None] = []
+    routing = collect_expert_routing(model, input_ids, batch_size=batch_size, progress=progress, ffn_activity=activity)
     arch = architecture_for(model.config.model_type)
+    layers = decoder_layers(model, arch.to_dict())
     channels = [r.channel_activation(moe_parts(getattr(layer, arch.mlp), arch.to_dict())[1].down_proj.detach())
                 if r is not None else torch.zeros(0, dtype=_f64)
-                for r, layer in zip(routing, decoder_layers(model, arch.to_dict()))]
+                for r, layer in zip(routing, layers)]
+    ffn = [a.channel_activation(getattr(_dense_ffn(layer, arch), arch.down_proj).weight.detach()) if a is not None
+           else torch.zeros(0, dtype=_f64) for a, layer in zip(activity, layers)]
     return _expert_scores("reap", routing, ExpertRouting.reap, min_tokens,
-                          "mean gate x expert output norm; channels: mean gate x |h| x down column norm", channels)
+                          "mean gate x expert output norm; channels: mean gate x |h| x down column norm", channels, ffn)
+
 
 
 def frequency_scores(model: nn.Module, input_ids: torch.Tensor, *, batch_size: int = 8, progress: bool = True,

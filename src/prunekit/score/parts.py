@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from prunekit.models.architecture import Architecture, architecture_for
-from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of
+from prunekit.models.modeling_prunekit import RemovedAttention, RemovedMLP, decoder_layers, head_dim_of, shared_expert_of
 
 
 @dataclass
@@ -63,6 +63,17 @@ def mlp_weights(layer: nn.Module, arch: Architecture, *, grad: bool = False) -> 
         gate, up = _grad_or_weight(getattr(mlp, arch.gate_up_proj).weight, grad).chunk(2, dim=0)
     else:
         gate, up = (_grad_or_weight(getattr(mlp, name).weight, grad) for name in (arch.gate_proj, arch.up_proj))
+    return MLPWeights(gate=gate, up=up, down=down.T)
+
+
+def shared_expert_weights(layer: nn.Module, arch: Architecture, *, grad: bool = False) -> MLPWeights | None:
+    """The weights of the shared expert of a MoE layer (Qwen2-MoE), a dense gated MLP; None when the
+    layer has none."""
+    shared = shared_expert_of(layer, arch.to_dict())
+    if shared is None:
+        return None
+    down = _grad_or_weight(getattr(shared, arch.down_proj).weight, grad)
+    gate, up = (_grad_or_weight(getattr(shared, name).weight, grad) for name in (arch.gate_proj, arch.up_proj))
     return MLPWeights(gate=gate, up=up, down=down.T)
 
 
