@@ -12,7 +12,7 @@ Each recipe scores the dense model once; every target is planned from those scor
 Protocol as benchmarks/pruning_grid.py: C4 calibration (each recipe's own, all C4 128 x 512, seed
 0); WikiText-2 `wiki.test.raw`, 512-token windows, every 16th, fp32; tasks through prunekit's
 lm-eval (`--task-limit N`: first N examples). The record is rewritten after every model, so a
-killed run keeps what it had.
+killed run keeps what it had, and `--resume` runs only the models it lacks.
 
     python benchmarks/recipes_grid.py --data-dir ../shared/data --tasks piqa,arc_easy,hellaswag --task-limit 500 \
         --out benchmarks/results/recipes_grid.json
@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override every recipe's calibration row length (a smoke test; the recipes say 512)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/recipes_grid.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the models --out already holds (same protocol) "
+                        "and run only the missing ones: the same command again after a timeout finishes the grid")
     parser.add_argument("--markdown", type=Path, metavar="RECORD", help="print BENCHMARKS.md's table of RECORD, "
                         "with docs-check references, and run nothing")
     args = parser.parse_args(argv)
@@ -139,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                                                batch_size=32)
         return measured
 
+    protocol = {"eval": f"wikitext2 raw test, {args.eval_seq_len}-token windows, every {args.eval_every}th, fp32",
+                "tasks": f"{','.join(tasks)}, first {args.task_limit} examples, 0-shot" if tasks else None,
+                "calibration": "each recipe's own (prune.calibration), seed as the recipe says"}
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
+    if previous is not None and (previous.get("protocol") != protocol or previous.get("model") != args.model):
+        raise SystemExit(f"--resume: {args.out} was made with another model or protocol ({previous.get('model')}, "
+                         f"{previous.get('protocol')}); pass another --out or drop --resume")
     record = {
         "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]) if argv is None else
         " ".join(["benchmarks/recipes_grid.py", *argv]),
@@ -146,14 +155,21 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()} ({platform.processor() or 'cpu'}), {torch.get_num_threads()} threads",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
         "versions": versions(), "model": args.model,
-        "protocol": {"eval": f"wikitext2 raw test, {args.eval_seq_len}-token windows, every {args.eval_every}th, fp32",
-                     "tasks": f"{','.join(tasks)}, first {args.task_limit} examples, 0-shot" if tasks else None,
-                     "calibration": "each recipe's own (prune.calibration), seed as the recipe says"},
-        "dense": evaluate(dense), "runs": [],
+        "protocol": protocol,
     }
+    if previous is not None:  # its dense figures and finished models stay as they were measured
+        record.update(dense=previous["dense"], runs=previous["runs"],
+                      resumed=previous.get("resumed", []) + [{"command": previous["command"], "date": previous["date"],
+                                                              "runs": len(previous["runs"])}])
+    else:
+        record.update(dense=evaluate(dense), runs=[])
+    done = {(run["recipe"], run["target"]) for run in record["runs"]}
     print(f"dense: {summary(record['dense'])}", flush=True)
     calibrations: dict = {}
     for name, (settings, not_run) in plans.items():
+        ratios = [ratio for ratio in args.ratios if (name, ratio) not in done]
+        if not ratios:
+            continue
         key = dataclasses.astuple(settings.calibration)
         if key not in calibrations:  # the recipes calibrate alike: one draw of rows serves them all
             calibrations[key] = calibration_batch(dense, tokenizer, settings.calibration)
@@ -163,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         scores, _ = score_loaded(dense, ids, labels, settings, progress=False)
         score_seconds = time.perf_counter() - t0
-        for ratio in args.ratios:
+        for ratio in ratios:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             pruned = prune_loaded(model, tokenizer, dataclasses.replace(settings, target=ratio), progress=False,

@@ -1,5 +1,5 @@
 """benchmarks/recipes_grid.py (issue 27): each row prunes with the settings of the recipe it names,
-the record survives a kill after any model, the BENCHMARKS.md table it prints passes docs-check
+the record survives a kill after any model and --resume completes it, the BENCHMARKS.md table it prints passes docs-check
 against its record, and bad arguments are refused before any model loads."""
 from __future__ import annotations
 
@@ -124,3 +124,15 @@ def test_a_killed_run_keeps_the_models_it_finished(grid, dense, data_dir, tmp_pa
     record = json.loads(out.read_text())
     assert [(run["recipe"], run["target"]) for run in record["runs"]] == [("llm-pruner", 0.2)]
     assert "tasks" not in record["dense"] and math.isfinite(record["dense"]["perplexity"])
+
+    # the same command with --resume runs only what is missing and keeps what was measured
+    monkeypatch.setattr(pipeline, "prune_loaded", real)
+    again = ["--model", dense, "--data-dir", data_dir, *TINY, "--ratios", "0.2,0.4", "--recipes", "llm-pruner",
+             "--out", str(out), "--resume"]
+    grid.main(again)
+    resumed = json.loads(out.read_text())
+    assert [(run["recipe"], run["target"]) for run in resumed["runs"]] == [("llm-pruner", 0.2), ("llm-pruner", 0.4)]
+    assert resumed["runs"][0] == record["runs"][0] and resumed["dense"] == record["dense"]
+    assert len(resumed["resumed"]) == 1
+    with pytest.raises(SystemExit, match="another model or protocol"):  # another protocol is not mixed in
+        grid.main([*again, "--eval-every", "256"])
