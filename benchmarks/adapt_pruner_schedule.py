@@ -94,8 +94,8 @@ def split_c4(data_dir: str, work: Path) -> tuple[Path, Path]:
 
 def recipe(args: argparse.Namespace, arm: str, train: Path) -> dict:
     """The recipe of one arm: recipes/adapt-pruner.yaml's prune, distillation from the original."""
+    # recovery trains where accelerate puts it (the GPU when there is one): a recipe's recover has no device key
     recover = {"method": "distill", "tokens": args.tokens, "batch_size": args.batch_size, "eval_every": 0,
-               "device": args.device,
                "checkpoint_every": 0,
                "precision": args.precision, "data": {"source": str(train), "seq_len": args.seq_len, "held_out": 4}}
     data = {
