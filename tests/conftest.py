@@ -178,6 +178,23 @@ def tiny_moe_model(family: str, seed: int = 0, **overrides):
     return model.eval()
 
 
+def assert_reloads_as_saved(model, directory: Path, ids, structure) -> None:
+    """A pruned model saved in `directory` with remote code: transformers (trust_remote_code) and
+    prunekit's loader both give back its logits on `ids`, and prunekit's its `structure`."""
+    from transformers import AutoModelForCausalLM
+
+    from prunekit.models.loading import load
+    from prunekit.models.structure import model_structure
+
+    expected = model(ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    ours, _ = load(str(directory))
+    assert model_structure(ours) == structure
+    torch.testing.assert_close(ours.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture(params=MOE_FAMILIES)
 def moe_family(request) -> str:
     return request.param

@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from conftest import MOE_FAMILIES, tiny_moe_model
+from conftest import MOE_FAMILIES, assert_reloads_as_saved, tiny_moe_model
 from torch.nn import functional as F
 
 from prunekit import LayerPlan, Plan, apply_plan, architecture_for, model_structure, predicted_structure
@@ -167,10 +167,7 @@ def test_uniform_expert_counts_save_as_the_stock_family(moe_family, tmp_path):
 
 @torch.no_grad()
 def test_uneven_expert_counts_save_with_remote_code(moe_family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from prunekit.export.huggingface import save_model
-    from prunekit.models.loading import load
 
     model = tiny_moe_model(moe_family)
     sparse = _sparse_layers(model)
@@ -178,14 +175,7 @@ def test_uneven_expert_counts_save_with_remote_code(moe_family, tmp_path):
     after = apply_plan(model, plan)
     assert [s.num_experts for s in after.layers if s.num_experts] == [1 + i for i in range(len(sparse))]
     save_model(model, None, tmp_path / "out", source="tiny")
-    x = _ids(2)
-    expected = model(x).logits
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-    torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
-    ours, _ = load(str(tmp_path / "out"))
-    assert model_structure(ours) == after
-    torch.testing.assert_close(ours.eval()(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_reloads_as_saved(model, tmp_path / "out", _ids(2), after)
 
 
 def test_plan_errors_on_moe_layers(moe_family):

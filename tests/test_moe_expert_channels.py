@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_moe_model
+from conftest import assert_reloads_as_saved, tiny_moe_model
 from test_moe_cli import moe_dir  # noqa: F401  (the fixture)
 
 from prunekit import LayerPlan, Plan, apply_plan, architecture_for, model_structure, predicted_structure
@@ -148,10 +148,7 @@ def test_one_expert_width_saves_as_the_stock_family(moe_family, tmp_path):
 
 @torch.no_grad()
 def test_uneven_expert_widths_save_with_remote_code(moe_family, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from prunekit.export.huggingface import save_model
-    from prunekit.models.loading import load
 
     model = tiny_moe_model(moe_family)
     sparse = list(_experts(model))
@@ -159,14 +156,7 @@ def test_uneven_expert_widths_save_with_remote_code(moe_family, tmp_path):
     after = apply_plan(model, _plan(model, keep=widths, keep_experts={sparse[0]: (1, 2, 5)}))
     assert [s.intermediate_size for i, s in enumerate(after.layers) if i in widths] == list(widths.values())
     save_model(model, None, tmp_path / "out", source="tiny")
-    x = _ids(2)
-    expected = model(x).logits
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-    torch.testing.assert_close(reloaded(x).logits, expected, rtol=1e-5, atol=1e-5)
-    ours, _ = load(str(tmp_path / "out"))
-    assert model_structure(ours) == after
-    torch.testing.assert_close(ours.eval()(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_reloads_as_saved(model, tmp_path / "out", _ids(2), after)
 
 
 def test_plan_errors_on_expert_channels():

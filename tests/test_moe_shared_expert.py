@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_moe_model
+from conftest import assert_reloads_as_saved, tiny_moe_model
 
 from prunekit import LayerPlan, Plan, apply_plan, architecture_for, model_structure, predicted_structure
 from prunekit.models.modeling_prunekit import decoder_layers, shared_expert_of
@@ -140,24 +140,14 @@ def test_one_shared_width_saves_as_the_stock_family(tmp_path):
 
 @torch.no_grad()
 def test_uneven_shared_widths_save_with_remote_code(tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from prunekit.export.huggingface import save_model
-    from prunekit.models.loading import load
 
     model = _model()
     after = apply_plan(model, _plan(model, keep={0: 8, 2: 16, 3: 40}))
     save_model(model, None, tmp_path / "out", source="tiny")
     shapes = json.loads((tmp_path / "out" / "config.json").read_text())["layer_shapes"]
     assert [s.get("shared_expert_size") for s in shapes] == [8, None, 16, 40]
-    ids = _ids(2)
-    expected = model(ids).logits
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
-    torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
-    ours, _ = load(str(tmp_path / "out"))
-    assert model_structure(ours) == after
-    torch.testing.assert_close(ours.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_reloads_as_saved(model, tmp_path / "out", _ids(2), after)
 
 
 # ----------------------------------------------------------------------------- plans and structure
