@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_speed import synchronize  # noqa: E402
 from random_llama import LLAMA3_8B, random_weights  # noqa: E402
 
 
@@ -36,22 +37,18 @@ def build(home: str, args):
     return random_weights(model, home, fill_device=args.device).eval()
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
 
 def run(name: str, settings, args, ids) -> dict:
     from prunekit.pipeline import prune_loaded
 
     model = build("cpu" if settings.layer_by_layer else args.device, args)
-    synchronize(args.device)
+    synchronize(torch.device(args.device))
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     record = prune_loaded(model, None, settings, progress=False, calibration=(ids, None))
-    synchronize(args.device)
+    synchronize(torch.device(args.device))
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     result = {"name": name, "seconds": round(time.perf_counter() - started, 1), "peak_gpu_gib": peak and round(peak, 2),
               "removed": record["removed"], "settings": {k: getattr(settings, k) for k in
