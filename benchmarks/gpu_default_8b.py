@@ -92,6 +92,9 @@ def main() -> None:
     chosen = {"default": ("default, whole model", default),
               "layer-by-layer": ("default, layer by layer", PruneSettings(**{**default.__dict__, "layer_by_layer": True})),
               "previous": ("previous default (Taylor), whole model", previous)}
+    unknown = sorted(set(args.runs.split(",")) - set(chosen))
+    if unknown:
+        parser.error(f"--runs takes {', '.join(chosen)}; got {', '.join(unknown)}")
     for key in args.runs.split(","):
         name, settings = chosen[key]
         try:
